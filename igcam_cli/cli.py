@@ -1,0 +1,251 @@
+"""The `igcam` command line. Thin: options in, a stage config out, stages.<x>.run() called."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from igcam_cli import __version__
+from igcam_cli.config import (
+    STAGE_CONFIGS, RunOptions, build,
+)
+from igcam_cli.errors import IgcamError, UsageError
+from igcam_cli.runtime.distributed import parse_shard
+from igcam_cli.workspace import Workspace, default_workspace
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+                  help="Weakly supervised semantic segmentation: image-level labels in, pixel labels out.")
+
+# ---- shared options ------------------------------------------------------------------------
+WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory [default: $IGCAM_WORKSPACE or .]")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="Dataset split, e.g. train, val, train_aug")]
+ShardOpt = Annotated[Optional[str], typer.Option(help="Process shard i/n of the images (automatic under torchrun)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo images that are already done")]
+WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Worker processes")]
+
+
+class DatasetFormat(str, Enum):
+    voc = "voc"
+    folder = "folder"
+    synthetic = "synthetic"
+
+
+def handles_errors(fn):
+    """One line and the documented exit code for every error a user can act on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except IgcamError as exc:
+            typer.echo(f"igcam: error: {exc.message}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("igcam: interrupted; finished work is kept, rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _ws(path: Optional[Path]) -> Workspace:
+    return Workspace.open(path if path is not None else default_workspace())
+
+
+def _opts(device: str, seed: int, quiet: bool) -> RunOptions:
+    return RunOptions(device=device, seed=seed, quiet=quiet)
+
+
+def _config(ws: Workspace, stage: str, **overrides):
+    return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
+
+
+def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects comma-separated numbers, e.g. 1.0,0.5,1.5,2.0; got '{text}'") from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"igcam {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version")] = False):
+    """igcam: CAMs, IG-CAM refinement, dense CRF and evaluation as one resumable pipeline."""
+
+
+# ---- commands ------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def init(
+    workspace: WorkspaceOpt = None,
+    dataset: Annotated[DatasetFormat, typer.Option(help="Dataset layout")] = DatasetFormat.synthetic,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root (voc, folder)")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Class list: a file (one per line) or a,b,c")] = None,
+    n_train: Annotated[int, typer.Option(min=1, help="Synthetic: training images")] = 320,
+    n_val: Annotated[int, typer.Option(min=1, help="Synthetic: validation images")] = 80,
+    image_size: Annotated[int, typer.Option(min=32, help="Synthetic: image side in pixels")] = 128,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing igcam.toml")] = False,
+):
+    """Create a workspace for a dataset (writes igcam.toml)."""
+    from igcam_cli.stages import init as init_stage
+
+    path = workspace if workspace is not None else default_workspace()
+    ws = init_stage.run(path, dataset.value, root, classes, dict(n_train=n_train, n_val=n_val, size=image_size), force)
+    typer.echo(f"workspace {ws.root} ready: {ws.dataset().name} dataset, {ws.dataset().num_classes} classes, "
+               f"splits {', '.join(ws.dataset().splits())}")
+
+
+@app.command()
+@handles_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (folder layout)")],
+    n_train: Annotated[int, typer.Option(min=1)] = 320,
+    n_val: Annotated[int, typer.Option(min=1)] = 80,
+    image_size: Annotated[int, typer.Option(min=32)] = 128,
+    seed: SeedOpt = 0,
+):
+    """Write the synthetic dataset to disk in the `folder` layout (images/, masks/, labels.csv, splits/)."""
+    from igcam_cli.data.synthetic import SyntheticDataset, write_folder
+
+    write_folder(SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed), out)
+    typer.echo(f"wrote {n_train + n_val} images to {out}")
+
+
+@app.command("train-cls")
+@handles_errors
+def train_cls(
+    workspace: WorkspaceOpt = None,
+    backbone: Annotated[Optional[str], typer.Option(help="resnet18|resnet34|resnet50|resnet101")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="imagenet, none, or a weights file")] = None,
+    split: SplitOpt = None,
+    val_split: Annotated[Optional[str], typer.Option(help="Split for the per-epoch validation mAP")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    crop: Annotated[Optional[int], typer.Option(min=16)] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
+    freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn")] = None,
+    workers: WorkersOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Train the multi-label CAM classifier (cls/model.pt; cls/last.pt after every epoch)."""
+    from igcam_cli.stages import train_cls as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "train-cls", backbone=backbone, pretrained=pretrained, split=split, val_split=val_split,
+                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn, workers=workers)
+    stage.run(cfg, ws, _opts(device, seed, quiet),
+              stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
+
+
+@app.command("make-cams")
+@handles_errors
+def make_cams(
+    workspace: WorkspaceOpt = None,
+    split: SplitOpt = None,
+    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales [default: 1.0,0.5,1.5,2.0]")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    label_source: Annotated[Optional[str], typer.Option(help="labels (image labels) or predicted (classifier scores)")] = None,
+    workers: WorkersOpt = None,
+    shard: ShardOpt = None, force: ForceOpt = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Class activation maps for a split (cams/<split>/part-*.h5)."""
+    from igcam_cli.stages import make_cams as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "make-cams", split=split, scales=_floats(scales, "--scales"), flip=flip,
+                  batch_size=batch_size, label_source=label_source, workers=workers)
+    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+
+
+@app.command()
+@handles_errors
+def crf(
+    workspace: WorkspaceOpt = None,
+    split: SplitOpt = None,
+    source: Annotated[Optional[str], typer.Option(help="cams or refined")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="psa, irn, deeplab or toco")] = None,
+    bg_mode: Annotated[Optional[str], typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
+    bg_alpha: Annotated[Optional[float], typer.Option(min=0.0)] = None,
+    bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
+    confidence: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Marginals below this become 255")] = None,
+    workers: WorkersOpt = None,
+    shard: ShardOpt = None, force: ForceOpt = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Dense-CRF pseudo-labels (pseudo/<split>/<id>.png, VOC palette, 255 = ignore)."""
+    from igcam_cli.stages import crf as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "crf", split=split, source=source, preset=preset, bg_mode=bg_mode, bg_alpha=bg_alpha,
+                  bg_tau=bg_tau, confidence=confidence, workers=workers)
+    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    workspace: WorkspaceOpt = None,
+    artifact: Annotated[Optional[str], typer.Option(help="cams, refined or crf")] = None,
+    split: SplitOpt = None,
+    bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")] = None,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """mIoU of an artifact against GT masks (eval/<artifact>-<split>.json and .md)."""
+    from igcam_cli.stages import evaluate as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
+    stage.run(cfg, ws, _opts(device, seed, quiet))
+
+
+@app.command()
+@handles_errors
+def status(workspace: WorkspaceOpt = None):
+    """What is done, stale, running or failed in a workspace."""
+    from igcam_cli.stages import status as stage
+
+    stage.run(_ws(workspace))
+
+
+@app.command()
+@handles_errors
+def demo(
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace [default: ./igcam-demo]")] = None,
+    n_train: Annotated[int, typer.Option(min=8)] = 320,
+    n_val: Annotated[int, typer.Option(min=4)] = 80,
+    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    workers: Annotated[int, typer.Option(min=0)] = 2,
+    force: Annotated[bool, typer.Option("--force", help="Start from a fresh workspace")] = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Synthetic data and the whole chain on it, on the CPU, with one table of mIoU per stage."""
+    from igcam_cli import demo as stage
+
+    path = workspace if workspace is not None else Path("igcam-demo")
+    stage.run(path, _opts(device, seed, quiet), n_train=n_train, n_val=n_val, epochs=epochs, workers=workers, force=force)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Class activation maps: multi-scale, flip-augmented aggregation and per-class normalisation."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CamFn = Callable[[torch.Tensor], torch.Tensor]  # B x 3 x h x w -> B x C x h' x w' (non-negative)
+
+
+def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float], flip: bool = True) -> torch.Tensor:
+    """Sum over scales (and horizontal flips) of the CAMs, each resized to the input size.
+
+    images: B x 3 x H x W (normalised). Returns float32 B x C x H x W. A flipped pass is flipped
+    back before summing, so the result of a flipped image is the flipped result.
+    """
+    size = images.shape[-2:]
+    total = None
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        if flip:
+            out = cam_fn(torch.cat([x, x.flip(-1)])).float()
+            out = out[: len(images)] + out[len(images):].flip(-1)
+        else:
+            out = cam_fn(x).float()
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        total = out if total is None else total + out
+    return total
+
+
+def normalize_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Divide each map by its spatial maximum (K x H x W or B x K x H x W); all-zero maps stay zero."""
+    peak = cams.flatten(-2).amax(-1)[..., None, None]
+    return cams.clamp_min(0) / (peak + eps)

@@ -1,0 +1,146 @@
+"""Fully connected CRF (Krähenbühl & Koltun) over CAM-derived scores, via pydensecrf.
+
+pydensecrf comes from the ``pydensecrf2`` package, which imports as ``pydensecrf``.
+Labels are always the image's present classes plus background (L = K + 1), never all C classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+__all__ = ["CrfParams", "PRESETS", "background_score", "dense_crf", "crf_labels"]
+
+_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class CrfParams:
+    """Kernel parameters: Gaussian (sxy, compat) and bilateral (sxy, srgb, compat), as in pydensecrf."""
+
+    gauss_sxy: float
+    gauss_compat: float
+    bi_sxy: float
+    bi_srgb: float
+    bi_compat: float
+    iterations: int = 10
+    unary: str = "softmax"  # "softmax" (probabilities) or "labels" (hard labels with gt_prob)
+    gt_prob: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.unary not in ("softmax", "labels"):
+            raise ValueError(f"unary must be 'softmax' or 'labels', got {self.unary!r}")
+        if not 0.0 < self.gt_prob < 1.0:
+            raise ValueError(f"gt_prob must lie in (0, 1), got {self.gt_prob}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+
+
+# Parameter families of the anchor codebases (see notes/anchors.md, "CRF parameter families").
+PRESETS: dict[str, CrfParams] = {
+    "psa": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=80, bi_srgb=13, bi_compat=10),
+    "irn": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10,
+                     unary="labels", gt_prob=0.7),
+    "deeplab": CrfParams(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4),
+    "toco": CrfParams(gauss_sxy=1, gauss_compat=1, bi_sxy=121, bi_srgb=5, bi_compat=4),
+}
+
+
+def background_score(
+    maps: np.ndarray, mode: str = "power", tau: float = 0.25, alpha: float = 4.0
+) -> np.ndarray:
+    """H x W background score from K x H x W maps in [0, 1].
+
+    ``"constant"``: ``tau`` everywhere; ``"power"``: ``(1 - max_k maps)^alpha`` (ones when K == 0).
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be K x H x W, got shape {maps.shape}")
+    shape = maps.shape[1:]
+    if mode == "constant":
+        return np.full(shape, tau, dtype=np.float32)
+    if mode == "power":
+        if maps.shape[0] == 0:
+            return np.ones(shape, dtype=np.float32)
+        peak = np.clip(maps.max(axis=0), 0.0, 1.0)
+        return np.power(1.0 - peak, alpha).astype(np.float32)
+    raise ValueError(f"background mode must be 'constant' or 'power', got {mode!r}")
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+    """Run the CRF; image H x W x 3 uint8, probs L x H x W (sum 1 over L) -> marginals L x H x W float32.
+
+    ``params.unary == "labels"`` uses only ``argmax(probs)``, trusted with ``params.gt_prob``.
+    """
+    image = np.asarray(image)
+    probs = np.asarray(probs)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be H x W x 3, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if probs.ndim != 3 or probs.shape[0] < 1:
+        raise ValueError(f"probs must be L x H x W with L >= 1, got shape {probs.shape}")
+    if probs.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"probs are {probs.shape[1]} x {probs.shape[2]} but the image is "
+            f"{image.shape[0]} x {image.shape[1]}"
+        )
+    n_labels, height, width = probs.shape
+    if n_labels == 1:
+        return np.ones(probs.shape, dtype=np.float32)
+
+    if params.unary == "labels":
+        unary = unary_from_labels(probs.argmax(axis=0), n_labels, gt_prob=params.gt_prob,
+                                  zero_unsure=False)
+    else:
+        unary = unary_from_softmax(probs.astype(np.float32))
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
+    crf.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb,
+                             rgbim=np.ascontiguousarray(image), compat=params.bi_compat)
+    marginals = np.asarray(crf.inference(params.iterations), dtype=np.float32)
+    return marginals.reshape(n_labels, height, width)
+
+
+def crf_labels(
+    image: np.ndarray,
+    maps: np.ndarray,
+    classes: np.ndarray,
+    params: CrfParams,
+    bg_mode: str = "power",
+    bg_tau: float = 0.25,
+    bg_alpha: float = 4.0,
+    confidence: float | None = None,
+) -> np.ndarray:
+    """H x W uint8 class-index label map from K x H x W maps of the present ``classes`` (K labels in 1..C).
+
+    Scores [background, maps...] are normalised per pixel into probabilities over the K + 1
+    labels (background, classes...), refined by ``dense_crf`` and arg-maxed. Pixels whose
+    largest marginal is below ``confidence`` become 255 (ignore). K == 0 gives all zeros.
+    """
+    maps = np.asarray(maps)
+    classes = np.asarray(classes).reshape(-1)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be K x H x W, got shape {maps.shape}")
+    if classes.shape[0] != maps.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps but {classes.shape[0]} class labels")
+    if classes.size and (classes.min() < 1 or classes.max() > 254):
+        raise ValueError(f"class labels must lie in 1..254, got {classes.tolist()}")
+    if maps.shape[0] == 0:
+        return np.zeros(maps.shape[1:], dtype=np.uint8)
+
+    bg = background_score(maps, bg_mode, bg_tau, bg_alpha)
+    scores = np.concatenate([bg[None], maps.astype(np.float32)], axis=0)
+    scores = np.clip(scores, 0.0, None) + _EPS
+    probs = scores / scores.sum(axis=0, keepdims=True)
+
+    marginals = dense_crf(image, probs, params)
+    lookup = np.concatenate([[0], classes]).astype(np.uint8)   # CRF label l -> class index
+    labels = lookup[marginals.argmax(axis=0)]
+    if confidence is not None:
+        labels[marginals.max(axis=0) < confidence] = 255
+    return labels

@@ -1,0 +1,178 @@
+"""Segmentation metrics: confusion matrices, IoU scores and background-threshold sweeps.
+
+Conventions: label 0 is background, labels 1..C are classes, ``ignore`` (255) marks GT pixels
+that are not counted. Confusion matrices have rows = ground truth, columns = prediction.
+All IoU / mIoU values are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["confusion_matrix", "threshold_confusions", "scores", "best_threshold"]
+
+
+def _check_labels(name: str, values: np.ndarray, num_labels: int) -> None:
+    """Raise ValueError unless every value lies in [0, num_labels)."""
+    if values.size == 0:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= num_labels:
+        raise ValueError(
+            f"{name} values must lie in [0, {num_labels}); found range [{lo}, {hi}]"
+        )
+
+
+def _counted_gt(gt: np.ndarray, shape: tuple[int, ...], num_labels: int, ignore: int):
+    """Validate ``gt`` against ``shape``; return (mask of counted pixels, counted GT as int64)."""
+    gt = np.asarray(gt)
+    if gt.shape != shape:
+        raise ValueError(f"ground truth has shape {gt.shape}, prediction has shape {shape}")
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    keep = gt != ignore
+    gt_kept = gt[keep].astype(np.int64)
+    _check_labels("ground-truth", gt_kept, num_labels)
+    return keep, gt_kept
+
+
+def confusion_matrix(
+    gt: np.ndarray, pred: np.ndarray, num_labels: int, ignore: int = 255
+) -> np.ndarray:
+    """(n, n) int64 confusion matrix, rows = GT, cols = prediction; GT pixels == ``ignore`` skipped.
+
+    Raises ValueError on a shape mismatch or a label outside [0, n) (prediction: any pixel;
+    GT: any pixel other than ``ignore``).
+    """
+    pred = np.asarray(pred)
+    keep, gt_kept = _counted_gt(gt, pred.shape, num_labels, ignore)
+    _check_labels("prediction", pred, num_labels)
+    index = gt_kept * num_labels + pred[keep].astype(np.int64)
+    counts = np.bincount(index, minlength=num_labels * num_labels)
+    return counts.reshape(num_labels, num_labels).astype(np.int64)
+
+
+def threshold_confusions(
+    gt: np.ndarray,
+    maps: np.ndarray,
+    classes: np.ndarray,
+    taus: np.ndarray,
+    num_labels: int,
+    ignore: int = 255,
+) -> np.ndarray:
+    """(T, n, n) confusion matrices of map predictions, one per background threshold.
+
+    For threshold ``tau`` a pixel is predicted ``classes[argmax_k maps[k]]`` where
+    ``max_k maps[k] > tau`` and background (0) otherwise. ``maps`` is K x H x W in [0, 1],
+    ``classes`` K labels in 1..n-1; K == 0 predicts background everywhere.
+    All thresholds are counted with one ``bincount`` (offset t * n * n for threshold t).
+    """
+    maps = np.asarray(maps)
+    classes = np.asarray(classes).reshape(-1).astype(np.int64)
+    taus = np.asarray(taus, dtype=np.float64).reshape(-1)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be K x H x W, got shape {maps.shape}")
+    if classes.shape[0] != maps.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps but {classes.shape[0]} class labels")
+    keep, gt_kept = _counted_gt(gt, maps.shape[1:], num_labels, ignore)
+    _check_labels("class", classes, num_labels)
+
+    n, n_taus = num_labels, taus.shape[0]
+    if maps.shape[0] == 0:
+        peak = np.zeros(gt_kept.shape, dtype=np.float64)
+        label = np.zeros(gt_kept.shape, dtype=np.int64)
+    else:
+        kept_maps = maps[:, keep]                      # K x P
+        peak = kept_maps.max(axis=0)
+        label = classes[kept_maps.argmax(axis=0)]
+    # T x P predictions: foreground label where the peak exceeds the threshold.
+    pred = np.where(peak[None, :] > taus[:, None], label[None, :], 0)
+    offsets = np.arange(n_taus, dtype=np.int64)[:, None] * (n * n)
+    index = offsets + gt_kept[None, :] * n + pred
+    counts = np.bincount(index.reshape(-1), minlength=n_taus * n * n)
+    return counts.reshape(n_taus, n, n).astype(np.int64)
+
+
+def _iou(conf: np.ndarray) -> np.ndarray:
+    """Per-class IoU over the last two axes; NaN where a class is absent from GT and prediction."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    union = conf.sum(axis=-1) + conf.sum(axis=-2) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def _nanmean(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean over non-NaN entries; NaN (without a warning) where all entries are NaN."""
+    present = ~np.isnan(values)
+    total = np.where(present, values, 0.0).sum(axis=axis)
+    count = present.sum(axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def scores(conf: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
+    """Scores of an (n, n) confusion matrix (rows = GT, cols = prediction).
+
+    Returns ``iou`` (n,) with NaN for classes absent from both GT and prediction, ``miou`` (mean
+    over the other classes), ``pixel_accuracy``, ``precision`` and ``recall`` (n,) with NaN where
+    undefined, and, when ``class_names`` is given (background first), ``per_class``
+    {name: iou or None}. NaN scalars mean "no counted pixels".
+    """
+    conf = np.asarray(conf)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {conf.shape}")
+    conf = conf.astype(np.float64)
+    tp = np.diagonal(conf)
+    gt_total, pred_total, total = conf.sum(axis=1), conf.sum(axis=0), conf.sum()
+    iou = _iou(conf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(pred_total > 0, tp / pred_total, np.nan)
+        recall = np.where(gt_total > 0, tp / gt_total, np.nan)
+    result = {
+        "iou": iou,
+        "miou": float(_nanmean(iou)),
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
+        "precision": precision,
+        "recall": recall,
+    }
+    if class_names is not None:
+        if len(class_names) != conf.shape[0]:
+            raise ValueError(
+                f"{len(class_names)} class names for a {conf.shape[0]}-label confusion matrix"
+            )
+        result["per_class"] = {
+            name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)
+        }
+    return result
+
+
+def best_threshold(confs: np.ndarray, taus) -> tuple[int, float, np.ndarray]:
+    """Pick the threshold with the highest mIoU: (index, tau, mIoU curve (T,)). Ties -> lowest index."""
+    confs = np.asarray(confs)
+    taus = np.asarray(taus, dtype=np.float64).reshape(-1)
+    if confs.ndim != 3 or confs.shape[0] != taus.shape[0]:
+        raise ValueError(f"need T x n x n confusions for {taus.shape[0]} thresholds, got {confs.shape}")
+    curve = _nanmean(_iou(confs))
+    if np.all(np.isnan(curve)):
+        raise ValueError("no counted pixels: mIoU is undefined for every threshold")
+    index = int(np.nanargmax(curve))
+    return index, float(taus[index]), curve
+
+
+def average_precision(scores_: np.ndarray, targets: np.ndarray) -> float:
+    """Non-interpolated AP of one class: mean precision at the rank of each positive (NaN without positives)."""
+    order = np.argsort(-np.asarray(scores_, dtype=np.float64), kind="stable")
+    hits = np.asarray(targets)[order] > 0
+    if not hits.any():
+        return float("nan")
+    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision_at[hits].mean())
+
+
+def mean_average_precision(scores_: np.ndarray, targets: np.ndarray) -> float:
+    """mAP over the columns (classes) of N x C scores and 0/1 targets, skipping classes without positives."""
+    aps = np.array([average_precision(scores_[:, c], targets[:, c]) for c in range(scores_.shape[1])])
+    return float(_nanmean(aps))

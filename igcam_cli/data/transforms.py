@@ -1,0 +1,62 @@
+"""Image transforms for the classifier: ImageNet normalisation, random rescale/flip/crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32) * 255
+_STD = np.array(IMAGENET_STD, dtype=np.float32) * 255
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """uint8 H x W x 3 -> float32 3 x H x W, ImageNet mean/std."""
+    return torch.from_numpy(((image.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1).copy())
+
+
+def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+def train_view(image: np.ndarray, crop: int, scale_min: float, scale_max: float, rng: np.random.Generator) -> torch.Tensor:
+    """IRN-style augmentation: long side to s * crop, random flip, random crop padded with zeros."""
+    image = resize_long(image, round(crop * rng.uniform(scale_min, scale_max)))
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    x = normalize(image)
+    return _random_crop(x, crop, rng)
+
+
+def eval_view(image: np.ndarray, size: int) -> torch.Tensor:
+    """Long side to `size`, centred on a zero canvas of size x size (batchable)."""
+    x = normalize(resize_long(image, size))
+    canvas = torch.zeros(3, size, size)
+    h, w = x.shape[1:]
+    top, left = (size - h) // 2, (size - w) // 2
+    canvas[:, top : top + h, left : left + w] = x
+    return canvas
+
+
+def _random_crop(x: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    _, h, w = x.shape
+    canvas = torch.zeros(3, crop, crop)
+    # Offsets pick a window of the image (when larger) and a place on the canvas (when smaller).
+    src_y, dst_y = _offsets(h, crop, rng)
+    src_x, dst_x = _offsets(w, crop, rng)
+    ch, cw = min(h, crop), min(w, crop)
+    canvas[:, dst_y : dst_y + ch, dst_x : dst_x + cw] = x[:, src_y : src_y + ch, src_x : src_x + cw]
+    return canvas
+
+
+def _offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    if length > crop:
+        return int(rng.integers(0, length - crop + 1)), 0
+    return 0, int(rng.integers(0, crop - length + 1))

@@ -1,0 +1,149 @@
+"""The CAM classifier: a torchvision ResNet at output stride 16 with a bias-free 1x1 conv head.
+
+Global average pooling commutes with the 1x1 head, so one forward pass gives both the image
+logits (the spatial mean of the class maps) and the class activation maps (their ReLU).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from igcam_cli.errors import BadData, UsageError
+
+BACKBONES = {
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
+    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights"),
+    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights"),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights"),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_S = 20
+
+
+class CamClassifier(nn.Module):
+    def __init__(self, backbone: str, num_classes: int):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise UsageError(f"unknown backbone '{backbone}' (choose from {', '.join(BACKBONES)})")
+        self.backbone_name = backbone
+        self.num_classes = num_classes
+        self.backbone = _resnet_os16(backbone)
+        self.head = nn.Conv2d(self.backbone.fc.in_features, num_classes, kernel_size=1, bias=False)
+        nn.init.kaiming_normal_(self.head.weight)
+        self.backbone.fc = nn.Identity()
+        self.bn_frozen = False
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits B x C, raw class maps B x C x h x w before ReLU)."""
+        maps = self.head(self.features(x))
+        return maps.mean(dim=(2, 3)), maps
+
+    def cams(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.forward(x)[1])
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        return backbone, list(self.head.parameters())
+
+    def freeze_batchnorm(self) -> None:
+        """Keep BN statistics and affine parameters fixed (small batches make them noisy)."""
+        self.bn_frozen = True
+        for module in self.backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "CamClassifier":
+        super().train(mode)
+        if self.bn_frozen:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
+
+def _resnet_os16(name: str) -> nn.Module:
+    """ResNet whose last stage keeps stride 1 (dilated where the block type allows)."""
+    builder, _ = BACKBONES[name]
+    if name in ("resnet18", "resnet34"):  # BasicBlock cannot dilate; drop the stride instead
+        net = builder(weights=None)
+        net.layer4[0].conv1.stride = (1, 1)
+        net.layer4[0].downsample[0].stride = (1, 1)
+        return net
+    return builder(weights=None, replace_stride_with_dilation=[False, False, True])
+
+
+def build_classifier(backbone: str, num_classes: int, pretrained: str = "none") -> CamClassifier:
+    model = CamClassifier(backbone, num_classes)
+    if pretrained == "none":
+        return model
+    state = _imagenet_state(backbone) if pretrained == "imagenet" else _file_state(Path(pretrained))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise BadData(f"--pretrained {pretrained}: weights do not fit a {backbone} "
+                      f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    return model
+
+
+def _file_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BadData(f"--pretrained: weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise BadData(f"--pretrained: cannot load weights from {path}: {exc}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise BadData(f"--pretrained: {path} does not hold a state dict")
+    # Accept both a plain torchvision ResNet and igcam's own classifier checkpoint.
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def _imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights, from the torch hub cache or a download with a timeout."""
+    weights = getattr(torchvision.models, BACKBONES[backbone][1]).IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:
+        raise BadData(
+            f"cannot download ImageNet weights for {backbone} ({type(exc).__name__}: {exc}); offline? "
+            f"Fetch {weights.url} elsewhere and pass --pretrained PATH, or place it at {cached}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_checkpoint(path: Path, command: str) -> CamClassifier:
+    """The trained classifier saved by train-cls (MissingArtifact-style hint when absent)."""
+    from igcam_cli.errors import MissingArtifact
+
+    if not path.is_file():
+        raise MissingArtifact(f"no trained classifier at {path}: run `{command}` first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = CamClassifier(ckpt["backbone"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, OSError) as exc:
+        raise BadData(f"cannot load classifier checkpoint {path}: {exc}") from None
+    return model

@@ -1,0 +1,90 @@
+"""crf: dense-CRF pseudo-labels from CAMs or refined maps (METHOD.md §6), on a CPU worker pool."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Iterator
+
+import numpy as np
+
+from igcam_cli.config import CrfConfig, RunOptions, to_dict
+from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.runtime.distributed import Shard
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
+
+
+def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
+    """Writes `pseudo/<split>/<id>.png` for this shard's images not done yet; returns how many."""
+    log = StageLog(ws.log_path("crf"), quiet=opts.quiet)
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown CRF preset '{cfg.preset}' (choose from {', '.join(PRESETS)})")
+    if cfg.source not in MAP_KINDS:
+        raise UsageError(f"--source must be one of {', '.join(MAP_KINDS)}")
+    if cfg.bg_mode not in ("power", "constant"):
+        raise UsageError("--bg-mode must be 'power' or 'constant'")
+    dataset = ws.dataset()
+    split_ids = dataset.ids(cfg.split)
+    maps = ws.complete_maps(cfg.source, cfg.split, split_ids)
+    labels = ws.pseudo(cfg.split)
+    mine = shard.select(split_ids)
+    if force:
+        for image_id in mine:
+            labels.path(image_id).unlink(missing_ok=True)
+    done = labels.ids()
+    todo = [i for i in mine if i not in done]
+
+    source_record = ws.latest(PRODUCER[cfg.source], cfg.split)
+    oracle = bool(maps.attrs.get("oracle", False) or (source_record or {}).get("oracle", False))
+    record = ws.start("crf", to_dict(cfg), split=cfg.split, shard=str(shard), oracle=oracle,
+                      inputs={input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {})
+    params = PRESETS[cfg.preset]
+    log(f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {cfg.bg_mode}) shard {shard}: "
+        f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
+    try:
+        jobs = _jobs(dataset, maps, todo, params, cfg)
+        with _pool(cfg.workers) as pool:
+            results = pool.imap(_crf_job, jobs, chunksize=1) if pool else map(_crf_job, jobs)
+            for image_id, label in log.track(results, len(todo), "crf"):
+                labels.write(image_id, label)
+        record.finish(outputs=[str(labels.directory)], metrics={"images": len(labels.ids() & set(split_ids))})
+    except BaseException as exc:
+        record.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    log(f"pseudo/{cfg.split}: {len(labels.ids() & set(split_ids))} of {len(split_ids)} label maps")
+    return len(todo)
+
+
+def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig) -> Iterator[tuple]:
+    for image_id, record in maps.iter_records(ids):
+        image = dataset.load(image_id, with_mask=False).image
+        if image.shape[:2] != record.maps.shape[1:]:
+            raise BadData(f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
+                          f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force")
+        yield image_id, image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, cfg.bg_alpha, cfg.confidence
+
+
+def _crf_job(job: tuple) -> tuple[str, np.ndarray]:
+    image_id, image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence = job
+    label = crf_labels(image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha,
+                       confidence=confidence or None)
+    return image_id, label
+
+
+class _pool:
+    """A spawn-context process pool (no fork after torch started threads), or None for 1 worker."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self.pool
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()

@@ -1,0 +1,169 @@
+"""evaluate: an artifact against GT masks (METHOD.md §8), written to eval/<artifact>-<split>.json and .md.
+
+Map artifacts (cams, refined) are scored with a background-threshold sweep; the best threshold
+is reported together with the split it was tuned on. Label artifacts (crf) are scored as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from igcam_cli.config import EvaluateConfig, RunOptions, to_dict
+from igcam_cli.core.metrics import best_threshold, confusion_matrix, scores, threshold_confusions
+from igcam_cli.errors import BadData, MissingArtifact, UsageError
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
+
+ARTIFACTS = (*MAP_KINDS, "crf")
+_ARTIFACT_STAGE = {**PRODUCER}
+
+
+def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
+    if cfg.artifact not in ARTIFACTS:
+        raise UsageError(f"unknown artifact '{cfg.artifact}' (choose from {', '.join(ARTIFACTS)})")
+    log = StageLog(ws.log_path("evaluate"), quiet=opts.quiet)
+    dataset = ws.dataset()
+    ids = dataset.ids(cfg.split)
+    if not dataset.has_masks(cfg.split):
+        raise BadData(f"split '{cfg.split}' has no ground-truth masks for every image ({dataset.gt_source}): "
+                      "evaluate needs them")
+    names = ["background", *dataset.classes]
+    n = len(names)
+    producer = _ARTIFACT_STAGE[cfg.artifact]
+    source_record = ws.latest(producer, cfg.split)
+
+    if cfg.artifact in MAP_KINDS:
+        store = ws.complete_maps(cfg.artifact, cfg.split, ids)
+        taus = _taus(cfg)
+        confs = np.zeros((len(taus), n, n), dtype=np.int64)
+        for image_id, record in log.track(store.iter_records(ids), len(ids), f"evaluate {cfg.artifact}"):
+            mask = _mask(dataset, image_id, record.maps.shape[1:], cfg.artifact)
+            confs += threshold_confusions(mask, record.maps, record.classes, taus, n)
+        best, tau, curve = best_threshold(confs, taus)
+        conf = confs[best]
+        oracle = bool(store.attrs.get("oracle", False))
+        threshold: dict[str, Any] = {"tau": tau, "tuned_on": cfg.split if len(taus) > 1 else None,
+                                     "curve": {"tau": [float(t) for t in taus], "miou": [float(m) for m in curve]}}
+    else:
+        labels = ws.pseudo(cfg.split)
+        missing = [i for i in ids if i not in labels]
+        if missing:
+            raise MissingArtifact(f"pseudo-labels for split '{cfg.split}' missing for {len(missing)} of {len(ids)} "
+                                  f"images: run `{ws.command('crf', cfg.split)}` first")
+        conf = np.zeros((n, n), dtype=np.int64)
+        for image_id in log.track(ids, len(ids), "evaluate crf"):
+            pred = labels.read(image_id)
+            mask = _mask(dataset, image_id, pred.shape, "crf")
+            pred = np.where(pred == 255, 0, pred)  # ignored pseudo-label pixels count as background
+            conf += confusion_matrix(mask, pred, n)
+        oracle = bool((source_record or {}).get("oracle", False))
+        threshold = {"tau": None, "tuned_on": None, "curve": None}
+
+    result = _result(cfg, scores(conf, names), names, threshold, len(ids), dataset, oracle, source_record)
+    json_path, md_path = _write(ws, cfg, result, conf)
+    ws.start("evaluate", to_dict(cfg), split=cfg.split, oracle=oracle,
+             inputs={input_key(producer, cfg.split): source_record["id"]} if source_record else {}
+             ).finish(outputs=[str(json_path), str(md_path)], metrics={"miou": result["miou"]})
+    if not opts.quiet:
+        print_result(result)
+    log(f"wrote {json_path}")
+    return result
+
+
+def _taus(cfg: EvaluateConfig) -> np.ndarray:
+    if cfg.bg_tau is not None:
+        return np.array([cfg.bg_tau])
+    if not 0 <= cfg.tau_min <= cfg.tau_max or cfg.tau_step <= 0:
+        raise UsageError("threshold sweep needs 0 <= tau_min <= tau_max and tau_step > 0")
+    return np.round(np.arange(cfg.tau_min, cfg.tau_max + cfg.tau_step / 2, cfg.tau_step), 6)
+
+
+def _mask(dataset, image_id: str, shape: tuple[int, ...], artifact: str) -> np.ndarray:
+    mask = dataset.load(image_id).mask
+    if mask is None:
+        raise BadData(f"no ground-truth mask for image '{image_id}'")
+    if mask.shape != tuple(shape):
+        raise BadData(f"{artifact} of '{image_id}' is {shape[1]}x{shape[0]} but its GT mask is "
+                      f"{mask.shape[1]}x{mask.shape[0]}")
+    return mask
+
+
+def _result(cfg, s: dict, names: list[str], threshold: dict, n_images: int, dataset, oracle: bool,
+            source_record: dict | None) -> dict[str, Any]:
+    per = lambda values: {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, values)}  # noqa: E731
+    return {
+        "artifact": cfg.artifact,
+        "split": cfg.split,
+        "miou": s["miou"],
+        "per_class": s["per_class"],
+        "pixel_accuracy": s["pixel_accuracy"],
+        "precision": per(s["precision"]),
+        "recall": per(s["recall"]),
+        "threshold": threshold["tau"],
+        "threshold_tuned_on": threshold["tuned_on"],
+        "threshold_curve": threshold["curve"],
+        "n_images": n_images,
+        "gt_source": dataset.gt_source_for(cfg.split) if hasattr(dataset, "gt_source_for") else dataset.gt_source,
+        "dataset": dataset.name,
+        "crf": cfg.artifact == "crf",
+        "oracle": oracle,
+        "ignore_index": 255,
+        "miou_over": "classes present in GT or prediction",
+        "source_run": (source_record or {}).get("id"),
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _write(ws: Workspace, cfg: EvaluateConfig, result: dict, conf: np.ndarray) -> tuple[Path, Path]:
+    out = ws.path("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{cfg.artifact}-{cfg.split}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps({**result, "confusion": conf.tolist()}, indent=1))
+    md_path.write_text(markdown(result))
+    return json_path, md_path
+
+
+def describe(result: dict) -> str:
+    """One honest line: what was measured, on what, with what."""
+    tau = result["threshold"]
+    how = f"best background threshold {tau:.2f} tuned on {result['threshold_tuned_on']}" if result["threshold_tuned_on"] \
+        else (f"background threshold {tau:.2f}" if tau is not None else "as labelled")
+    oracle = "ORACLE (GT-guided, not weakly supervised)" if result["oracle"] else "weakly supervised"
+    return (f"{result['artifact']} on split '{result['split']}' ({result['n_images']} images), GT {result['gt_source']}, "
+            f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}")
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# {result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %", "", describe(result), ""]
+    if result["oracle"]:
+        lines += ["**ORACLE: ground-truth masks guided these maps. Not a weakly supervised result.**", ""]
+    lines += ["| class | IoU % | precision % | recall % |", "|---|---:|---:|---:|"]
+    for name, iou in result["per_class"].items():
+        lines.append(f"| {name} | {_pct(iou)} | {_pct(result['precision'][name])} | {_pct(result['recall'][name])} |")
+    lines += ["", f"pixel accuracy {result['pixel_accuracy'] * 100:.2f} %", ""]
+    return "\n".join(lines)
+
+
+def print_result(result: dict) -> None:
+    console = Console()
+    if result["oracle"]:
+        console.print("[bold white on red] ORACLE: ground-truth masks guided these maps; not weakly supervised [/]")
+    table = Table(title=f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %",
+                  caption=describe(result))
+    for column in ("class", "IoU %", "precision %", "recall %"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, iou in result["per_class"].items():
+        table.add_row(name, _pct(iou), _pct(result["precision"][name]), _pct(result["recall"][name]))
+    console.print(table)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}"

@@ -1,0 +1,40 @@
+"""init: write igcam.toml for a dataset, after checking that the dataset opens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from igcam_cli.config import SYNTHETIC_DEFAULTS
+from igcam_cli.data import open_dataset, parse_class_list
+from igcam_cli.errors import UsageError
+from igcam_cli.workspace import Workspace
+
+
+def run(path: Path, fmt: str, root: Path | None, classes: str | None, synthetic: dict[str, Any],
+        force: bool = False) -> Workspace:
+    spec: dict[str, Any] = {"format": fmt}
+    if fmt == "synthetic":
+        if root is not None:
+            raise UsageError("--root is not used with --dataset synthetic (use `igcam synth OUT` to write it to disk)")
+        spec.update(synthetic)
+    else:
+        if root is None:
+            raise UsageError(f"--dataset {fmt} needs --root PATH")
+        spec["root"] = str(root.expanduser().resolve())
+    if classes is not None:
+        if fmt == "synthetic":
+            raise UsageError("--classes is not used with --dataset synthetic")
+        spec["classes"] = parse_class_list(classes)
+    dataset = open_dataset(spec)  # fails here, with the file named, rather than in a later stage
+    return Workspace.create(path, spec, _stage_defaults(fmt, dataset), overwrite=force)
+
+
+def _stage_defaults(fmt: str, dataset) -> dict[str, dict[str, Any]]:
+    if fmt == "synthetic":
+        return {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
+    splits = dataset.splits()
+    defaults: dict[str, dict[str, Any]] = {}
+    if "train_aug" in splits:  # the usual VOC recipe: classifier on train_aug (10,582 images)
+        defaults["train-cls"] = {"split": "train_aug"}
+    return defaults

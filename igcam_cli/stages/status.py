@@ -1,0 +1,36 @@
+"""status: the latest run of each stage and split, and whether it is done, stale, running or failed."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from igcam_cli.workspace import Workspace
+
+
+def run(ws: Workspace) -> list[dict]:
+    latest: dict[tuple, dict] = {}
+    for record in ws.records():
+        latest[(record["stage"], record.get("split"), record.get("shard"))] = record
+    rows = []
+    for (stage, split, shard), record in latest.items():
+        state = record["status"]
+        if state == "done" and ws.is_stale(record):
+            state = "stale"
+        rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
+    table = Table(title=f"igcam workspace {ws.root}")
+    for column in ("stage", "split", "shard", "status", "started", "ended", "metrics"):
+        table.add_column(column)
+    style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red"}
+    for row in rows:
+        record = row["record"]
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
+        table.add_row(row["stage"], row["split"] or "-", row["shard"] or "-",
+                      f"[{style[row['state']]}]{row['state']}[/]", record["started"], record.get("ended") or "-",
+                      metrics or record.get("error", ""))
+    Console().print(table if rows else f"workspace {ws.root}: no stage has run yet")
+    return rows
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

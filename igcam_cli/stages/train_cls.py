@@ -1,0 +1,212 @@
+"""train-cls: the multi-label CAM classifier (METHOD.md §1).
+
+Every random choice (init, epoch order, augmentation) derives from the seed, the epoch and the
+image index, and `cls/last.pt` holds model, optimizer and step after each epoch, so a resumed
+run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
+from igcam_cli.core.metrics import mean_average_precision
+from igcam_cli.data.base import Dataset
+from igcam_cli.data.transforms import eval_view, train_view
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
+from igcam_cli.runtime import distributed as ddp
+from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.workspace import Workspace
+
+POLY_POWER = 0.9
+
+
+@dataclass
+class TrainOptions:
+    resume: bool = False
+    init_from: str | None = None
+
+
+class _ClassifierImages(TorchDataset):
+    """Augmented training views (train=True) or fixed-size views with multi-hot targets."""
+
+    def __init__(self, dataset: Dataset, ids: list[str], cfg: TrainClsConfig, seed: int, train: bool):
+        self.dataset, self.ids, self.cfg, self.seed, self.train = dataset, ids, cfg, seed, train
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset.load(self.ids[index], with_mask=False)
+        target = torch.zeros(self.dataset.num_classes)
+        target[torch.as_tensor(sample.labels, dtype=torch.long) - 1] = 1.0
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            view = train_view(sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
+        else:
+            view = eval_view(sample.image, self.cfg.crop)
+        return view, target
+
+
+def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> CamClassifier:
+    log = StageLog(ws.log_path("train-cls"), quiet=opts.quiet or not ddp.is_main())
+    dataset = ws.dataset()
+    _check(cfg, dataset)
+    ids = dataset.ids(cfg.split)
+    if not ids:
+        raise BadData(f"split '{cfg.split}' has no images")
+    val_ids = dataset.ids(cfg.val_split) if cfg.val_split in dataset.splits() else []
+
+    device = ddp.device(resolve_device(opts.device))
+    seed_everything(opts.seed)
+    model = _initial_model(cfg, dataset.num_classes, train.init_from, ws)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
+    model.to(device, memory_format=memory_format(device))
+    backbone_params, head_params = model.param_groups()
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.lr * cfg.head_lr_mult}],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    ws.cls_dir.mkdir(parents=True, exist_ok=True)
+    last_path, model_path = ws.cls_dir / "last.pt", ws.cls_dir / "model.pt"
+    start_epoch, step = 0, 0
+    if train.resume and last_path.is_file():
+        start_epoch, step = _restore(last_path, cfg, model, optimizer)
+        log(f"resuming from {last_path} after epoch {start_epoch}")
+    elif train.resume:
+        log(f"--resume: no {last_path} yet, starting from scratch")
+
+    record = ws.start("train-cls", to_dict(cfg), seed=opts.seed, device=str(device)) if ddp.is_main() else None
+    net = ddp.wrap(model, device)
+    train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True)
+    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, device {device}")
+    metrics: dict[str, float] = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_data.epoch = epoch
+            order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
+            loader = _loader(train_data, ddp.shard_indices(order), cfg, device)
+            net.train()
+            losses = []
+            for x, y in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
+                x = x.to(device, non_blocking=True, memory_format=memory_format(device))
+                y = y.to(device, non_blocking=True)
+                with autocast(device):
+                    logits, _ = net(x)
+                loss = F.multilabel_soft_margin_loss(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+            metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+            if val_ids and ddp.is_main():
+                metrics["val_map"] = evaluate_map(model, dataset, val_ids, cfg, device)
+            if ddp.is_main():
+                _save(last_path, cfg, model, optimizer, epoch + 1, step)
+                val = f", val mAP {metrics['val_map'] * 100:.1f}" if "val_map" in metrics else ""
+                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}{val}")
+        if ddp.is_main():
+            _save_final(model_path, cfg, model, dataset.classes)
+            record.finish(outputs=[str(model_path)], metrics=metrics)
+            log(f"saved {model_path}")
+    except BaseException as exc:
+        if record is not None:
+            record.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        ddp.barrier()
+    return model
+
+
+def evaluate_map(model: CamClassifier, dataset: Dataset, ids: list[str], cfg: TrainClsConfig,
+                 device: torch.device) -> float:
+    """Mean average precision of the image-level predictions on `ids`."""
+    data = _ClassifierImages(dataset, ids, cfg, seed=0, train=False)
+    loader = _loader(data, list(range(len(ids))), cfg, device)
+    was_training = model.training
+    model.eval()
+    scores, targets = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            with autocast(device):
+                logits, _ = model(x.to(device, memory_format=memory_format(device)))
+            scores.append(logits.float().cpu())
+            targets.append(y)
+    model.train(was_training)
+    return mean_average_precision(torch.cat(scores).numpy(), torch.cat(targets).numpy())
+
+
+def _loader(data: TorchDataset, indices: list[int], cfg: TrainClsConfig, device: torch.device) -> DataLoader:
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    return DataLoader(torch.utils.data.Subset(data, indices), batch_size=cfg.batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
+
+
+def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
+    if cfg.split not in dataset.splits():
+        raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16:
+        raise UsageError("--epochs and --batch-size must be >= 1 and --crop >= 16")
+    if not 0 < cfg.scale_min <= cfg.scale_max:
+        raise UsageError("need 0 < scale_min <= scale_max")
+
+
+def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None, ws: Workspace) -> CamClassifier:
+    if init_from is None:
+        return build_classifier(cfg.backbone, num_classes, cfg.pretrained)
+    model = load_checkpoint(Path(init_from), f"igcam train-cls -w {ws.root}")
+    if model.backbone_name != cfg.backbone or model.num_classes != num_classes:
+        raise BadData(f"--init-from {init_from}: a {model.backbone_name} with {model.num_classes} classes, "
+                      f"but this run trains a {cfg.backbone} with {num_classes} classes")
+    return model
+
+
+_RESUME_KEYS = ("backbone", "pretrained", "split", "epochs", "batch_size", "crop", "lr", "head_lr_mult", "freeze_bn")
+
+
+def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ckpt["config"]
+    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
+                         "rerun without --resume to start over")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt["step"]
+
+
+def _save(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoch: int, step: int) -> None:
+    _atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "epoch": epoch, "step": step}, path)
+
+
+def _save_final(path: Path, cfg: TrainClsConfig, model: CamClassifier, classes: list[str]) -> None:
+    _atomic_save({"backbone": cfg.backbone, "num_classes": model.num_classes, "classes": classes,
+                  "config": to_dict(cfg), "model": model.state_dict()}, path)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

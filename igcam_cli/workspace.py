@@ -1,0 +1,225 @@
+"""The workspace: one directory holding a run's config, artifacts and manifest.
+
+The manifest (`manifest.json`) keeps one record per stage run: its config, the runs it read
+from, what it wrote, status, times, host, versions and metrics. It is rewritten atomically
+under a file lock, so shards started by a cluster scheduler can share a workspace.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from igcam_cli import __version__
+from igcam_cli.config import TOML_NAME, read_toml, write_toml
+from igcam_cli.errors import MissingArtifact, UsageError
+from igcam_cli.store import LabelStore, MapStore
+
+MAP_KINDS = ("cams", "refined")
+# The stage that produces each artifact, for "run X first" messages and staleness.
+PRODUCER = {"cls": "train-cls", "cams": "make-cams", "refined": "refine", "crf": "crf"}
+
+
+def default_workspace() -> Path:
+    return Path(os.environ.get("IGCAM_WORKSPACE", "."))
+
+
+@dataclass
+class StageRun:
+    """A manifest record being written by a running stage."""
+
+    workspace: "Workspace"
+    record: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    def finish(self, outputs: list[str] | None = None, metrics: dict[str, Any] | None = None, **extra) -> None:
+        self._update(status="done", outputs=outputs or [], metrics=metrics or {}, **extra)
+
+    def fail(self, error: str) -> None:
+        self._update(status="failed", error=error)
+
+    def _update(self, **changes) -> None:
+        self.record.update(changes, ended=_now())
+        self.workspace._put_record(self.record)
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._toml: dict[str, Any] | None = None
+        self._dataset = None
+
+    # ---- creation and config -------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, dataset_spec: dict[str, Any], stage_defaults: dict[str, dict] | None = None,
+               overwrite: bool = False) -> "Workspace":
+        ws = cls(root)
+        if ws.toml_path.exists() and not overwrite:
+            raise UsageError(f"{ws.toml_path} already exists; pass --force to overwrite it")
+        ws.root.mkdir(parents=True, exist_ok=True)
+        write_toml(ws.toml_path, {"dataset": dataset_spec, **(stage_defaults or {})})
+        return ws
+
+    @classmethod
+    def open(cls, root: Path) -> "Workspace":
+        ws = cls(root)
+        if not ws.toml_path.is_file():
+            raise MissingArtifact(f"{root} is not an igcam workspace (no {TOML_NAME}): run `igcam init -w {root} ...` first")
+        return ws
+
+    @property
+    def toml_path(self) -> Path:
+        return self.root / TOML_NAME
+
+    @property
+    def toml(self) -> dict[str, Any]:
+        if self._toml is None:
+            self._toml = read_toml(self.toml_path)
+        return self._toml
+
+    def stage_table(self, stage: str) -> dict[str, Any]:
+        return dict(self.toml.get(stage, {}))
+
+    @property
+    def dataset_spec(self) -> dict[str, Any]:
+        return dict(self.toml["dataset"])
+
+    def dataset(self):
+        if self._dataset is None:
+            from igcam_cli.data import open_dataset
+
+            self._dataset = open_dataset(self.dataset_spec)
+        return self._dataset
+
+    # ---- paths and stores ----------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def cls_dir(self) -> Path:
+        return self.path("cls")
+
+    def log_path(self, stage: str) -> Path:
+        return self.path("logs", f"{stage}.log")
+
+    def maps(self, kind: str, split: str) -> MapStore:
+        if kind not in MAP_KINDS:
+            raise UsageError(f"unknown map artifact '{kind}' (choose from {', '.join(MAP_KINDS)})")
+        return MapStore(self.path(kind, split))
+
+    def pseudo(self, split: str) -> LabelStore:
+        return LabelStore(self.path("pseudo", split))
+
+    def command(self, stage: str, split: str | None = None) -> str:
+        """The command line a user should run to produce a stage's output."""
+        cmd = f"igcam {stage} -w {self.root}"
+        return f"{cmd} --split {split}" if split else cmd
+
+    # ---- requirements ---------------------------------------------------------------------
+    def require_done(self, stage: str, split: str | None = None, what: str | None = None) -> dict[str, Any]:
+        """The latest finished record of `stage` (for `split`), or MissingArtifact naming the command."""
+        record = self.latest(stage, split)
+        if record is None or record["status"] != "done":
+            state = "has not finished" if record else "has not run"
+            thing = what or f"{stage} output" + (f" for split '{split}'" if split else "")
+            raise MissingArtifact(f"{thing} missing ({stage} {state}): run `{self.command(stage, split)}` first")
+        return record
+
+    def complete_maps(self, kind: str, split: str, ids: list[str]) -> MapStore:
+        """The map store of `kind` for `split`, or MissingArtifact if it lacks any of `ids`."""
+        store = self.maps(kind, split)
+        have = store.ids()
+        missing = [i for i in ids if i not in have]
+        if missing:
+            state = "missing" if not have else f"incomplete ({len(ids) - len(missing)} of {len(ids)} images)"
+            raise MissingArtifact(f"{kind} for split '{split}' {state}: run `{self.command(PRODUCER[kind], split)}` first")
+        return store
+
+    # ---- manifest -------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path("manifest.json")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.manifest_path.exists():
+            return []
+        return json.loads(self.manifest_path.read_text())["runs"]
+
+    def latest(self, stage: str, split: str | None = None) -> dict[str, Any] | None:
+        """The most recently started record of a stage (and split), whatever its status."""
+        matches = [r for r in self.records() if r["stage"] == stage and (split is None or r.get("split") == split)]
+        return matches[-1] if matches else None
+
+    def start(self, stage: str, config: dict[str, Any], split: str | None = None,
+              inputs: dict[str, str] | None = None, **extra) -> StageRun:
+        record = {
+            "id": f"{stage}:{time.strftime('%Y%m%dT%H%M%S')}:{uuid.uuid4().hex[:6]}",
+            "stage": stage,
+            "split": split,
+            "status": "running",
+            "config": config,
+            "inputs": inputs or {},
+            "started": _now(),
+            "ended": None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "versions": _versions(),
+            **extra,
+        }
+        self._put_record(record)
+        return StageRun(self, record)
+
+    def _put_record(self, record: dict[str, Any]) -> None:
+        with self._manifest_lock():
+            runs = self.records()
+            runs = [r for r in runs if r["id"] != record["id"]] + [record]
+            tmp = self.manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"runs": runs}, indent=1, default=str))
+            os.replace(tmp, self.manifest_path)
+
+    @contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.path(".manifest.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def is_stale(self, record: dict[str, Any]) -> bool:
+        """A finished run is stale when an input it read has since been rerun."""
+        for stage_split, run_id in record.get("inputs", {}).items():
+            stage, _, split = stage_split.partition(":")
+            upstream = self.latest(stage, split or None)
+            if upstream is None or upstream["id"] != run_id:
+                return True
+        return False
+
+
+def input_key(stage: str, split: str | None = None) -> str:
+    return f"{stage}:{split}" if split else stage
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    return {"igcam": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__}
