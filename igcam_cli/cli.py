@@ -177,10 +177,42 @@ def make_cams(
 
 @app.command()
 @handles_errors
+def refine(
+    workspace: WorkspaceOpt = None,
+    split: SplitOpt = None,
+    guidance: Annotated[Optional[str], typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")] = None,
+    boundary: Annotated[Optional[bool], typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Boundary scales, coarse to fine [default: 0.25,0.5,1.0]")] = None,
+    iterations: Annotated[Optional[int], typer.Option(min=0, help="Propagation steps per scale")] = None,
+    fill_gain: Annotated[Optional[float], typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")] = None,
+    outside_damping: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")] = None,
+    max_area: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: largest region, fraction of the image")] = None,
+    proposal_scale: Annotated[Optional[float], typer.Option(min=1.0, help="Proposals: graph-segmentation scale")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    workers: WorkersOpt = None,
+    shard: ShardOpt = None, force: ForceOpt = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Instance guidance + multi-scale boundary enhancement of CAMs (refined/<split>/part-*.h5).
+
+    More parameters (anchor_threshold, select_threshold, min_share, dilations, sigma_rgb, sigma_xy)
+    are set in the [refine] table of igcam.toml.
+    """
+    from igcam_cli.stages import refine as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "refine", split=split, guidance=guidance, boundary=boundary, scales=_floats(scales, "--scales"),
+                  iterations=iterations, fill_gain=fill_gain, outside_damping=outside_damping, max_area=max_area,
+                  proposal_scale=proposal_scale, batch_size=batch_size, workers=workers)
+    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+
+
+@app.command()
+@handles_errors
 def crf(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    source: Annotated[Optional[str], typer.Option(help="cams or refined")] = None,
+    source: Annotated[Optional[str], typer.Option(help="refined (default) or cams")] = None,
     preset: Annotated[Optional[str], typer.Option(help="psa, irn, deeplab or toco")] = None,
     bg_mode: Annotated[Optional[str], typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
     bg_alpha: Annotated[Optional[float], typer.Option(min=0.0)] = None,
@@ -214,6 +246,20 @@ def evaluate(
     ws = _ws(workspace)
     cfg = _config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
     stage.run(cfg, ws, _opts(device, seed, quiet))
+
+
+@app.command()
+@handles_errors
+def ablate(
+    workspace: WorkspaceOpt = None,
+    split: Annotated[str, typer.Option(help="Split to run and evaluate on")] = "train",
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """CAM, +guidance, +boundary, +both, each with and without CRF: one mIoU table (eval/ablation-<split>.md)."""
+    from igcam_cli import ablation
+
+    ablation.run(_ws(workspace), split, _opts(device, seed, quiet), workers=workers)
 
 
 @app.command()

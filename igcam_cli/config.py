@@ -60,9 +60,36 @@ class MakeCamsConfig:
 
 
 @dataclass
+class RefineConfig:
+    split: str = "train"
+    guidance: str = "proposals"  # proposals (label-free) | gt (ORACLE: GT masks as regions) | none
+    boundary: bool = True
+    scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # boundary scales, coarse to fine
+    iterations: int = 10  # propagation steps per scale
+    batch_size: int = 8
+    workers: int = 2
+    # proposals (core/proposals.py): Felzenszwalb scale, smoothing, smallest segment (fraction of the image)
+    proposal_scale: float = 300.0
+    proposal_sigma: float = 0.8
+    proposal_min_size: float = 1e-3
+    # guidance (core/guidance.py: GuidanceParams documents each)
+    anchor_threshold: float = 0.5
+    min_anchor_cover: float = 0.5
+    max_area: float = 0.5
+    select_threshold: float = 0.12
+    min_share: float = 0.5
+    fill_gain: float = 2.0
+    outside_damping: float = 0.5
+    # boundary (core/boundary.py: BoundaryParams documents each)
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    sigma_rgb: float = 0.3
+    sigma_xy: float = 16.0
+
+
+@dataclass
 class CrfConfig:
     split: str = "train"
-    source: str = "cams"  # cams | refined
+    source: str = "refined"  # refined | cams
     preset: str = "psa"
     bg_mode: str = "power"  # power: (1 - max)^alpha | constant: tau
     bg_alpha: float = 4.0
@@ -84,6 +111,7 @@ class EvaluateConfig:
 STAGE_CONFIGS: dict[str, type] = {
     "train-cls": TrainClsConfig,
     "make-cams": MakeCamsConfig,
+    "refine": RefineConfig,
     "crf": CrfConfig,
     "evaluate": EvaluateConfig,
 }

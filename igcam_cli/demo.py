@@ -15,7 +15,7 @@ from rich.table import Table
 from igcam_cli import report
 from igcam_cli.config import STAGE_CONFIGS, RunOptions, build
 from igcam_cli.errors import UsageError
-from igcam_cli.stages import crf, evaluate, init, make_cams, train_cls
+from igcam_cli.stages import crf, evaluate, init, make_cams, refine, train_cls
 from igcam_cli.workspace import Workspace
 
 SHEET_IMAGES = 8
@@ -38,10 +38,11 @@ def run(path: Path, opts: RunOptions, n_train: int = 320, n_val: int = 80, epoch
     else:
         train_cls.run(config("train-cls", epochs=epochs, workers=workers), ws, opts, train_cls.TrainOptions(resume=True))
     make_cams.run(config("make-cams", split=split, workers=workers), ws, opts)
-    crf.run(config("crf", split=split, source="cams", workers=workers), ws, opts)
+    refine.run(config("refine", split=split, workers=workers), ws, opts)
+    crf.run(config("crf", split=split, source="refined", workers=workers), ws, opts)
     quiet = RunOptions(device=opts.device, seed=opts.seed, quiet=True)
     results = [evaluate.run(config("evaluate", artifact=artifact, split=split), ws, quiet)
-               for artifact in ("cams", "crf")]
+               for artifact in ("cams", "refined", "crf")]
     sheet = _pictures(ws, split)
     _print_table(console, results, time.time() - start)
     console.print(f"pictures: {sheet}\nworkspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)")
@@ -70,13 +71,14 @@ def _workspace(path: Path, synthetic: dict, force: bool) -> Workspace:
 def _pictures(ws: Workspace, split: str) -> Path:
     dataset = ws.dataset()
     ids = dataset.ids(split)[:SHEET_IMAGES]
-    cams, pseudo = ws.maps("cams", split), ws.pseudo(split)
+    cams, refined, pseudo = ws.maps("cams", split), ws.maps("refined", split), ws.pseudo(split)
     rows = []
     for image_id in ids:
         sample = dataset.load(image_id)
         rows.append([sample.image, report.overlay(sample.image, sample.mask), report.heatmap(cams.read(image_id).maps),
-                     report.overlay(sample.image, pseudo.read(image_id))])
-    return report.contact_sheet(rows, ["image", "ground truth", "CAM", "CRF pseudo-label"], ws.path("report", "demo.png"))
+                     report.heatmap(refined.read(image_id).maps), report.overlay(sample.image, pseudo.read(image_id))])
+    titles = ["image", "ground truth", "CAM", "refined", "CRF pseudo-label"]
+    return report.contact_sheet(rows, titles, ws.path("report", "demo.png"))
 
 
 def _print_table(console: Console, results: list[dict], seconds: float) -> None:

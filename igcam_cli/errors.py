@@ -7,8 +7,22 @@ class IgcamError(Exception):
     exit_code = 1
 
     def __init__(self, message: str):
+        message = _unwrap_worker_error(type(self), message)
         super().__init__(message)
         self.message = message
+
+
+def _unwrap_worker_error(cls: type, message: str) -> str:
+    """The original message of an error raised in a DataLoader worker process.
+
+    torch re-raises a worker's exception in the main process as `cls("Caught <cls> in DataLoader
+    worker process N.\nOriginal Traceback ...\n<module>.<cls>: <message>\n")`; the user should see
+    only <message>, on one line.
+    """
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message and marker in message:
+        return message.rsplit(marker, 1)[1].rstrip("\n")
+    return message
 
 
 class UsageError(IgcamError):

@@ -147,6 +147,17 @@ class Workspace:
             raise MissingArtifact(f"{kind} for split '{split}' {state}: run `{self.command(PRODUCER[kind], split)}` first")
         return store
 
+    def check_resumable(self, stage: str, split: str, config: dict[str, Any], has_output: bool,
+                        ignore: tuple[str, ...] = ("workers", "batch_size")) -> None:
+        """Refuse to add to a split's output that an earlier run made with other settings."""
+        previous = self.latest(stage, split)
+        if not has_output or previous is None:
+            return
+        changed = sorted(k for k in config if k not in ignore and previous["config"].get(k) != config[k])
+        if changed:
+            raise UsageError(f"{stage} output for split '{split}' was made with other settings "
+                             f"({', '.join(changed)}); pass --force to redo it")
+
     # ---- manifest -------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:

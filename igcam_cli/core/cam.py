@@ -19,7 +19,10 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
     size = images.shape[-2:]
     total = None
     for scale in scales:
-        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        # recompute_scale_factor: sample with the exact in/out ratio, so that resizing commutes with
+        # a horizontal flip also when size * scale is not an integer (e.g. 375 * 1.5).
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                      align_corners=False, recompute_scale_factor=True)
         if flip:
             out = cam_fn(torch.cat([x, x.flip(-1)])).float()
             out = out[: len(images)] + out[len(images):].flip(-1)
@@ -31,6 +34,10 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
 
 
 def normalize_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Divide each map by its spatial maximum (K x H x W or B x K x H x W); all-zero maps stay zero."""
+    """Divide each map by its spatial maximum (K x H x W or B x K x H x W), so each peak is exactly 1.
+
+    Negative values clamp to 0; maps whose maximum is at most `eps` (all zero) become all zero.
+    """
+    cams = cams.clamp_min(0)
     peak = cams.flatten(-2).amax(-1)[..., None, None]
-    return cams.clamp_min(0) / (peak + eps)
+    return torch.where(peak > eps, cams / peak.clamp_min(eps), torch.zeros_like(cams))

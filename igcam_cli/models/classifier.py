@@ -90,7 +90,11 @@ def build_classifier(backbone: str, num_classes: int, pretrained: str = "none") 
         return model
     state = _imagenet_state(backbone) if pretrained == "imagenet" else _file_state(Path(pretrained))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # strict=False still refuses keys whose shapes differ
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise BadData(f"--pretrained {pretrained}: weights do not fit a {backbone} ({mismatch})") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise BadData(f"--pretrained {pretrained}: weights do not fit a {backbone} "

@@ -49,17 +49,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device(default):
-    """Under torchrun with CUDA, each process takes the GPU of its LOCAL_RANK; starts the process group."""
+def local_device(default):
+    """Under torchrun with CUDA, the GPU of this process's LOCAL_RANK; `default` otherwise."""
     import torch
+
+    if world_size() == 1 or default.type != "cuda":
+        return default
+    default = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(default)
+    return default
+
+
+def device(default):
+    """local_device(), and the process group started for DDP training."""
     import torch.distributed as dist
 
-    if world_size() == 1:
-        return default
-    if default.type == "cuda":
-        default = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(default)
-    if not dist.is_initialized():
+    default = local_device(default)
+    if world_size() > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if default.type == "cuda" else "gloo")
     return default
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+from rich.progress import BarColumn, ProgressColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -29,7 +30,7 @@ class StageLog:
             with open(self.path, "a") as fh:
                 fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
         if not self.quiet:
-            console.print(message, highlight=False, markup=False)
+            console.print(message, highlight=False, markup=False, soft_wrap=True)  # one line per message, never wrapped
 
     def track(self, items: Iterable[T], total: int, description: str, unit: str = "img") -> Iterator[T]:
         """Iterate with a rich bar on a TTY, or a log line every ~10 % otherwise."""
@@ -37,7 +38,7 @@ class StageLog:
             yield from items
             return
         if sys.stderr.isatty():
-            with _bar() as bar:
+            with _bar(unit) as bar:
                 task = bar.add_task(description, total=total)
                 for item in items:
                     yield item
@@ -53,8 +54,20 @@ class StageLog:
 
 
 @contextmanager
-def _bar():
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+def _bar(unit: str):
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         yield bar
+
+
+class _Rate(ProgressColumn):
+    """Throughput in items per second."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s")

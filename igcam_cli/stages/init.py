@@ -27,7 +27,17 @@ def run(path: Path, fmt: str, root: Path | None, classes: str | None, synthetic:
             raise UsageError("--classes is not used with --dataset synthetic")
         spec["classes"] = parse_class_list(classes)
     dataset = open_dataset(spec)  # fails here, with the file named, rather than in a later stage
+    if fmt != "synthetic":
+        _check_labels(dataset)
     return Workspace.create(path, spec, _stage_defaults(fmt, dataset), overwrite=force)
+
+
+def _check_labels(dataset) -> None:
+    """Read every image's labels once, so that a class missing from the class list (e.g. a VOC
+    annotation naming a class that --classes lacks) fails init, naming its file."""
+    for split in dataset.splits():
+        for image_id in dataset.ids(split):
+            dataset.labels(image_id)
 
 
 def _stage_defaults(fmt: str, dataset) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,8 @@ from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
-from igcam_cli.runtime.distributed import Shard
+from igcam_cli.runtime.distributed import Shard, local_device
+from igcam_cli.runtime.batching import same_size_batches
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import Workspace, input_key
 
@@ -53,12 +54,13 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     if model.num_classes != dataset.num_classes:
         raise BadData(f"{ws.cls_dir / 'model.pt'} has {model.num_classes} classes but the dataset has "
                       f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`")
-    device = resolve_device(opts.device)
+    device = local_device(resolve_device(opts.device))
     model.to(device, memory_format=memory_format(device)).eval()
 
     store = ws.maps("cams", cfg.split)
     if force:
         store.clear(rank=None if shard.count == 1 else shard.index)
+    ws.check_resumable("make-cams", cfg.split, to_dict(cfg), has_output=len(store) > 0)
     store.remove_temporaries(rank=shard.index)
     done = store.ids()
     todo = [i for i in shard.select(split_ids) if i not in done]
@@ -69,7 +71,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
         f"already done; scales {cfg.scales}, flip {cfg.flip}, device {device}")
     try:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
-            for batch in log.track(_same_size_batches(_loader(dataset, todo, cfg, device), cfg.batch_size),
+            for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device), cfg.batch_size, _image_size),
                                    total=-(-len(todo) // cfg.batch_size), description="cams", unit="batch"):
                 _write_batch(batch, model, cfg, device, writer)
         coverage = len(store.ids() & set(split_ids))
@@ -101,13 +103,5 @@ def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch
                       pin_memory=device.type == "cuda", prefetch_factor=2 * cfg.batch_size if workers else None)
 
 
-def _same_size_batches(items, batch_size: int):
-    """Group consecutive images of one size (VOC mixes portrait and landscape) into batches."""
-    batch: list[_Item] = []
-    for item in items:
-        if batch and (len(batch) == batch_size or item.image.shape != batch[0].image.shape):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
+def _image_size(item: _Item) -> tuple[int, ...]:
+    return tuple(item.image.shape)

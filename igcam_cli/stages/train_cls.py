@@ -85,6 +85,12 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     start_epoch, step = 0, 0
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, model, optimizer)
+        latest = ws.latest("train-cls")
+        if (start_epoch >= cfg.epochs and model_path.is_file() and latest and latest["status"] == "done"
+                and latest["config"] == to_dict(cfg)):
+            # Finished already: a new record would mark everything downstream stale for the same weights.
+            log(f"train-cls: {model_path} already holds all {cfg.epochs} epochs; nothing to do")
+            return model
         log(f"resuming from {last_path} after epoch {start_epoch}")
     elif train.resume:
         log(f"--resume: no {last_path} yet, starting from scratch")

@@ -1,0 +1,151 @@
+"""refine: instance guidance and multi-scale boundary enhancement of CAMs (METHOD.md §4-5).
+
+Guidance (region proposals, CPU) runs in DataLoader worker processes; boundary propagation runs
+batched on the device in the main process. `--guidance gt` is the ORACLE mode: GT masks serve
+as the regions, and the output is marked `oracle = true` for every later stage and report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from igcam_cli.config import RefineConfig, RunOptions, to_dict
+from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
+from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidance
+from igcam_cli.core.proposals import propose
+from igcam_cli.data.base import Dataset
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.runtime.devices import resolve_device
+from igcam_cli.runtime.distributed import Shard, local_device
+from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.store import MapStore
+from igcam_cli.workspace import Workspace, input_key
+
+GUIDANCE = ("proposals", "gt", "none")
+
+
+@dataclass
+class _Item:
+    id: str
+    image: torch.Tensor  # 3 x H x W uint8
+    maps: torch.Tensor  # K x H x W float32, guided
+    classes: np.ndarray
+
+
+class _Guided(TorchDataset):
+    """Loads an image and its CAMs and applies instance guidance (in a worker process)."""
+
+    def __init__(self, dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig):
+        self.dataset, self.cams, self.ids, self.cfg = dataset, cams, ids, cfg
+        self.params = guidance_params(cfg)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> _Item:
+        image_id = self.ids[index]
+        record = self.cams.read(image_id)
+        sample = self.dataset.load(image_id, with_mask=self.cfg.guidance == "gt")
+        if sample.image.shape[:2] != record.maps.shape[1:]:
+            raise BadData(f"cams of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} but the image is "
+                          f"{sample.image.shape[1]}x{sample.image.shape[0]}: rerun make-cams with --force")
+        maps = record.maps
+        if self.cfg.guidance == "proposals":
+            proposals = propose(sample.image, scales=(self.cfg.proposal_scale,), sigma=self.cfg.proposal_sigma,
+                                min_size=self.cfg.proposal_min_size)
+            maps = instance_guidance(maps, proposals, self.params)
+        elif self.cfg.guidance == "gt":
+            if sample.mask is None:
+                raise BadData(f"--guidance gt needs a GT mask, and image '{image_id}' has none")
+            maps = gt_guidance(maps, sample.mask, record.classes, self.params)
+        image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))
+        return _Item(image_id, image, torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), record.classes)
+
+
+def guidance_params(cfg: RefineConfig) -> GuidanceParams:
+    return GuidanceParams(anchor_threshold=cfg.anchor_threshold, min_anchor_cover=cfg.min_anchor_cover,
+                          max_area=cfg.max_area, select_threshold=cfg.select_threshold, min_share=cfg.min_share,
+                          fill_gain=cfg.fill_gain, outside_damping=cfg.outside_damping)
+
+
+def boundary_params(cfg: RefineConfig) -> BoundaryParams:
+    return BoundaryParams(scales=tuple(cfg.scales), iterations=cfg.iterations, dilations=tuple(cfg.dilations),
+                          sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
+
+
+def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
+    """Refines this shard's CAMs not yet in `refined/<split>`; returns how many it wrote."""
+    log = StageLog(ws.log_path("refine"), quiet=opts.quiet)
+    if cfg.guidance not in GUIDANCE:
+        raise UsageError(f"--guidance must be one of {', '.join(GUIDANCE)}")
+    try:
+        guidance_params(cfg), boundary_params(cfg)
+    except ValueError as exc:
+        raise UsageError(f"refine: {exc}") from None
+    dataset = ws.dataset()
+    split_ids = dataset.ids(cfg.split)
+    cams = ws.complete_maps("cams", cfg.split, split_ids)
+    oracle = cfg.guidance == "gt" or bool(cams.attrs.get("oracle", False))
+    if cfg.guidance == "gt" and not dataset.has_masks(cfg.split):
+        raise BadData(f"--guidance gt needs GT masks, and split '{cfg.split}' lacks them ({dataset.gt_source})")
+    device = local_device(resolve_device(opts.device))
+
+    store = ws.maps("refined", cfg.split)
+    if force:
+        store.clear(rank=None if shard.count == 1 else shard.index)
+    ws.check_resumable("refine", cfg.split, to_dict(cfg), has_output=len(store) > 0)
+    store.remove_temporaries(rank=shard.index)
+    done = store.ids()
+    todo = [i for i in shard.select(split_ids) if i not in done]
+    cams_record = ws.latest("make-cams", cfg.split)
+    record = ws.start("refine", to_dict(cfg), split=cfg.split, shard=str(shard), oracle=oracle,
+                      inputs={input_key("make-cams", cfg.split): cams_record["id"]} if cams_record else {})
+    if oracle:
+        log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
+    log(f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
+        f"done; guidance {cfg.guidance}, boundary {'scales ' + str(cfg.scales) if cfg.boundary else 'off'}, device {device}")
+    params = boundary_params(cfg)
+    try:
+        with store.writer(rank=shard.index, source="refine", attrs={"oracle": oracle}) as writer:
+            batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
+            for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
+                for item, maps in zip(batch, _boundary(batch, cfg.boundary, params, device)):
+                    writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
+        coverage = len(store.ids() & set(split_ids))
+        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
+    except BaseException as exc:
+        record.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    log(f"refined/{cfg.split}: {coverage} of {len(split_ids)} images")
+    return len(todo)
+
+
+def _boundary(batch: list[_Item], enabled: bool, params: BoundaryParams, device: torch.device) -> list[np.ndarray]:
+    """Boundary enhancement of a same-size batch; maps are zero-padded to the batch's largest K."""
+    if not enabled:
+        return [item.maps.numpy() for item in batch]
+    k_max = max(len(item.classes) for item in batch)
+    if k_max == 0:
+        return [item.maps.numpy() for item in batch]
+    images = torch.stack([item.image for item in batch]).to(device).float() / 255.0
+    maps = torch.stack([F.pad(item.maps, (0, 0, 0, 0, 0, k_max - len(item.maps))) for item in batch]).to(device)
+    with torch.no_grad():
+        out = multiscale_boundary(images, maps, params).clamp_(0, 1).cpu().numpy()
+    return [out[b, : len(item.classes)] for b, item in enumerate(batch)]
+
+
+def _loader(dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, device: torch.device) -> DataLoader:
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    return DataLoader(_Guided(dataset, cams, ids, cfg), batch_size=None, num_workers=workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=2 * cfg.batch_size if workers else None)
+
+
+def _image_size(item: _Item) -> tuple[int, ...]:
+    return tuple(item.image.shape)

@@ -1,0 +1,70 @@
+"""Shared fixtures: trained workspaces built once per session and copied for each test that uses them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import CAMS, CRF, TRAIN, build_voc, copy_workspace, ok, write_class_file
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory) -> Path:
+    """Synthetic 12 train / 4 val images of 64 px, classifier trained for 1 epoch. Do not modify."""
+    ws = tmp_path_factory.mktemp("trained") / "ws"
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 12, "--n-val", 4, "--image-size", 64)
+    ok("train-cls", "-w", ws, *TRAIN, "--quiet")
+    return ws
+
+
+@pytest.fixture(scope="session")
+def chain_template(trained_template, tmp_path_factory) -> Path:
+    """`trained_template` + make-cams, crf and evaluate (cams, crf) on 'train'. Do not modify."""
+    ws = copy_workspace(trained_template, tmp_path_factory.mktemp("chain") / "ws")
+    ok("make-cams", "-w", ws, "--split", "train", *CAMS, "--quiet")
+    ok("crf", "-w", ws, "--split", "train", *CRF, "--quiet")
+    ok("evaluate", "-w", ws, "--artifact", "cams", "--split", "train", "--quiet")
+    ok("evaluate", "-w", ws, "--artifact", "crf", "--split", "train", "--quiet")
+    return ws
+
+
+@pytest.fixture
+def trained_ws(trained_template, tmp_path) -> Path:
+    return copy_workspace(trained_template, tmp_path / "ws")
+
+
+@pytest.fixture
+def chain_ws(chain_template, tmp_path) -> Path:
+    return copy_workspace(chain_template, tmp_path / "ws")
+
+
+@pytest.fixture
+def fresh_ws(tmp_path) -> Path:
+    """An initialised synthetic workspace where nothing has run."""
+    ws = tmp_path / "fresh"
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 12, "--n-val", 4, "--image-size", 64)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def voc_template(tmp_path_factory) -> tuple[Path, Path]:
+    """(VOC root, workspace): a 2-class VOC-layout dataset (48x64 and 64x48 images), initialised from
+    a class file with a 'background' first line, classifier trained for 1 epoch. Do not modify."""
+    base = tmp_path_factory.mktemp("voc")
+    root = build_voc(base / "VOC2012")
+    ws = base / "ws"
+    ok("init", "-w", ws, "--dataset", "voc", "--root", root, "--classes", write_class_file(base / "classes.txt"))
+    ok("train-cls", "-w", ws, *TRAIN, "--quiet")
+    return root, ws
+
+
+@pytest.fixture
+def voc_ws(voc_template, tmp_path) -> tuple[Path, Path]:
+    """Private copies of the VOC dataset and its trained workspace, re-pointed with `init --force`,
+    for tests that break the data."""
+    root = Path(shutil.copytree(voc_template[0], tmp_path / "VOC2012"))
+    ws = copy_workspace(voc_template[1], tmp_path / "ws")
+    ok("init", "-w", ws, "--dataset", "voc", "--root", root, "--classes", "cat,dog", "--force")
+    return root, ws

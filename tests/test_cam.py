@@ -1,0 +1,190 @@
+"""core/cam.py: multi-scale + flip CAM aggregation and per-class normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igcam_cli.core.cam import multiscale_cams, normalize_cams
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _conv_cam_fn(seed: int = 0, classes: int = 3, stride: int = 2) -> nn.Module:
+    """A deliberately non-symmetric cam_fn: random asymmetric 3x3 kernels, a stride, then ReLU."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, classes, kernel_size=3, stride=stride, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn_like(conv.weight))
+        conv.weight[:, :, :, 0] += 2.0  # left column heavier than the right: not mirror-symmetric
+    return nn.Sequential(conv, nn.ReLU()).eval()
+
+
+def _pointwise_cam_fn(weights: torch.Tensor) -> nn.Module:
+    """1x1 conv without bias + ReLU: the output at a pixel depends only on that pixel."""
+    conv = nn.Conv2d(3, weights.shape[0], kernel_size=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weights[:, :, None, None])
+    return nn.Sequential(conv, nn.ReLU()).eval()
+
+
+def _reference(cam_fn, images: torch.Tensor, scales, flip: bool) -> torch.Tensor:
+    """Slow reference: one image, one scale and one orientation at a time, flips done by index."""
+    results = []
+    h, w = images.shape[-2:]
+    for image in images:
+        total = torch.zeros(0)
+        for scale in scales:
+            size = (int(h * scale), int(w * scale))  # floor, as F.interpolate(scale_factor=...) does
+            x = image[None] if scale == 1.0 else F.interpolate(image[None], size=size, mode="bilinear",
+                                                                 align_corners=False)
+            passes = [cam_fn(x)]
+            if flip:
+                mirrored = cam_fn(x.index_select(-1, torch.arange(x.shape[-1] - 1, -1, -1)))
+                passes.append(mirrored.index_select(-1, torch.arange(mirrored.shape[-1] - 1, -1, -1)))
+            for out in passes:
+                up = F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+                total = up if total.numel() == 0 else total + up
+        results.append(total)
+    return torch.stack(results)
+
+
+@pytest.mark.parametrize("size", [(32, 48), (37, 53)])
+@pytest.mark.parametrize("scales", [[1.0], [1.0, 0.5, 1.5, 2.0], [0.5], [1.5, 0.75]])
+def test_flip_of_input_gives_flipped_cams(size, scales):
+    cam_fn = _conv_cam_fn()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        direct = multiscale_cams(cam_fn, x, scales, flip=True)
+        mirrored = multiscale_cams(cam_fn, x.flip(-1), scales, flip=True)
+    assert direct.abs().max() > 0.1  # the test is about real maps, not zeros
+    torch.testing.assert_close(mirrored, direct.flip(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_without_flip_the_asymmetric_cam_fn_is_not_flip_equivariant():
+    # Guards the test above: the cam_fn really is asymmetric, so only the flip pass makes it equivariant.
+    cam_fn = _conv_cam_fn()
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        direct = multiscale_cams(cam_fn, x, [1.0], flip=False)
+        mirrored = multiscale_cams(cam_fn, x.flip(-1), [1.0], flip=False)
+    assert (mirrored - direct.flip(-1)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_pointwise_cam_of_constant_image_is_scale_consistent(flip):
+    weights = torch.tensor([[1.0, -0.5, 0.25], [-1.0, 0.0, 0.0], [0.3, 0.2, 0.1]])
+    cam_fn = _pointwise_cam_fn(weights)
+    colour = torch.tensor([0.8, -0.4, 1.2])
+    x = colour[None, :, None, None].expand(1, 3, 37, 53).contiguous()
+    single = torch.relu(weights @ colour)  # the map value each scale must give, per class
+    assert single[0] > 0 and single[1] == 0 and single[2] > 0
+    per_scale = []
+    with torch.no_grad():
+        for scale in (1.0, 0.5, 1.5, 2.0):
+            one = multiscale_cams(cam_fn, x, [scale], flip=flip)
+            per_scale.append(one)
+            expected = single[None, :, None, None].expand_as(one) * (2 if flip else 1)
+            torch.testing.assert_close(one, expected, atol=1e-5, rtol=1e-5)
+        total = multiscale_cams(cam_fn, x, [1.0, 0.5, 1.5, 2.0], flip=flip)
+    torch.testing.assert_close(total, 4 * per_scale[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, (4 * (2 if flip else 1)) * single[None, :, None, None].expand_as(total),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (33, 33), (64, 41)])
+@pytest.mark.parametrize("scales", [[0.5], [1.5], [1.0, 0.5, 1.5, 2.0], [0.3]])
+def test_output_has_input_size_and_float32(size, scales):
+    cam_fn = _conv_cam_fn(stride=4)
+    x = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        out = multiscale_cams(cam_fn, x, scales, flip=True)
+    assert out.shape == (3, 3, *size)
+    assert out.dtype == torch.float32
+    assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("size", [(32, 48), (37, 53)])
+def test_matches_slow_reference(flip, size):
+    cam_fn = _conv_cam_fn(seed=3)
+    scales = [1.0, 0.5, 1.5, 2.0]
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        got = multiscale_cams(cam_fn, x, scales, flip=flip)
+        want = _reference(cam_fn, x, scales, flip)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_batch_result_equals_per_image_results():
+    cam_fn = _conv_cam_fn(seed=5)
+    x = torch.randn(3, 3, 37, 53)
+    with torch.no_grad():
+        batch = multiscale_cams(cam_fn, x, [1.0, 0.5, 1.5], flip=True)
+        single = torch.cat([multiscale_cams(cam_fn, x[i : i + 1], [1.0, 0.5, 1.5], flip=True) for i in range(3)])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- normalize_cams
+
+
+def _maps() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(5, 7, 9, generator=g)
+    maps[0] *= 40.0  # large
+    maps[1] *= 0.01  # weak, but not zero
+    maps[2] = 0.0  # all zero
+    maps[3] -= 0.5  # mixed signs: negatives clamp to zero
+    maps[4] *= 1e-3  # very weak
+    return maps
+
+
+def test_normalize_peak_is_one_and_range_is_unit():
+    maps = _maps()
+    out = normalize_cams(maps)
+    assert out.shape == maps.shape
+    peaks = out.flatten(-2).amax(-1)
+    for k in (0, 1, 3, 4):
+        assert abs(peaks[k].item() - 1.0) <= 1e-4, f"map {k}: max {peaks[k].item()}"
+    assert (out >= 0).all() and (out <= 1 + 1e-6).all()
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert not torch.isnan(out).any()
+
+
+def test_normalize_is_proportional_and_clamps_negatives():
+    maps = _maps()
+    out = normalize_cams(maps)
+    for k in (0, 1, 3, 4):
+        expected = maps[k].clamp_min(0) / maps[k].max()
+        torch.testing.assert_close(out[k], expected, atol=1e-4, rtol=1e-4)
+    negative = maps[3] < 0
+    assert negative.any()
+    assert (out[3][negative] == 0).all()
+
+
+def test_normalize_all_negative_and_zero_maps_are_zero():
+    maps = torch.stack([-torch.rand(4, 4) - 0.1, torch.zeros(4, 4), torch.full((4, 4), -1e-5)])
+    out = normalize_cams(maps)
+    assert torch.equal(out.abs(), torch.zeros_like(out))
+
+
+def test_normalize_batched_equals_unbatched():
+    maps = torch.stack([_maps(), 3 * _maps().flip(-1)])
+    batched = normalize_cams(maps)
+    assert batched.shape == (2, 5, 7, 9)
+    for b in range(2):
+        torch.testing.assert_close(batched[b], normalize_cams(maps[b]), atol=0, rtol=0)
+
+
+def test_normalize_empty_class_set():
+    out = normalize_cams(torch.zeros(0, 6, 5))
+    assert out.shape == (0, 6, 5)

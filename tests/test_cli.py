@@ -1,0 +1,211 @@
+"""The CLI's error contract (DESIGN.md): one `igcam: error:` line, the documented exit code
+(missing upstream artifact 3 with the command to run, bad data 4 naming the file, usage 2),
+no traceback, and finished artifacts left as they were."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import (CAMS, CRF, TRAIN, VOC_IMAGES, assert_error, assert_intact, build_voc, igcam, ok, snapshot,
+                         with_option, write_palette_png)
+from igcam_cli.store import MapStore
+
+# ---- workspace and init --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train-cls", "make-cams", "crf", "evaluate", "status"])
+def test_workspace_without_toml_names_init(tmp_path, command):
+    result = igcam(command, "-w", tmp_path)
+    assert_error(result, 3, f"{tmp_path} is not an igcam workspace", f"run `igcam init -w {tmp_path} ...` first")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_refuses_to_overwrite_without_force(fresh_ws):
+    before = (fresh_ws / "igcam.toml").read_text()
+    result = igcam("init", "-w", fresh_ws, "--dataset", "synthetic", "--n-train", 20)
+    assert_error(result, 2, "igcam.toml already exists", "--force")
+    assert (fresh_ws / "igcam.toml").read_text() == before
+
+
+def test_init_voc_with_missing_root(tmp_path):
+    result = igcam("init", "-w", tmp_path / "ws", "--dataset", "voc", "--root", "/nonexistent")
+    assert_error(result, 4, "VOC dataset root not found: /nonexistent")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_init_voc_with_a_class_missing_from_the_class_list_names_the_xml(tmp_path):
+    images = {**VOC_IMAGES, "img_b": (64, 48, {"bird": (20, 6, 56, 40)})}
+    root = build_voc(tmp_path / "VOC2012", images=images)
+    result = igcam("init", "-w", tmp_path / "ws", "--dataset", "voc", "--root", root, "--classes", "cat,dog")
+    assert_error(result, 4, f"{root / 'Annotations' / 'img_b.xml'}", "class 'bird' is not in the class list (cat, dog)")
+    assert not (tmp_path / "ws" / "igcam.toml").exists()
+
+
+# ---- a stage before its upstream -----------------------------------------------------------------
+
+
+def test_make_cams_before_train_cls(fresh_ws):
+    result = igcam("make-cams", "-w", fresh_ws, *CAMS)
+    assert_error(result, 3, f"run `igcam train-cls -w {fresh_ws}` first")
+    assert not (fresh_ws / "cams").exists()
+
+
+def test_crf_before_make_cams(trained_ws):
+    before = snapshot(trained_ws)
+    result = igcam("crf", "-w", trained_ws, "--split", "train", *CRF)
+    assert_error(result, 3, "cams for split 'train' missing", f"run `igcam make-cams -w {trained_ws} --split train` first")
+    assert_intact(before, trained_ws)
+    assert not (trained_ws / "pseudo").exists()
+
+
+def test_evaluate_before_make_cams(trained_ws):
+    result = igcam("evaluate", "-w", trained_ws, "--artifact", "cams", "--split", "train")
+    assert_error(result, 3, f"run `igcam make-cams -w {trained_ws} --split train` first")
+    assert not (trained_ws / "eval").exists()
+
+
+def test_evaluate_crf_before_crf(chain_ws):
+    shutil.rmtree(chain_ws / "pseudo")
+    before = snapshot(chain_ws)
+    result = igcam("evaluate", "-w", chain_ws, "--artifact", "crf", "--split", "train")
+    assert_error(result, 3, "pseudo-labels for split 'train' missing for 12 of 12 images",
+                 f"run `igcam crf -w {chain_ws} --split train` first")
+    assert_intact(before, chain_ws)
+
+
+def test_crf_on_partial_cams_says_how_far_make_cams_got(chain_ws):
+    """crf on cams that cover only part of the split names make-cams, with the count."""
+    (chain_ws / "cams" / "train" / "part-r0-00000.h5").unlink()
+    ok("make-cams", "-w", chain_ws, "--split", "train", *CAMS, "--shard", "0/2", "--quiet")
+    result = igcam("crf", "-w", chain_ws, "--split", "train", *CRF)
+    assert_error(result, 3, "cams for split 'train' incomplete (6 of 12 images)", "igcam make-cams")
+
+
+# ---- bad data ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["train-cls", *TRAIN], ["make-cams", *CAMS], ["crf", *CRF],
+                                  ["evaluate", "--artifact", "cams"]], ids=lambda a: a[0])
+def test_unknown_split(chain_ws, args):
+    before = snapshot(chain_ws)
+    result = igcam(args[0], "-w", chain_ws, "--split", "nope", *args[1:])
+    assert_error(result, 4, "'nope'", "train, val")
+    assert_intact(before, chain_ws)
+
+
+def test_unknown_split_of_a_voc_dataset_names_the_split_file(voc_ws):
+    root, ws = voc_ws
+    result = igcam("make-cams", "-w", ws, "--split", "nope", *CAMS)
+    assert_error(result, 4, f"split file not found: {root / 'ImageSets' / 'Segmentation' / 'nope.txt'}")
+
+
+def test_truncated_jpeg_in_make_cams_keeps_the_images_before_it(voc_ws):
+    """Hit in a DataLoader worker (the default): still one clean line; the images before it stay done."""
+    root, ws = voc_ws
+    bad = root / "JPEGImages" / "img_c.jpg"  # third of train: img_a, img_b, img_c, img_d
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+
+    result = igcam("make-cams", "-w", ws, "--split", "train", "--scales", "1.0", "--batch-size", "1", "--workers", "1")
+    assert_error(result, 4, f"cannot read image {bad}", "truncated")
+    directory = ws / "cams" / "train"
+    assert [p.name for p in directory.iterdir()] == ["part-r0-00000.h5"]  # complete part, no temporary
+    assert MapStore(directory).ids() == {"img_a", "img_b"}
+    runs = json.loads((ws / "manifest.json").read_text())["runs"]
+    failed = [r for r in runs if r["stage"] == "make-cams"][-1]
+    assert failed["status"] == "failed" and "img_c.jpg" in failed["error"] and "Traceback" not in failed["error"]
+
+    bad.write_bytes(good)
+    result = ok("make-cams", "-w", ws, "--split", "train", "--scales", "1.0", "--batch-size", "1", "--workers", "0")
+    assert "2 to do, 2 already done" in result.stderr
+    assert MapStore(directory).ids() == {"img_a", "img_b", "img_c", "img_d"}
+
+
+def test_mask_of_the_wrong_size_in_evaluate_names_the_mask(voc_ws):
+    root, ws = voc_ws
+    ok("make-cams", "-w", ws, "--split", "train", *CAMS, "--quiet")
+    before = snapshot(ws)
+    mask = root / "SegmentationClass" / "img_b.png"
+    write_palette_png(mask, np.zeros((10, 12), np.uint8))
+    result = igcam("evaluate", "-w", ws, "--artifact", "cams", "--split", "train")
+    assert_error(result, 4, f"mask {mask} is 12x10 but its image is 64x48")
+    assert_intact(before, ws)
+    assert not (ws / "eval").exists()
+
+
+# ---- usage errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,args", [("make-cams", CAMS), ("crf", CRF)])
+def test_shard_out_of_range(chain_ws, command, args):
+    before = snapshot(chain_ws)
+    assert_error(igcam(command, "-w", chain_ws, *args, "--shard", "3/2"), 2, "--shard 3/2: need 0 <= i < n")
+    assert_error(igcam(command, "-w", chain_ws, *args, "--shard", "x"), 2, "--shard expects i/n")
+    assert_intact(before, chain_ws)
+
+
+def test_scales_that_are_not_numbers(chain_ws):
+    before = snapshot(chain_ws)
+    result = igcam("make-cams", "-w", chain_ws, "--workers", "0", "--scales", "a,b")
+    assert_error(result, 2, "--scales expects comma-separated numbers", "'a,b'")
+    assert_error(igcam("make-cams", "-w", chain_ws, "--scales", "1.0,-0.5"), 2, "--scales must be positive")
+    assert_intact(before, chain_ws)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command,args", [("train-cls", TRAIN), ("make-cams", CAMS)])
+def test_device_cuda_without_cuda(chain_ws, command, args):
+    before = snapshot(chain_ws)
+    result = igcam(command, "-w", chain_ws, *args, "--device", "cuda")
+    assert_error(result, 2, "--device cuda: CUDA is not available on this machine")
+    assert_intact(before, chain_ws)
+
+
+def test_unknown_device(chain_ws):
+    assert_error(igcam("make-cams", "-w", chain_ws, *CAMS, "--device", "tpu"), 2, "unknown device 'tpu'")
+
+
+def test_pretrained_weights_file_missing(trained_ws):
+    before = snapshot(trained_ws)
+    result = igcam("train-cls", "-w", trained_ws, *with_option(TRAIN, "--pretrained", "/missing.pt"))
+    assert_error(result, 4, "--pretrained: weights file not found: /missing.pt")
+    assert_intact(before, trained_ws)
+
+
+def test_resume_with_changed_epochs_is_refused(trained_ws):
+    """Documented behaviour: --resume needs the settings last.pt was trained with (the poly LR schedule
+    depends on the total number of steps), so changing --epochs exits 2 and keeps the checkpoints."""
+    before = snapshot(trained_ws)
+    result = igcam("train-cls", "-w", trained_ws, *with_option(TRAIN, "--epochs", "2"), "--resume")
+    assert_error(result, 2, f"--resume: {trained_ws / 'cls' / 'last.pt'} was trained with different epochs",
+                 "rerun without --resume")
+    assert_intact(before, trained_ws)
+    runs = json.loads((trained_ws / "manifest.json").read_text())["runs"]
+    assert [r["stage"] for r in runs] == ["train-cls"]  # no record for the refused run
+
+
+def test_unknown_evaluate_artifact(chain_ws):
+    assert_error(igcam("evaluate", "-w", chain_ws, "--artifact", "masks"), 2, "unknown artifact 'masks'")
+
+
+# ---- the real console script -----------------------------------------------------------------------
+
+
+def test_console_script_prints_one_error_line_and_exits_3(fresh_ws):
+    exe = shutil.which("igcam")
+    assert exe, "the igcam console script is not installed"
+    proc = subprocess.run([exe, "crf", "-w", str(fresh_ws), "--split", "train", "--source", "cams"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stderr == f"igcam: error: cams for split 'train' missing: " \
+                          f"run `igcam make-cams -w {fresh_ws} --split train` first\n"
+    assert proc.stdout == ""
+    assert not (fresh_ws / "pseudo").exists()
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("igcam ")

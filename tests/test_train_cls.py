@@ -1,0 +1,271 @@
+"""train-cls on a tiny synthetic workspace (resume, manifest, checkpoints, loss), its transforms and mAP."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from igcam_cli.config import RunOptions, TrainClsConfig, build
+from igcam_cli.core.metrics import average_precision, mean_average_precision
+from igcam_cli.data.transforms import eval_view, normalize, resize_long, train_view
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
+from igcam_cli.stages import init as init_stage
+from igcam_cli.stages import train_cls
+from igcam_cli.workspace import Workspace
+
+OPTS = RunOptions(device="cpu", seed=0, quiet=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_workspace(path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:
+    return init_stage.run(path, "synthetic", None, None, {"n_train": n_train, "n_val": n_val, "size": size})
+
+
+def tiny_config(ws: Workspace, **overrides) -> TrainClsConfig:
+    values = {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 2}
+    values.update(overrides)
+    return build(TrainClsConfig, ws.stage_table("train-cls"), values)
+
+
+def test_tiny_config_comes_from_the_synthetic_toml(tmp_path):
+    cfg = tiny_config(make_workspace(tmp_path / "ws"))
+    assert (cfg.backbone, cfg.pretrained, cfg.crop, cfg.batch_size, cfg.freeze_bn) == ("resnet18", "none", 32, 4, False)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
+    ws_full = make_workspace(tmp_path / "full")
+    full = train_cls.run(tiny_config(ws_full), ws_full, OPTS, train_cls.TrainOptions())
+    full_ckpt = torch.load(ws_full.cls_dir / "model.pt", weights_only=True)
+
+    ws = make_workspace(tmp_path / "resumed")
+    saves = []
+    original_save = train_cls._save
+
+    def save_then_interrupt(path, cfg, model, optimizer, epoch, step):
+        original_save(path, cfg, model, optimizer, epoch, step)
+        saves.append(epoch)
+        raise _Interrupt("stopped after the first epoch")
+
+    monkeypatch.setattr(train_cls, "_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_cls.run(tiny_config(ws), ws, OPTS, train_cls.TrainOptions())
+    assert saves == [1]
+    assert (ws.cls_dir / "last.pt").is_file() and not (ws.cls_dir / "model.pt").exists()
+    last = torch.load(ws.cls_dir / "last.pt", weights_only=True)
+    assert (last["epoch"], last["step"]) == (1, 2)  # 8 images / batch 4
+    [failed] = ws.records()
+    assert failed["stage"] == "train-cls" and failed["status"] == "failed"
+    assert "stopped after the first epoch" in failed["error"]
+
+    monkeypatch.setattr(train_cls, "_save", original_save)
+    resumed = train_cls.run(tiny_config(ws), ws, OPTS, train_cls.TrainOptions(resume=True))
+    _states_equal(resumed.state_dict(), full.state_dict())
+    ckpt = torch.load(ws.cls_dir / "model.pt", weights_only=True)
+    _states_equal(ckpt["model"], full_ckpt["model"])
+    # The interrupted run changed the weights: a resumed run that restarted from scratch would not match.
+    assert any(not torch.equal(last["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+
+    records = ws.records()
+    assert [r["status"] for r in records] == ["failed", "done"]
+    assert records[0]["id"] != records[1]["id"]
+    done = ws.latest("train-cls")
+    assert done["status"] == "done" and done["metrics"]["epoch"] == 2
+    assert str(ws.cls_dir / "model.pt") in done["outputs"]
+    assert math.isfinite(done["metrics"]["train_loss"]) and 0 <= done["metrics"]["val_map"] <= 1
+    assert ws_full.latest("train-cls")["metrics"]["train_loss"] == pytest.approx(done["metrics"]["train_loss"], abs=0)
+
+    # model.pt: everything make-cams and --init-from need.
+    assert ckpt["backbone"] == "resnet18" and ckpt["num_classes"] == 5
+    assert ckpt["classes"] == ws.dataset().classes and len(ckpt["classes"]) == 5
+    assert ckpt["config"]["epochs"] == 2
+    assert not any(k.startswith("backbone.fc.") for k in ckpt["model"])
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions())
+    with pytest.raises(UsageError, match="epochs"):
+        train_cls.run(tiny_config(ws, epochs=2), ws, OPTS, train_cls.TrainOptions(resume=True))
+
+
+def test_resume_without_last_checkpoint_starts_from_scratch(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
+    assert ws.latest("train-cls")["status"] == "done"
+    assert "val_map" not in ws.latest("train-cls")["metrics"]  # n_val=0: no validation images
+    assert "starting from scratch" in ws.log_path("train-cls").read_text()
+
+
+# ---------------------------------------------------------------------------- learning
+
+
+def test_loss_decreases_on_synthetic_data(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=16, n_val=0)
+    train_cls.run(tiny_config(ws, epochs=4), ws, OPTS, train_cls.TrainOptions())
+    log = ws.log_path("train-cls").read_text()
+    per_epoch = [float(line.split(": loss ")[1].split(",")[0]) for line in log.splitlines() if ": loss " in line]
+    assert len(per_epoch) == 4
+    assert all(math.isfinite(v) for v in per_epoch)
+    assert per_epoch[-1] < per_epoch[0], per_epoch
+    assert ws.latest("train-cls")["metrics"]["train_loss"] == pytest.approx(per_epoch[-1], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- --init-from
+
+
+def _save_checkpoint(path, num_classes: int, backbone: str = "resnet18") -> None:
+    torch.manual_seed(0)
+    model = CamClassifier(backbone, num_classes)
+    torch.save({"backbone": backbone, "num_classes": num_classes, "classes": [f"c{i}" for i in range(num_classes)],
+                "model": model.state_dict()}, path)
+
+
+def test_init_from_with_other_class_count_is_bad_data(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    path = tmp_path / "three-classes.pt"
+    _save_checkpoint(path, num_classes=3)
+    with pytest.raises(BadData) as info:
+        train_cls.run(tiny_config(ws), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
+    assert str(path) in info.value.message and "3 classes" in info.value.message
+    assert not (ws.cls_dir / "model.pt").exists()
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    path = tmp_path / "five-classes.pt"
+    _save_checkpoint(path, num_classes=5)
+    start = torch.load(path, weights_only=True)["model"]
+    seen = {}
+    original_groups = CamClassifier.param_groups
+
+    def capture(self):  # called once, on the model as handed to the loop, before any step
+        seen.update({k: v.clone() for k, v in self.state_dict().items()})
+        return original_groups(self)
+
+    monkeypatch.setattr(CamClassifier, "param_groups", capture)
+    trained = train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
+    _states_equal(seen, start)
+    assert not torch.equal(trained.head.weight, start["head.weight"])
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_normalize_uses_imagenet_mean_and_std():
+    image = _image(5, 7)
+    x = normalize(image)
+    assert x.shape == (3, 5, 7) and x.dtype == torch.float32
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("h, w, scale", [(20, 30, 1.0), (40, 25, 0.5), (200, 150, 1.5), (64, 64, 1.0), (90, 40, 2.0)])
+def test_train_view_shape_and_determinism(h, w, scale):
+    image = _image(h, w, seed=h)
+    a = train_view(image, 48, scale, scale, np.random.default_rng([1, 2, 3]))
+    b = train_view(image, 48, scale, scale, np.random.default_rng([1, 2, 3]))
+    assert a.shape == (3, 48, 48) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    views = {train_view(image, 48, scale, scale, np.random.default_rng(s)).numpy().tobytes() for s in range(12)}
+    assert len(views) > 1  # other seeds: other flips / crops
+
+
+def test_train_view_pads_with_zeros_where_there_is_no_image():
+    image = np.full((20, 10, 3), 255, dtype=np.uint8)  # white: normalised values are all > 0
+    crop = 48
+    # scale 0.5: long side 24, so the image is 24 x 12 on a 48 x 48 canvas.
+    x = train_view(image, crop, 0.5, 0.5, np.random.default_rng(7))
+    inside = (x != 0).all(dim=0)
+    assert inside.sum().item() == 24 * 12
+    rows, cols = torch.nonzero(inside, as_tuple=True)
+    assert rows.max() - rows.min() + 1 == 24 and cols.max() - cols.min() + 1 == 12
+    white = normalize(np.full((1, 1, 3), 255, dtype=np.uint8))[:, 0, 0]
+    torch.testing.assert_close(x[:, inside], white[:, None].expand(3, 24 * 12))
+    assert (x[:, ~inside] == 0).all()
+
+
+def test_train_view_larger_image_is_a_window_of_it():
+    image = _image(100, 100, seed=3)
+    x = train_view(image, 40, 1.0, 1.0, np.random.default_rng(0))  # long side 40: exactly the crop
+    small = normalize(resize_long(image, 40))
+    assert x.shape == (3, 40, 40)
+    assert torch.equal(x, small) or torch.equal(x, small.flip(-1))
+    # Long side 80: the view is a 40 x 40 window of the (possibly flipped) 80 x 80 image, no padding.
+    y = train_view(image, 40, 2.0, 2.0, np.random.default_rng(0))
+    big = normalize(resize_long(image, 80))
+    windows = [b[:, i : i + 40, j : j + 40] for b in (big, big.flip(-1)) for i in range(41) for j in range(41)]
+    assert any(torch.equal(y, w) for w in windows)
+
+
+def test_eval_view_centres_the_image():
+    image = _image(32, 64, seed=1)
+    x = eval_view(image, 64)
+    assert x.shape == (3, 64, 64)
+    assert (x[:, :16] == 0).all() and (x[:, 48:] == 0).all()
+    torch.testing.assert_close(x[:, 16:48], normalize(image), atol=0, rtol=0)
+    tall = eval_view(_image(30, 10, seed=2), 60)  # resized to 60 x 20, centred at columns 20..39
+    assert tall.shape == (3, 60, 60)
+    assert (tall[:, :, :20] == 0).all() and (tall[:, :, 40:] == 0).all()
+    assert (tall[:, :, 20:40] != 0).any(dim=0).all()
+
+
+# ---------------------------------------------------------------------------- mAP
+
+
+def test_average_precision_by_hand():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    targets = np.array([1, 0, 1, 0, 0, 1])
+    # Positives at ranks 1, 3, 6: precisions 1/1, 2/3, 3/6.
+    expected = (1 + 2 / 3 + 3 / 6) / 3
+    assert average_precision(scores, targets) == pytest.approx(0.7222222222222222, abs=1e-12)
+    assert average_precision(scores, targets) == pytest.approx(expected, abs=1e-12)
+    assert average_precision(np.array([0.1, 0.9]), np.array([0, 1])) == 1.0
+    assert average_precision(np.array([0.9, 0.1]), np.array([0, 1])) == 0.5
+    assert math.isnan(average_precision(np.array([0.3, 0.2]), np.array([0, 0])))
+
+
+def test_mean_average_precision_skips_classes_without_positives():
+    scores = np.array([[0.9, 0.1, 0.5],
+                       [0.8, 0.7, 0.4],
+                       [0.2, 0.6, 0.3],
+                       [0.1, 0.9, 0.2]])
+    targets = np.array([[1, 0, 0],
+                        [0, 1, 0],
+                        [1, 0, 0],
+                        [0, 0, 0]])
+    # class 0: positives at ranks 1, 3 -> (1 + 2/3) / 2 = 5/6; class 1: positive at rank 2 -> 1/2;
+    # class 2: no positives, skipped.  mAP = (5/6 + 1/2) / 2 = 2/3.
+    assert mean_average_precision(scores, targets) == pytest.approx(0.6666666666666666, abs=1e-12)
+    assert math.isnan(mean_average_precision(scores, np.zeros_like(targets)))
