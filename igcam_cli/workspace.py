@@ -122,6 +122,14 @@ class Workspace:
     def pseudo(self, split: str) -> LabelStore:
         return LabelStore(self.path("pseudo", split))
 
+    @property
+    def seg_dir(self) -> Path:
+        return self.path("seg")
+
+    def predictions(self, name: str) -> LabelStore:
+        """`pred/<name>/`: predict's label maps of a split or an image folder."""
+        return LabelStore(self.path("pred", name))
+
     def command(self, stage: str, split: str | None = None) -> str:
         """The command line a user should run to produce a stage's output."""
         cmd = f"igcam {stage} -w {self.root}"
@@ -211,13 +219,22 @@ class Workspace:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def is_stale(self, record: dict[str, Any]) -> bool:
-        """A finished run is stale when an input it read has since been rerun."""
-        for stage_split, run_id in record.get("inputs", {}).items():
-            stage, _, split = stage_split.partition(":")
-            upstream = self.latest(stage, split or None)
-            if upstream is None or upstream["id"] != run_id:
-                return True
-        return False
+        """A finished run is stale when an input it read has since been rerun, or is stale itself."""
+        runs = self.records()
+        by_id = {r["id"]: r for r in runs}
+
+        def latest_id(stage: str, split: str | None) -> str | None:
+            matches = [r["id"] for r in runs if r["stage"] == stage and (split is None or r.get("split") == split)]
+            return matches[-1] if matches else None
+
+        def stale(rec: dict[str, Any]) -> bool:
+            for stage_split, run_id in rec.get("inputs", {}).items():
+                stage, _, split = stage_split.partition(":")
+                if latest_id(stage, split or None) != run_id or (run_id in by_id and stale(by_id[run_id])):
+                    return True
+            return False
+
+        return stale(record)
 
 
 def input_key(stage: str, split: str | None = None) -> str:

@@ -234,6 +234,7 @@ def test_status_lists_stages_and_marks_crf_stale_after_forced_make_cams(chain_ws
     (crf_line,) = [line for line in ok("status", "-w", chain_ws).stdout.splitlines() if "│ crf " in line]
     assert "stale" in crf_line
     assert state_of(chain_ws, "crf") == "stale"
+    assert state_of(chain_ws, "evaluate crf") == "stale"  # staleness passes down the chain
     assert state_of(chain_ws, "make-cams") == "done"
     assert state_of(chain_ws, "train-cls") == "done"
 

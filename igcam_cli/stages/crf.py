@@ -14,6 +14,12 @@ from igcam_cli.runtime.distributed import Shard
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
 
+# Background (1 - max)^alpha: CAMs are peaked, and a high power lets the CRF grow them (PSA);
+# instance-guided maps already fill their objects, and alpha 1 keeps their leakage out. Synthetic
+# train split: CRF on guided maps 78.5 % mIoU with alpha 1 vs 73.7 % with 4; on CAMs 61.7 % with
+# 4 vs 40.1 % with 1.
+PEAKED_ALPHA, FILLED_ALPHA = 4.0, 1.0
+
 
 def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
     """Writes `pseudo/<split>/<id>.png` for this shard's images not done yet; returns how many."""
@@ -41,10 +47,12 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     record = ws.start("crf", to_dict(cfg), split=cfg.split, shard=str(shard), oracle=oracle,
                       inputs={input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {})
     params = PRESETS[cfg.preset]
-    log(f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {cfg.bg_mode}) shard {shard}: "
+    alpha = cfg.bg_alpha if cfg.bg_alpha is not None else FILLED_ALPHA if maps.attrs.get("guided") else PEAKED_ALPHA
+    background = f"(1 - max)^{alpha}" if cfg.bg_mode == "power" else f"constant {cfg.bg_tau}"
+    log(f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {background}) shard {shard}: "
         f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
     try:
-        jobs = _jobs(dataset, maps, todo, params, cfg)
+        jobs = _jobs(dataset, maps, todo, params, cfg, alpha)
         with _pool(cfg.workers) as pool:
             results = pool.imap(_crf_job, jobs, chunksize=1) if pool else map(_crf_job, jobs)
             for image_id, label in log.track(results, len(todo), "crf"):
@@ -57,13 +65,13 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     return len(todo)
 
 
-def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig) -> Iterator[tuple]:
+def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig, alpha: float) -> Iterator[tuple]:
     for image_id, record in maps.iter_records(ids):
         image = dataset.load(image_id, with_mask=False).image
         if image.shape[:2] != record.maps.shape[1:]:
             raise BadData(f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
                           f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force")
-        yield image_id, image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, cfg.bg_alpha, cfg.confidence
+        yield image_id, image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence
 
 
 def _crf_job(job: tuple) -> tuple[str, np.ndarray]:

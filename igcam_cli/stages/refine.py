@@ -113,7 +113,8 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
         f"done; guidance {cfg.guidance}, boundary {'scales ' + str(cfg.scales) if cfg.boundary else 'off'}, device {device}")
     params = boundary_params(cfg)
     try:
-        with store.writer(rank=shard.index, source="refine", attrs={"oracle": oracle}) as writer:
+        with store.writer(rank=shard.index, source="refine",
+                          attrs={"oracle": oracle, "guided": cfg.guidance != "none"}) as writer:
             batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 for item, maps in zip(batch, _boundary(batch, cfg.boundary, params, device)):

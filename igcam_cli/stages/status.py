@@ -11,7 +11,10 @@ from igcam_cli.workspace import Workspace
 def run(ws: Workspace) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for record in ws.records():
-        latest[(record["stage"], record.get("split"), record.get("shard"))] = record
+        stage = record["stage"]
+        if stage == "evaluate":  # one row per evaluated artifact
+            stage = f"evaluate {record['config'].get('artifact')}"
+        latest[(stage, record.get("split"), record.get("shard"))] = record
     rows = []
     for (stage, split, shard), record in latest.items():
         state = record["status"]
@@ -19,16 +22,16 @@ def run(ws: Workspace) -> list[dict]:
             state = "stale"
         rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
     table = Table(title=f"igcam workspace {ws.root}")
-    for column in ("stage", "split", "shard", "status", "started", "ended", "metrics"):
-        table.add_column(column)
+    for column in ("stage", "split", "shard", "status", "ended", "metrics"):
+        table.add_column(column, no_wrap=column != "metrics")
     style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red"}
     for row in rows:
         record = row["record"]
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
+        ended = (record.get("ended") or "-")[:16].replace("T", " ")
         table.add_row(row["stage"], row["split"] or "-", row["shard"] or "-",
-                      f"[{style[row['state']]}]{row['state']}[/]", record["started"], record.get("ended") or "-",
-                      metrics or record.get("error", ""))
-    Console().print(table if rows else f"workspace {ws.root}: no stage has run yet")
+                      f"[{style[row['state']]}]{row['state']}[/]", ended, metrics or record.get("error", ""))
+    Console(width=max(120, Console().width)).print(table if rows else f"workspace {ws.root}: no stage has run yet")
     return rows
 
 

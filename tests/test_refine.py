@@ -1,0 +1,107 @@
+"""igcam refine: guidance + boundary over stored CAMs, resume, oracle marking, and the ablation table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli_helpers import assert_error, igcam, ok
+from igcam_cli.store import MapStore
+
+REFINE = ["--split", "train", "--workers", "0", "--batch-size", "4"]
+
+
+def maps_of(ws, kind: str = "refined") -> dict:
+    store = MapStore(ws / kind / "train")
+    return {image_id: record for image_id, record in store.iter_records(sorted(store.ids()))}
+
+
+def test_refine_writes_one_record_per_image_with_the_cams_classes(chain_ws):
+    ok("refine", "-w", chain_ws, *REFINE, "--quiet")
+    cams, refined = maps_of(chain_ws, "cams"), maps_of(chain_ws)
+    assert refined.keys() == cams.keys() and len(refined) == 12
+    for image_id, record in refined.items():
+        assert record.maps.shape == cams[image_id].maps.shape
+        assert np.array_equal(record.classes, cams[image_id].classes)
+        assert record.maps.min() >= 0 and record.maps.max() <= 1 + 1e-3
+        assert record.attrs["oracle"] is False
+
+
+def test_no_guidance_no_boundary_passes_the_cams_through(chain_ws):
+    ok("refine", "-w", chain_ws, *REFINE, "--guidance", "none", "--no-boundary", "--quiet")
+    cams, refined = maps_of(chain_ws, "cams"), maps_of(chain_ws)
+    for image_id, record in refined.items():
+        assert np.allclose(record.maps, cams[image_id].maps, atol=1e-3)
+
+
+def test_boundary_changes_maps_and_batching_does_not(chain_ws, tmp_path):
+    ok("refine", "-w", chain_ws, *REFINE, "--guidance", "none", "--quiet")
+    batched = maps_of(chain_ws)
+    ok("refine", "-w", chain_ws, "--split", "train", "--workers", "0", "--batch-size", "1",
+       "--guidance", "none", "--force", "--quiet")
+    single = maps_of(chain_ws)
+    cams = maps_of(chain_ws, "cams")
+    assert any(not np.allclose(batched[i].maps, cams[i].maps, atol=1e-2) for i in batched if len(cams[i].classes))
+    for image_id in batched:
+        assert np.allclose(batched[image_id].maps, single[image_id].maps, atol=2e-3)
+
+
+def test_refine_resumes_and_refuses_other_settings_without_force(chain_ws):
+    ok("refine", "-w", chain_ws, *REFINE, "--quiet")
+    store = MapStore(chain_ws / "refined" / "train")
+    store.parts()[-1].unlink()  # as if killed before its last part was complete
+    left = len(store.ids())
+    result = ok("refine", "-w", chain_ws, *REFINE)
+    assert f"{12 - left} to do, {left} already done" in result.stderr
+    assert len(MapStore(chain_ws / "refined" / "train").ids()) == 12
+
+    assert_error(igcam("refine", "-w", chain_ws, *REFINE, "--fill-gain", "3"), 2, "fill_gain", "--force")
+
+
+def test_oracle_guidance_is_marked_through_crf_and_evaluate(chain_ws):
+    result = ok("refine", "-w", chain_ws, *REFINE, "--guidance", "gt")
+    assert "ORACLE" in result.stderr
+    assert all(r.attrs["oracle"] for r in maps_of(chain_ws).values())
+    ok("crf", "-w", chain_ws, "--split", "train", "--workers", "1", "--source", "refined", "--force", "--quiet")
+    shown = ok("evaluate", "-w", chain_ws, "--artifact", "crf", "--split", "train")
+    assert "ORACLE" in shown.stdout
+    report = json.loads((chain_ws / "eval" / "crf-train.json").read_text())
+    assert report["oracle"] is True
+    assert "ORACLE" in (chain_ws / "eval" / "crf-train.md").read_text()
+    maps_report = ok("evaluate", "-w", chain_ws, "--artifact", "refined", "--split", "train", "--quiet")
+    assert maps_report.exit_code == 0
+    assert json.loads((chain_ws / "eval" / "refined-train.json").read_text())["oracle"] is True
+
+
+def test_gt_guidance_beats_the_cams(chain_ws):
+    """With GT regions the refined maps must score far above the raw CAMs (a sanity bound on the wiring)."""
+    ok("refine", "-w", chain_ws, *REFINE, "--guidance", "gt", "--no-boundary", "--quiet")
+    ok("evaluate", "-w", chain_ws, "--artifact", "refined", "--split", "train", "--quiet")
+    refined = json.loads((chain_ws / "eval" / "refined-train.json").read_text())["miou"]
+    cams = json.loads((chain_ws / "eval" / "cams-train.json").read_text())["miou"]
+    assert refined > cams + 0.2
+
+
+def test_refine_before_make_cams_names_the_command(trained_ws):
+    assert_error(igcam("refine", "-w", trained_ws, *REFINE), 3, "igcam make-cams -w", "--split train")
+
+
+def test_unknown_guidance_is_a_usage_error(chain_ws):
+    assert_error(igcam("refine", "-w", chain_ws, *REFINE, "--guidance", "magic"), 2, "--guidance")
+
+
+def test_ablation_table_has_every_variant_with_and_without_crf(chain_ws):
+    result = ok("ablate", "-w", chain_ws, "--split", "train", "--workers", "0", "--quiet")
+    assert "+guidance +boundary" in result.stdout
+    table = json.loads((chain_ws / "eval" / "ablation-train.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["CAM", "+guidance", "+boundary", "+guidance +boundary"]
+    for row in table["rows"]:
+        assert 0 <= row["maps"]["miou"] <= 1 and 0 <= row["crf"]["miou"] <= 1
+        assert row["crf"]["crf"] is True and row["maps"]["crf"] is False and row["maps"]["oracle"] is False
+    cam_row = table["rows"][0]
+    assert cam_row["maps"]["miou"] == pytest.approx(
+        json.loads((chain_ws / "eval" / "cams-train.json").read_text())["miou"])
+    assert "| +guidance +boundary |" in (chain_ws / "eval" / "ablation-train.md").read_text()
+
