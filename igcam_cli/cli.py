@@ -231,11 +231,66 @@ def crf(
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
+@app.command("train-seg")
+@handles_errors
+def train_seg(
+    workspace: WorkspaceOpt = None,
+    arch: Annotated[Optional[str], typer.Option(help="deeplabv3_resnet50|deeplabv3_resnet101|deeplabv3_resnet18 (small, CPU)")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="pseudo (crf pseudo-labels) or gt (GT masks: the fully supervised UPPER BOUND)")] = None,
+    split: SplitOpt = None,
+    val_split: Annotated[Optional[str], typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    crop: Annotated[Optional[int], typer.Option(min=16)] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
+    workers: WorkersOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")] = None,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Train DeepLabV3 on the pseudo-labels (seg/model.pt; seg/last.pt after every epoch)."""
+    from igcam_cli.stages import train_seg as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "train-seg", arch=arch, pretrained=pretrained, labels=labels, split=split, val_split=val_split,
+                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, workers=workers)
+    stage.run(cfg, ws, _opts(device, seed, quiet),
+              stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
+
+
+@app.command()
+@handles_errors
+def predict(
+    workspace: WorkspaceOpt = None,
+    split: Annotated[Optional[str], typer.Option(help="Predict a dataset split ...")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="... or every JPEG/PNG file of a folder (ids = file stems)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output name: pred/<out>/ [default: the split's or folder's name]")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales [default: 1.0,0.75,1.25]")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
+    crf: Annotated[Optional[bool], typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="CRF preset: deeplab, psa, irn or toco")] = None,
+    overlays: Annotated[Optional[bool], typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    workers: WorkersOpt = None,
+    shard: ShardOpt = None, force: ForceOpt = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Label maps from the segmentation model (pred/<name>/<id>.png + overlays/<id>.jpg)."""
+    from igcam_cli.stages import predict as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "predict", split=split, images=str(images) if images is not None else None, out=out,
+                  scales=_floats(scales, "--scales"), flip=flip, crf=crf, preset=preset, overlays=overlays,
+                  batch_size=batch_size, workers=workers)
+    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+
+
 @app.command()
 @handles_errors
 def evaluate(
     workspace: WorkspaceOpt = None,
-    artifact: Annotated[Optional[str], typer.Option(help="cams, refined or crf")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/)")] = None,
     split: SplitOpt = None,
     bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")] = None,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,

@@ -92,15 +92,49 @@ class CrfConfig:
     source: str = "refined"  # refined | cams
     preset: str = "psa"
     bg_mode: str = "power"  # power: (1 - max)^alpha | constant: tau
-    bg_alpha: float = 4.0
+    bg_alpha: float | None = None  # None: 4 for CAM-like maps (PSA), 1 for instance-guided maps (see stages/crf.py)
     bg_tau: float = 0.25
     confidence: float = 0.0  # marginals below this become 255 (ignore); 0 keeps every pixel
     workers: int = 2
 
 
 @dataclass
+class TrainSegConfig:
+    arch: str = "deeplabv3_resnet101"  # deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_resnet18 (small, CPU)
+    pretrained: str = "imagenet"  # imagenet | none | cls (this workspace's classifier backbone) | PATH (ResNet,
+    #                               igcam classifier or segmenter weights)
+    labels: str = "pseudo"  # pseudo: pseudo/<split> from crf | gt: GT masks (fully supervised UPPER BOUND)
+    split: str = "train"
+    val_split: str = "val"  # mIoU against GT after every epoch when it has masks; "" for none
+    epochs: int = 30  # ~30k iterations of batch 10 on VOC train_aug, as the anchors' DeepLab recipe
+    batch_size: int = 10
+    crop: int = 512
+    scale_min: float = 0.5  # random rescale of the image by s in [scale_min, scale_max]
+    scale_max: float = 2.0
+    lr: float = 0.001  # backbone; the head gets lr * head_lr_mult
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    workers: int = 2
+
+
+@dataclass
+class PredictConfig:
+    split: str | None = None  # a dataset split ...
+    images: str | None = None  # ... or a folder of JPEG/PNG files
+    out: str | None = None  # pred/<out>/; default: the split's or the folder's name
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.75, 1.25])
+    flip: bool = True
+    crf: bool = False
+    preset: str = "deeplab"  # CRF preset (core/densecrf.py PRESETS)
+    overlays: bool = True  # pred/<name>/overlays/<id>.jpg
+    batch_size: int = 8
+    workers: int = 2
+
+
+@dataclass
 class EvaluateConfig:
-    artifact: str = "cams"  # cams | refined | crf
+    artifact: str = "cams"  # cams | refined | crf | seg
     split: str = "train"
     tau_min: float = 0.05
     tau_max: float = 0.60
@@ -113,6 +147,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "make-cams": MakeCamsConfig,
     "refine": RefineConfig,
     "crf": CrfConfig,
+    "train-seg": TrainSegConfig,
+    "predict": PredictConfig,
     "evaluate": EvaluateConfig,
 }
 
@@ -132,6 +168,18 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "freeze_bn": False,
     },
     "make-cams": {"batch_size": 16},
+    "train-seg": {
+        "arch": "deeplabv3_resnet18",
+        "pretrained": "none",
+        "epochs": 10,
+        "batch_size": 16,
+        "crop": 128,
+        "scale_min": 0.75,
+        "scale_max": 1.25,
+        "lr": 0.01,
+        "head_lr_mult": 1.0,
+    },
+    "predict": {"batch_size": 16},
 }
 
 

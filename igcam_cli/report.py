@@ -51,3 +51,18 @@ def contact_sheet(rows: list[list[np.ndarray]], titles: list[str], path: Path, c
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+def write_overlay(path: Path, image: np.ndarray, label: np.ndarray, quality: int = 90) -> Path:
+    """`overlay(image, label)` as a JPEG, written under a temporary name and renamed."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(overlay(image, label)).save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -12,7 +12,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-__all__ = ["CrfParams", "PRESETS", "background_score", "dense_crf", "crf_labels"]
+__all__ = ["CrfParams", "PRESETS", "background_score", "dense_crf", "crf_labels", "crf_refine"]
 
 _EPS = 1e-5
 
@@ -144,3 +144,19 @@ def crf_labels(
     if confidence is not None:
         labels[marginals.max(axis=0) < confidence] = 255
     return labels
+
+
+def crf_refine(image: np.ndarray, probs: np.ndarray, labels: np.ndarray, params: CrfParams) -> np.ndarray:
+    """Refine a segmentation's probabilities: ``probs`` K x H x W over the label indices ``labels`` (K,
+    e.g. the classes that win some pixel), renormalised per pixel, then the CRF and an arg-max.
+
+    Returns an H x W uint8 label map with values from ``labels``.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    labels = np.asarray(labels).reshape(-1)
+    if probs.ndim != 3 or probs.shape[0] != labels.shape[0] or labels.size == 0:
+        raise ValueError(f"probs must be K x H x W for K = {labels.size} >= 1 labels, got shape {probs.shape}")
+    probs = np.clip(probs, 0.0, None) + _EPS
+    probs /= probs.sum(axis=0, keepdims=True)
+    marginals = dense_crf(image, probs, params)
+    return labels.astype(np.uint8)[marginals.argmax(axis=0)]

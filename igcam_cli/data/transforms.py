@@ -60,3 +60,32 @@ def _offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int
     if length > crop:
         return int(rng.integers(0, length - crop + 1)), 0
     return 0, int(rng.integers(0, crop - length + 1))
+
+
+def seg_train_view(image: np.ndarray, label: np.ndarray, crop: int, scale_min: float, scale_max: float,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation augmentation, the same on image and label: the image rescaled by s in
+    [scale_min, scale_max] (label: nearest neighbour), a random flip, a random crop x crop window
+    (image padded with zeros after normalisation, i.e. the mean colour; label padded with 255).
+
+    Returns (float32 3 x crop x crop, int64 crop x crop).
+    """
+    h, w = image.shape[:2]
+    scale = rng.uniform(scale_min, scale_max)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    x = normalize(image)
+    y = torch.from_numpy(label.astype(np.int64))
+    ih, iw = y.shape
+    src_y, dst_y = _offsets(ih, crop, rng)
+    src_x, dst_x = _offsets(iw, crop, rng)
+    ch, cw = min(ih, crop), min(iw, crop)
+    x_out = torch.zeros(3, crop, crop)
+    y_out = torch.full((crop, crop), 255, dtype=torch.int64)
+    x_out[:, dst_y : dst_y + ch, dst_x : dst_x + cw] = x[:, src_y : src_y + ch, src_x : src_x + cw]
+    y_out[dst_y : dst_y + ch, dst_x : dst_x + cw] = y[src_y : src_y + ch, src_x : src_x + cw]
+    return x_out, y_out

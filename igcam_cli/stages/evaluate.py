@@ -1,7 +1,9 @@
 """evaluate: an artifact against GT masks (METHOD.md §8), written to eval/<artifact>-<split>.json and .md.
 
 Map artifacts (cams, refined) are scored with a background-threshold sweep; the best threshold
-is reported together with the split it was tuned on. Label artifacts (crf) are scored as they are.
+is reported together with the split it was tuned on. Label artifacts (crf: pseudo/<split>/, seg:
+predict's pred/<split>/) are scored as they are. Segmentation reports say whether predict used a
+CRF and whether the model was trained on GT masks (`upper_bound`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
 
-ARTIFACTS = (*MAP_KINDS, "crf")
-_ARTIFACT_STAGE = {**PRODUCER}
+ARTIFACTS = (*MAP_KINDS, "crf", "seg")
+_ARTIFACT_STAGE = {**PRODUCER, "seg": "predict"}
 
 
 def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
@@ -52,29 +54,46 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
         threshold: dict[str, Any] = {"tau": tau, "tuned_on": cfg.split if len(taus) > 1 else None,
                                      "curve": {"tau": [float(t) for t in taus], "miou": [float(m) for m in curve]}}
     else:
-        labels = ws.pseudo(cfg.split)
+        if cfg.artifact == "seg":
+            labels = ws.predictions(cfg.split)
+            _check_seg_source(ws, cfg.split, source_record, len(labels) > 0)
+            what, command = "predictions", ws.command("predict", cfg.split)
+        else:
+            labels, what, command = ws.pseudo(cfg.split), "pseudo-labels", ws.command("crf", cfg.split)
         missing = [i for i in ids if i not in labels]
         if missing:
-            raise MissingArtifact(f"pseudo-labels for split '{cfg.split}' missing for {len(missing)} of {len(ids)} "
-                                  f"images: run `{ws.command('crf', cfg.split)}` first")
+            raise MissingArtifact(f"{what} for split '{cfg.split}' missing for {len(missing)} of {len(ids)} "
+                                  f"images: run `{command}` first")
         conf = np.zeros((n, n), dtype=np.int64)
-        for image_id in log.track(ids, len(ids), "evaluate crf"):
+        for image_id in log.track(ids, len(ids), f"evaluate {cfg.artifact}"):
             pred = labels.read(image_id)
-            mask = _mask(dataset, image_id, pred.shape, "crf")
+            mask = _mask(dataset, image_id, pred.shape, cfg.artifact)
             pred = np.where(pred == 255, 0, pred)  # ignored pseudo-label pixels count as background
+            if pred.max(initial=0) >= n:
+                raise BadData(f"{labels.path(image_id)} holds class index {int(pred.max())}, "
+                              f"but there are only {n - 1} classes")
             conf += confusion_matrix(mask, pred, n)
         oracle = bool((source_record or {}).get("oracle", False))
         threshold = {"tau": None, "tuned_on": None, "curve": None}
 
     result = _result(cfg, scores(conf, names), names, threshold, len(ids), dataset, oracle, source_record)
     json_path, md_path = _write(ws, cfg, result, conf)
-    ws.start("evaluate", to_dict(cfg), split=cfg.split, oracle=oracle,
+    seg_flags = {"upper_bound": result["upper_bound"]} if cfg.artifact == "seg" else {}
+    ws.start("evaluate", to_dict(cfg), split=cfg.split, oracle=oracle, **seg_flags,
              inputs={input_key(producer, cfg.split): source_record["id"]} if source_record else {}
              ).finish(outputs=[str(json_path), str(md_path)], metrics={"miou": result["miou"]})
     if not opts.quiet:
         print_result(result)
     log(f"wrote {json_path}")
     return result
+
+
+def _check_seg_source(ws: Workspace, split: str, record: dict | None, has_output: bool) -> None:
+    """pred/<split>/ must hold predict's output for the dataset split, not a folder's of that name."""
+    if has_output and record is not None and record["config"].get("split") != split:
+        source = record["config"].get("images") or f"split '{record['config'].get('split')}'"
+        raise BadData(f"pred/{split} holds predictions of {source}, not of split '{split}': "
+                      f"run `{ws.command('predict', split)} --force` first")
 
 
 def _taus(cfg: EvaluateConfig) -> np.ndarray:
@@ -112,13 +131,21 @@ def _result(cfg, s: dict, names: list[str], threshold: dict, n_images: int, data
         "n_images": n_images,
         "gt_source": dataset.gt_source_for(cfg.split) if hasattr(dataset, "gt_source_for") else dataset.gt_source,
         "dataset": dataset.name,
-        "crf": cfg.artifact == "crf",
+        "crf": _used_crf(cfg.artifact, source_record),
         "oracle": oracle,
+        "upper_bound": bool((source_record or {}).get("upper_bound", False)),
+        **({"labels": (source_record or {}).get("labels", "pseudo")} if cfg.artifact == "seg" else {}),
         "ignore_index": 255,
         "miou_over": "classes present in GT or prediction",
         "source_run": (source_record or {}).get("id"),
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _used_crf(artifact: str, source_record: dict | None) -> bool:
+    if artifact == "seg":  # predict --crf/--no-crf
+        return bool((source_record or {}).get("config", {}).get("crf", False))
+    return artifact == "crf"
 
 
 def _write(ws: Workspace, cfg: EvaluateConfig, result: dict, conf: np.ndarray) -> tuple[Path, Path]:
@@ -137,6 +164,8 @@ def describe(result: dict) -> str:
     how = f"best background threshold {tau:.2f} tuned on {result['threshold_tuned_on']}" if result["threshold_tuned_on"] \
         else (f"background threshold {tau:.2f}" if tau is not None else "as labelled")
     oracle = "ORACLE (GT-guided, not weakly supervised)" if result["oracle"] else "weakly supervised"
+    if result.get("upper_bound"):
+        oracle = "UPPER BOUND (model trained on GT masks, fully supervised)"
     return (f"{result['artifact']} on split '{result['split']}' ({result['n_images']} images), GT {result['gt_source']}, "
             f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}")
 
@@ -145,6 +174,8 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %", "", describe(result), ""]
     if result["oracle"]:
         lines += ["**ORACLE: ground-truth masks guided these maps. Not a weakly supervised result.**", ""]
+    if result.get("upper_bound"):
+        lines += ["**UPPER BOUND: the model was trained on ground-truth masks. Not a weakly supervised result.**", ""]
     lines += ["| class | IoU % | precision % | recall % |", "|---|---:|---:|---:|"]
     for name, iou in result["per_class"].items():
         lines.append(f"| {name} | {_pct(iou)} | {_pct(result['precision'][name])} | {_pct(result['recall'][name])} |")
@@ -156,6 +187,9 @@ def print_result(result: dict) -> None:
     console = Console()
     if result["oracle"]:
         console.print("[bold white on red] ORACLE: ground-truth masks guided these maps; not weakly supervised [/]")
+    if result.get("upper_bound"):
+        console.print("[bold white on blue] UPPER BOUND: the model was trained on ground-truth masks; "
+                      "not weakly supervised [/]")
     table = Table(title=f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %",
                   caption=describe(result))
     for column in ("class", "IoU %", "precision %", "recall %"):

@@ -1,0 +1,143 @@
+"""The segmentation model: torchvision's DeepLabV3 (ASPP head) on a dilated ResNet (METHOD.md §7).
+
+`deeplabv3_resnet50` and `deeplabv3_resnet101` are torchvision's own models (output stride 8,
+ASPP rates 12/24/36), without the auxiliary head. `deeplabv3_resnet18` is igcam's small,
+CPU-friendly variant: the same DeepLabHead on a ResNet-18 whose last stage is dilated (output
+stride 16, ASPP rates 6/12/18, the DeepLabV3 paper's setting for that stride); torchvision has
+no such model because its BasicBlock refuses dilation, so the dilation is set on the convs here.
+
+The module keeps torchvision's attribute names (`backbone`, `classifier`), so a torchvision
+DeepLabV3 state dict (its `aux_classifier.*` dropped) loads into it unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from igcam_cli.errors import BadData, MissingArtifact, UsageError
+from igcam_cli.models.classifier import _imagenet_state
+
+# arch -> (torchvision ResNet builder, backbone name for ImageNet weights, feature channels)
+ARCHS = {
+    "deeplabv3_resnet18": (torchvision.models.resnet18, "resnet18", 512),
+    "deeplabv3_resnet50": (torchvision.models.resnet50, "resnet50", 2048),
+    "deeplabv3_resnet101": (torchvision.models.resnet101, "resnet101", 2048),
+}
+
+
+class Segmenter(nn.Module):
+    """Logits over background + C classes at the input's resolution: forward(x) -> B x (C+1) x H x W."""
+
+    def __init__(self, arch: str, num_classes: int):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UsageError(f"unknown segmentation model '{arch}' (choose from {', '.join(ARCHS)})")
+        builder, _, channels = ARCHS[arch]
+        self.arch = arch
+        self.num_classes = num_classes  # including background
+        if arch == "deeplabv3_resnet18":
+            resnet = builder(weights=None)
+            _dilate_basic_blocks(resnet.layer4, dilation=2, previous=1)
+            rates = (6, 12, 18)
+        else:
+            resnet = builder(weights=None, replace_stride_with_dilation=[False, True, True])
+            rates = (12, 24, 36)
+        self.backbone = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
+        self.classifier = DeepLabHead(channels, num_classes, rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.backbone(x)["out"])
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, head): the head trains with a larger learning rate."""
+        return list(self.backbone.parameters()), list(self.classifier.parameters())
+
+
+def _dilate_basic_blocks(layer: nn.Sequential, dilation: int, previous: int) -> None:
+    """Turn a stride-2 stage of BasicBlocks into a stride-1 dilated one (as torchvision does for
+    Bottlenecks): the first conv keeps the previous dilation, every other 3x3 conv gets `dilation`."""
+    first = layer[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for i, block in enumerate(layer):
+        for conv, d in ((block.conv1, previous if i == 0 else dilation), (block.conv2, dilation)):
+            conv.dilation, conv.padding = (d, d), (d, d)
+
+
+def build_segmenter(arch: str, num_classes: int, pretrained: str = "none") -> tuple[Segmenter, str]:
+    """A segmenter and a note on what `pretrained` loaded into it.
+
+    `pretrained`: `none`; `imagenet` (torchvision's ImageNet ResNet, backbone only); or a file:
+    a ResNet state dict, an igcam classifier checkpoint (`cls/model.pt`: its backbone), or a full
+    segmenter (igcam's `seg/model.pt`, or a torchvision DeepLabV3 state dict): its backbone and
+    every head layer whose shape fits (the last one differs when the class count does).
+    """
+    model = Segmenter(arch, num_classes)
+    if pretrained == "none":
+        return model, "random init"
+    resnet_name = ARCHS[arch][1]
+    if pretrained == "imagenet":
+        backbone, head = _imagenet_state(resnet_name), {}
+    else:
+        backbone, head = _file_states(Path(pretrained))
+    backbone = {k: v for k, v in backbone.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.backbone.load_state_dict(backbone, strict=False)
+    except RuntimeError as exc:  # strict=False still refuses keys whose shapes differ
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise BadData(f"--pretrained {pretrained}: weights do not fit a {arch} ({mismatch})") from None
+    if missing or unexpected:
+        raise BadData(f"--pretrained {pretrained}: weights do not fit a {arch} backbone ({len(missing)} missing "
+                      f"keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    if not head:
+        return model, f"backbone from {pretrained}"
+    own = model.classifier.state_dict()
+    unknown = sorted(set(head) - set(own))
+    if unknown:
+        raise BadData(f"--pretrained {pretrained}: its head does not fit a {arch} (unexpected keys, e.g. {unknown[:2]})")
+    fitting = {k: v for k, v in head.items() if v.shape == own[k].shape}
+    model.classifier.load_state_dict(fitting, strict=False)
+    skipped = len(own) - len(fitting)
+    return model, f"backbone and head from {pretrained}" + (f" ({skipped} head tensors of another shape left at init)"
+                                                            if skipped else "")
+
+
+def _file_states(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(backbone, head) state dicts from a weights file; head is {} when the file has none."""
+    if not path.is_file():
+        raise BadData(f"--pretrained: weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise BadData(f"--pretrained: cannot load weights from {path}: {exc}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadData(f"--pretrained: {path} does not hold a state dict")
+    if not any(k.startswith("backbone.") for k in state):  # a plain torchvision ResNet
+        return state, {}
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
+    return backbone, head  # an igcam classifier's `head.*` is not a segmentation head: backbone only
+
+
+def load_segmenter(path: Path, command: str) -> tuple[Segmenter, dict]:
+    """The model saved by train-seg (`seg/model.pt`) and its checkpoint's metadata."""
+    if not path.is_file():
+        raise MissingArtifact(f"no trained segmentation model at {path}: run `{command}` first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = Segmenter(ckpt["arch"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, OSError, TypeError, UsageError) as exc:
+        raise BadData(f"cannot load segmentation checkpoint {path}: {exc}") from None
+    return model, {k: v for k, v in ckpt.items() if k != "model"}

@@ -1,0 +1,216 @@
+"""predict: label maps from the trained segmenter for a dataset split or any folder of images (METHOD.md §7).
+
+Softmax probabilities are averaged over scales and horizontal flips (images of one size share a
+batch); an optional dense CRF (on a CPU process pool) refines them over the classes that win some
+pixel. Output: `pred/<name>/<id>.png` (VOC palette, the input's size) and
+`pred/<name>/overlays/<id>.jpg`. Resumable (finished PNGs are skipped) and shardable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from igcam_cli import report
+from igcam_cli.config import PredictConfig, RunOptions, to_dict
+from igcam_cli.core.cam import multiscale_cams
+from igcam_cli.core.densecrf import PRESETS, crf_refine
+from igcam_cli.data.base import Dataset
+from igcam_cli.data.folder import IMAGE_SUFFIXES, index_files
+from igcam_cli.data.imageio import read_image
+from igcam_cli.data.transforms import normalize
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.models.segmenter import Segmenter, load_segmenter
+from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
+from igcam_cli.runtime.distributed import Shard, local_device
+from igcam_cli.runtime.pool import map_ordered, process_pool
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.store import LabelStore, check_id
+from igcam_cli.workspace import Workspace, input_key
+
+OVERLAYS = "overlays"
+
+
+@dataclass
+class _Item:
+    id: str
+    image: np.ndarray  # H x W x 3 uint8
+    x: torch.Tensor  # 3 x H x W, normalised
+
+
+class _SplitImages(TorchDataset):
+    def __init__(self, dataset: Dataset, ids: list[str]):
+        self.dataset, self.ids = dataset, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> _Item:
+        image = self.dataset.load(self.ids[index], with_mask=False).image
+        return _Item(self.ids[index], image, normalize(image))
+
+
+class _FolderImages(TorchDataset):
+    def __init__(self, files: dict[str, Path], ids: list[str]):
+        self.files, self.ids = files, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> _Item:
+        image = read_image(self.files[self.ids[index]])  # BadData naming the file when unreadable
+        return _Item(self.ids[index], image, normalize(image))
+
+
+def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
+    """Writes `pred/<name>/<id>.png` for this shard's images not done yet; returns how many."""
+    log = StageLog(ws.log_path("predict"), quiet=opts.quiet)
+    _check(cfg)
+    dataset = ws.dataset()
+    model, meta = load_segmenter(ws.seg_dir / "model.pt", ws.command("train-seg"))
+    if model.num_classes != dataset.num_classes + 1:
+        raise BadData(f"{ws.seg_dir / 'model.pt'} predicts {model.num_classes} labels but the dataset has "
+                      f"{dataset.num_classes} classes + background: retrain with `{ws.command('train-seg')}`")
+    ids, make_images, cfg = _source(cfg, dataset)
+    name = cfg.out
+    store = ws.predictions(name)
+    mine = shard.select(ids)
+    if force:
+        for image_id in mine:
+            store.path(image_id).unlink(missing_ok=True)
+            _overlay_path(store, image_id).unlink(missing_ok=True)
+    seg_record = ws.latest("train-seg")
+    seg_id = seg_record["id"] if seg_record else None
+    _check_resumable(ws, name, to_dict(cfg), seg_id, has_output=len(store) > 0)
+    done = store.ids()
+    todo = [i for i in mine if i not in done]
+
+    provenance = {key: bool(meta.get(key) or (seg_record or {}).get(key)) for key in ("oracle", "upper_bound")}
+    provenance["labels"] = meta.get("labels", "pseudo")
+    record = ws.start("predict", to_dict(cfg), split=name, shard=str(shard), **provenance,
+                      inputs={input_key("train-seg"): seg_id} if seg_id else {})
+    device = local_device(resolve_device(opts.device))
+    model.to(device, memory_format=memory_format(device)).eval()
+    what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
+    crf = f"CRF ({cfg.preset}, {cfg.workers} worker(s))" if cfg.crf else "no CRF"
+    log(f"predict {what} -> pred/{name} shard {shard}: {len(todo)} to do, {len(mine) - len(todo)} already done; "
+        f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
+        + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else ""))
+    try:
+        loader = _loader(make_images(todo), cfg, device)
+        with process_pool(cfg.workers if cfg.crf else 0) as pool, torch.no_grad():
+            predictions = _probabilities(loader, model, cfg, device)
+            for item, label in log.track(_labels(predictions, cfg, pool), len(todo), "predict"):
+                if cfg.overlays:
+                    report.write_overlay(_overlay_path(store, item.id), item.image, label)
+                store.write(item.id, label)  # last: a PNG marks the image done
+        coverage = len(store.ids() & set(ids))
+        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "source_images": len(ids)})
+    except BaseException as exc:
+        record.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    log(f"pred/{name}: {coverage} of {len(ids)} images")
+    return len(todo)
+
+
+def _check(cfg: PredictConfig) -> None:
+    if (cfg.split is None) == (cfg.images is None):
+        raise UsageError("predict needs exactly one of --split S (a dataset split) or --images DIR (a folder)")
+    if not cfg.scales or any(s <= 0 for s in cfg.scales):
+        raise UsageError("--scales must be positive numbers, e.g. 1.0,0.75,1.25")
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown CRF preset '{cfg.preset}' (choose from {', '.join(PRESETS)})")
+    if cfg.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+
+
+def _source(cfg: PredictConfig, dataset: Dataset):
+    """(ids, ids -> torch Dataset of _Items, cfg with `out` and an absolute `images` filled in)."""
+    if cfg.split is not None:
+        if cfg.split not in dataset.splits():
+            raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
+        ids = dataset.ids(cfg.split)
+        cfg = dataclasses.replace(cfg, out=_out_name(cfg.out or cfg.split))
+        return ids, lambda todo: _SplitImages(dataset, todo), cfg
+    folder = Path(cfg.images).expanduser()
+    if not folder.is_dir():
+        raise BadData(f"--images: no such folder: {folder}")
+    files = index_files(folder, IMAGE_SUFFIXES)
+    if not files:
+        raise BadData(f"--images: no JPEG or PNG files in {folder}")
+    folder = folder.resolve()
+    cfg = dataclasses.replace(cfg, images=str(folder), out=_out_name(cfg.out or folder.name))
+    return list(files), lambda todo: _FolderImages(files, todo), cfg
+
+
+def _out_name(name: str) -> str:
+    try:
+        return check_id(name)
+    except ValueError:
+        raise UsageError(f"--out '{name}' cannot name a folder under pred/ (no '/', not empty)") from None
+
+
+def _check_resumable(ws: Workspace, name: str, config: dict, seg_id: str | None, has_output: bool) -> None:
+    """Refuse to add to pred/<name> made from other images, settings or model weights."""
+    previous = ws.latest("predict", name)
+    if not has_output or previous is None:
+        return
+    changed = sorted(k for k in config if k not in ("workers", "batch_size", "overlays")
+                     and previous["config"].get(k) != config[k])
+    if previous.get("inputs", {}).get(input_key("train-seg")) != seg_id:
+        changed.append("model (train-seg ran again)")
+    if changed:
+        raise UsageError(f"pred/{name} was made with other settings ({', '.join(changed)}); "
+                         "pass --force to redo it, or --out NAME to write elsewhere")
+
+
+def _overlay_path(store: LabelStore, image_id: str) -> Path:
+    return store.directory / OVERLAYS / f"{image_id}.jpg"
+
+
+def _loader(images: TorchDataset, cfg: PredictConfig, device: torch.device) -> DataLoader:
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    return DataLoader(images, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=2 * cfg.batch_size if workers else None)
+
+
+def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,
+                   device: torch.device) -> Iterator[tuple[_Item, torch.Tensor]]:
+    """(item, L x H x W probabilities averaged over scales and flips), batching images of one size."""
+    passes = len(cfg.scales) * (2 if cfg.flip else 1)
+
+    def probs_fn(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1)
+
+    for batch in same_size_batches(loader, cfg.batch_size, lambda item: tuple(item.x.shape)):
+        x = torch.stack([item.x for item in batch]).to(device, memory_format=memory_format(device))
+        probs = multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
+        for item, p in zip(batch, probs):
+            yield item, p
+
+
+def _labels(predictions: Iterator[tuple[_Item, torch.Tensor]], cfg: PredictConfig,
+            pool) -> Iterator[tuple[_Item, np.ndarray]]:
+    """(item, H x W uint8 label map): the arg-max, or the CRF over the classes that win some pixel."""
+    if not cfg.crf:
+        for item, probs in predictions:
+            yield item, probs.argmax(0).to(torch.uint8).cpu().numpy()
+        return
+    params = PRESETS[cfg.preset]
+
+    def jobs():
+        for item, probs in predictions:
+            present = torch.unique(probs.argmax(0))
+            yield item, (item.image, probs[present].cpu().numpy(), present.cpu().numpy(), params)
+
+    yield from map_ordered(pool, crf_refine, jobs(), ahead=2 * max(1, cfg.workers))

@@ -1,0 +1,309 @@
+"""train-seg: DeepLabV3 on the CRF pseudo-labels, or on GT masks as the upper bound (METHOD.md §7).
+
+Cross-entropy over background + C classes with 255 ignored, SGD with momentum (head lr x
+head_lr_mult), poly decay, random rescale/flip/crop applied identically to image and label.
+As in train-cls, every random choice (init, epoch order, augmentation, dropout) derives from the
+seed, the epoch and the image index, and `seg/last.pt` holds model, optimizer and step after each
+epoch, so a resumed run ends with the same weights as an uninterrupted one.
+
+`--labels gt` trains on the GT masks: the fully supervised upper bound. Its manifest record,
+checkpoint, predictions and every evaluation of them say `upper_bound: true`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from igcam_cli.config import RunOptions, TrainSegConfig, to_dict
+from igcam_cli.core.metrics import confusion_matrix, scores
+from igcam_cli.data.base import Dataset
+from igcam_cli.data.transforms import normalize, seg_train_view
+from igcam_cli.errors import BadData, MissingArtifact, UsageError
+from igcam_cli.models.segmenter import ARCHS, Segmenter, build_segmenter, load_segmenter
+from igcam_cli.runtime import distributed as ddp
+from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.store import LabelStore
+from igcam_cli.workspace import Workspace, input_key
+
+POLY_POWER = 0.9
+IGNORE = 255
+LABEL_SOURCES = ("pseudo", "gt")
+
+
+@dataclass
+class TrainOptions:
+    resume: bool = False
+    init_from: str | None = None
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels not labelled 255 (0 when every pixel is 255, not NaN)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp_min(1)
+
+
+class _SegImages(TorchDataset):
+    """(image, label) pairs: augmented crops (train=True) or whole images. `labels=None` reads GT masks."""
+
+    def __init__(self, dataset: Dataset, ids: list[str], labels: LabelStore | None, cfg: TrainSegConfig,
+                 seed: int, train: bool):
+        self.dataset, self.ids, self.labels, self.cfg, self.seed, self.train = dataset, ids, labels, cfg, seed, train
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_id = self.ids[index]
+        if self.labels is None:
+            sample = self.dataset.load(image_id, with_mask=True)
+            if sample.mask is None:
+                raise BadData(f"no ground-truth mask for image '{image_id}'")
+            image, label, what = sample.image, sample.mask, "its GT mask"
+        else:
+            image = self.dataset.load(image_id, with_mask=False).image
+            label, what = self.labels.read(image_id), f"pseudo-label {self.labels.path(image_id)}"
+        if image.shape[:2] != label.shape:
+            raise BadData(f"{what} is {label.shape[1]}x{label.shape[0]} but image '{image_id}' is "
+                          f"{image.shape[1]}x{image.shape[0]}")
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            return seg_train_view(image, label, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
+        return normalize(image), torch.from_numpy(label.astype(np.int64))
+
+
+def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> Segmenter:
+    log = StageLog(ws.log_path("train-seg"), quiet=opts.quiet or not ddp.is_main())
+    dataset = ws.dataset()
+    _check(cfg, dataset)
+    ids = dataset.ids(cfg.split)
+    if not ids:
+        raise BadData(f"split '{cfg.split}' has no images")
+    labels, crf_record = _label_source(cfg, ws, dataset, ids)
+    val_ids = _val_ids(cfg, dataset)
+
+    device = ddp.device(resolve_device(opts.device))
+    seed_everything(opts.seed)
+    pretrained, cls_record = _pretrained(cfg, ws)
+    model, weights = _initial_model(cfg, dataset.num_classes + 1, pretrained, train.init_from)
+    if ddp.world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=memory_format(device))
+    backbone_params, head_params = model.param_groups()
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.lr * cfg.head_lr_mult}],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    inputs = {input_key("crf", cfg.split): crf_record["id"]} if crf_record else {}
+    if cls_record is not None and train.init_from is None:
+        inputs[input_key("train-cls")] = cls_record["id"]
+    provenance = {"labels": cfg.labels, "upper_bound": cfg.labels == "gt",
+                  "oracle": bool((crf_record or {}).get("oracle", False))}
+    ws.seg_dir.mkdir(parents=True, exist_ok=True)
+    last_path, model_path = ws.seg_dir / "last.pt", ws.seg_dir / "model.pt"
+    start_epoch, step = 0, 0
+    if train.resume and last_path.is_file():
+        start_epoch, step = _restore(last_path, cfg, inputs, model, optimizer)
+        latest = ws.latest("train-seg")
+        if (start_epoch >= cfg.epochs and model_path.is_file() and latest and latest["status"] == "done"
+                and latest["config"] == to_dict(cfg) and latest.get("inputs") == inputs):
+            # Finished already: a new record would mark every prediction stale for the same weights.
+            log(f"train-seg: {model_path} already holds all {cfg.epochs} epochs; nothing to do")
+            return model
+        log(f"resuming from {last_path} after epoch {start_epoch}")
+    elif train.resume:
+        log(f"--resume: no {last_path} yet, starting from scratch")
+
+    record = (ws.start("train-seg", to_dict(cfg), seed=opts.seed, device=str(device), inputs=inputs, **provenance)
+              if ddp.is_main() else None)
+    net = ddp.wrap(model, device)
+    train_data = _SegImages(dataset, ids, labels, cfg, opts.seed, train=True)
+    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    source = "GT masks (UPPER BOUND, fully supervised)" if cfg.labels == "gt" else f"pseudo/{cfg.split}"
+    if provenance["oracle"]:
+        log("ORACLE: these pseudo-labels come from GT-guided maps (refine --guidance gt); not weakly supervised")
+    log(f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
+        f"device {device}" + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
+    metrics: dict[str, float] = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_data.epoch = epoch
+            torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
+            order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
+            loader = _loader(train_data, ddp.shard_indices(order), cfg, device)
+            net.train()
+            losses = []
+            for x, y in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
+                x = x.to(device, non_blocking=True, memory_format=memory_format(device))
+                y = y.to(device, non_blocking=True)
+                with autocast(device):
+                    logits = net(x)
+                loss = seg_loss(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+            metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+            if val_ids and ddp.is_main():
+                metrics["val_miou"] = evaluate_miou(model, dataset, val_ids, cfg, device)
+            if ddp.is_main():
+                _save(last_path, cfg, inputs, model, optimizer, epoch + 1, step)
+                val = f", val mIoU {metrics['val_miou'] * 100:.1f} %" if "val_miou" in metrics else ""
+                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}{val}")
+        if ddp.is_main():
+            _save_final(model_path, cfg, model, dataset.classes, provenance)
+            record.finish(outputs=[str(model_path)], metrics=metrics)
+            log(f"saved {model_path}")
+    except BaseException as exc:
+        if record is not None:
+            record.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        ddp.barrier()
+    return model
+
+
+def evaluate_miou(model: Segmenter, dataset: Dataset, ids: list[str], cfg: TrainSegConfig,
+                  device: torch.device) -> float:
+    """Single-scale mIoU against the GT masks of `ids` (the per-epoch validation score)."""
+    data = _SegImages(dataset, ids, None, cfg, seed=0, train=False)
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=2 * cfg.batch_size if workers else None)
+    n = dataset.num_classes + 1
+    conf = np.zeros((n, n), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in same_size_batches(loader, cfg.batch_size, lambda item: tuple(item[0].shape)):
+            x = torch.stack([item[0] for item in batch]).to(device, memory_format=memory_format(device))
+            with autocast(device):
+                pred = model(x).argmax(1).cpu().numpy()
+            for (_, y), p in zip(batch, pred):
+                conf += confusion_matrix(y.numpy(), p, n)
+    model.train(was_training)
+    return scores(conf)["miou"]
+
+
+def _loader(data: TorchDataset, indices: list[int], cfg: TrainSegConfig, device: torch.device) -> DataLoader:
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    return DataLoader(torch.utils.data.Subset(data, indices), batch_size=cfg.batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, ddp.rank(), 7]).integers(2**62))
+
+
+def _check(cfg: TrainSegConfig, dataset: Dataset) -> None:
+    if cfg.arch not in ARCHS:
+        raise UsageError(f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})")
+    if cfg.labels not in LABEL_SOURCES:
+        raise UsageError("--labels must be 'pseudo' (crf pseudo-labels) or 'gt' (GT masks: the upper bound)")
+    if cfg.split not in dataset.splits():
+        raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16:
+        raise UsageError("--epochs and --batch-size must be >= 1 and --crop >= 16")
+    if not 0 < cfg.scale_min <= cfg.scale_max:
+        raise UsageError("need 0 < scale_min <= scale_max")
+
+
+def _label_source(cfg: TrainSegConfig, ws: Workspace, dataset: Dataset,
+                  ids: list[str]) -> tuple[LabelStore | None, dict | None]:
+    """(pseudo-label store, the crf run that wrote it), or (None, None) for GT masks."""
+    if cfg.labels == "gt":
+        if not dataset.has_masks(cfg.split):
+            raise BadData(f"--labels gt: split '{cfg.split}' lacks ground-truth masks ({dataset.gt_source})")
+        return None, None
+    store = ws.pseudo(cfg.split)
+    have = store.ids()
+    missing = [i for i in ids if i not in have]
+    if missing:
+        state = "missing" if len(missing) == len(ids) else f"missing for {len(missing)} of {len(ids)} images"
+        raise MissingArtifact(f"pseudo-labels for split '{cfg.split}' {state}: "
+                              f"run `{ws.command('crf', cfg.split)}` first")
+    record = ws.latest("crf", cfg.split)
+    return store, record
+
+
+def _val_ids(cfg: TrainSegConfig, dataset: Dataset) -> list[str]:
+    if not cfg.val_split or cfg.val_split not in dataset.splits() or not dataset.has_masks(cfg.val_split):
+        return []
+    return dataset.ids(cfg.val_split)
+
+
+def _pretrained(cfg: TrainSegConfig, ws: Workspace) -> tuple[str, dict | None]:
+    """`--pretrained` as build_segmenter takes it; `cls` is the workspace's classifier (its backbone was
+    trained on the same image-level labels), returned with its train-cls record."""
+    if cfg.pretrained != "cls":
+        return cfg.pretrained, None
+    path = ws.cls_dir / "model.pt"
+    if not path.is_file():
+        raise MissingArtifact(f"--pretrained cls: no trained classifier at {path}: run `{ws.command('train-cls')}` first")
+    return str(path), ws.latest("train-cls")
+
+
+def _initial_model(cfg: TrainSegConfig, num_classes: int, pretrained: str,
+                   init_from: str | None) -> tuple[Segmenter, str]:
+    if init_from is None:
+        return build_segmenter(cfg.arch, num_classes, pretrained)
+    path = Path(init_from)
+    if not path.is_file():
+        raise BadData(f"--init-from: file not found: {path}")
+    model, meta = load_segmenter(path, "igcam train-seg")
+    if model.arch != cfg.arch or model.num_classes != num_classes:
+        raise BadData(f"--init-from {init_from}: a {model.arch} with {model.num_classes} outputs, "
+                      f"but this run trains a {cfg.arch} with {num_classes} (background + classes)")
+    return model, f"weights from {path}"
+
+
+_RESUME_KEYS = ("arch", "pretrained", "labels", "split", "epochs", "batch_size", "crop", "scale_min", "scale_max",
+                "lr", "head_lr_mult", "momentum", "weight_decay")
+
+
+def _restore(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer) -> tuple[int, int]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ckpt["config"]
+    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
+                         "rerun without --resume to start over")
+    if ckpt.get("inputs", {}) != inputs:
+        raise UsageError(f"--resume: the pseudo-labels changed since {path} was written (crf ran again); "
+                         "rerun without --resume to start over")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt["step"]
+
+
+def _save(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer, epoch: int, step: int) -> None:
+    _atomic_save({"config": to_dict(cfg), "inputs": inputs, "model": model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, path)
+
+
+def _save_final(path: Path, cfg: TrainSegConfig, model: Segmenter, classes: list[str], provenance: dict) -> None:
+    _atomic_save({"arch": cfg.arch, "num_classes": model.num_classes, "classes": classes, "config": to_dict(cfg),
+                  **provenance, "model": model.state_dict()}, path)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,330 @@
+"""train-seg, predict and evaluate --artifact seg on tiny synthetic workspaces (CPU, 64 px, 1-3 epochs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cli_helpers import assert_error, copy_workspace, igcam, ok
+from igcam_cli.config import RunOptions, TrainSegConfig, build
+from igcam_cli.data.transforms import seg_train_view
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.models.segmenter import Segmenter, build_segmenter
+from igcam_cli.stages import init as init_stage
+from igcam_cli.stages import train_seg
+from igcam_cli.workspace import Workspace
+
+OPTS = RunOptions(device="cpu", seed=0, quiet=True)
+SEG = ["--epochs", "1", "--batch-size", "4", "--crop", "48", "--workers", "0", "--quiet"]
+PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_workspace(path: Path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:
+    return init_stage.run(path, "synthetic", None, None, {"n_train": n_train, "n_val": n_val, "size": size})
+
+
+def write_pseudo(ws: Workspace, split: str = "train", oracle: bool = False) -> str:
+    """Pseudo-labels = GT masks with a 255 stripe on the left, and a crf record that claims them."""
+    dataset = ws.dataset()
+    store = ws.pseudo(split)
+    for image_id in dataset.ids(split):
+        label = dataset.load(image_id).mask.copy()
+        label[:, :6] = 255
+        store.write(image_id, label)
+    record = ws.start("crf", {"source": "test"}, split=split, shard="0/1", oracle=oracle)
+    record.finish(outputs=[str(store.directory)])
+    return record.id
+
+
+def tiny_config(ws: Workspace, **overrides) -> TrainSegConfig:
+    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2}
+    values.update(overrides)
+    return build(TrainSegConfig, ws.stage_table("train-seg"), values)
+
+
+def epoch_losses(ws: Workspace) -> list[float]:
+    log = ws.log_path("train-seg").read_text()
+    return [float(line.split(": loss ")[1].split(",")[0]) for line in log.splitlines() if ": loss " in line]
+
+
+def records(ws: Path) -> list[dict]:
+    return json.loads((Path(ws) / "manifest.json").read_text())["runs"]
+
+
+@pytest.fixture(scope="module")
+def seg_template(tmp_path_factory) -> Path:
+    """12 train / 4 val images of 64 px, a DeepLab-ResNet-18 trained 1 epoch on the GT masks. Do not modify."""
+    ws = tmp_path_factory.mktemp("seg") / "ws"
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 8, "--n-val", 4, "--image-size", 64)
+    ok("train-seg", "-w", ws, "--labels", "gt", *SEG)
+    return ws
+
+
+@pytest.fixture
+def seg_ws(seg_template, tmp_path) -> Path:
+    return copy_workspace(seg_template, tmp_path / "ws")
+
+
+# ---- the model -------------------------------------------------------------------------------------
+
+
+def test_synthetic_defaults_pick_the_small_model(tmp_path):
+    cfg = tiny_config(make_workspace(tmp_path / "ws"))
+    assert (cfg.arch, cfg.pretrained, cfg.labels) == ("deeplabv3_resnet18", "none", "pseudo")
+
+
+def test_segmenter_gives_logits_at_the_input_size():
+    model = Segmenter("deeplabv3_resnet18", 4).eval()
+    with torch.no_grad():
+        for h, w in [(32, 48), (37, 21)]:
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 4, h, w)
+    assert model.classifier[0].convs[1][0].dilation == (6, 6)
+    assert model.backbone.layer4[1].conv2.dilation == (2, 2) and model.backbone.layer4[0].conv1.stride == (1, 1)
+    assert not hasattr(model, "aux_classifier")
+
+
+def test_pretrained_accepts_a_segmenter_checkpoint_with_another_class_count(tmp_path):
+    torch.manual_seed(0)
+    source = Segmenter("deeplabv3_resnet18", 6)
+    path = tmp_path / "seg.pt"
+    torch.save({"arch": source.arch, "num_classes": 6, "model": source.state_dict()}, path)
+    model, note = build_segmenter("deeplabv3_resnet18", 3, str(path))
+    assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
+    assert torch.equal(model.classifier[1].weight, source.classifier[1].weight)  # the 3x3 conv fits
+    assert model.classifier[4].weight.shape[0] == 3  # the last layer has its own class count
+    assert "head tensors of another shape" in note
+    with pytest.raises(BadData, match="not found"):
+        build_segmenter("deeplabv3_resnet18", 3, str(tmp_path / "missing.pt"))
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+
+def test_ignored_pixels_contribute_no_gradient():
+    torch.manual_seed(0)
+    model = Segmenter("deeplabv3_resnet18", 3)
+    x = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 3, (2, 32, 32))
+    ignored = torch.zeros(2, 32, 32, dtype=torch.bool)
+    ignored[:, 5:20, 8:30] = True
+
+    def grads(y, loss_fn=train_seg.seg_loss):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout mask in the ASPP head every time
+        logits = model(x)
+        logits.retain_grad()
+        loss_fn(logits, y).backward()
+        return logits.grad.clone(), [p.grad.clone() for p in model.parameters()]
+
+    a, b = labels.clone(), labels.clone()
+    a[ignored], b[ignored] = 1, 2  # what the ignored pixels "really" are differs ...
+    a[ignored] = b[ignored] = 255  # ... but they are marked 255
+    logit_grad, with_ignore = grads(a)
+    assert torch.equal(logit_grad.permute(0, 2, 3, 1)[ignored], torch.zeros(int(ignored.sum()), 3))
+
+    def masked_mean(logits, _):  # the loss over the kept pixels only, from labels that fill the hole
+        per_pixel = F.cross_entropy(logits, torch.where(ignored, 1, labels), reduction="none")
+        return per_pixel[~ignored].mean()
+
+    _, reference = grads(b, masked_mean)
+    for g, r in zip(with_ignore, reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    _, counted = grads(torch.where(ignored, 1, labels))  # the same pixels labelled: gradients change
+    assert any(not torch.allclose(g, c) for g, c in zip(with_ignore, counted))
+    # A crop that is all padding: loss 0, not NaN.
+    assert train_seg.seg_loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)).item() == 0.0
+
+
+def test_augmentation_moves_image_and_label_together():
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[10:30, 5:25] = 255
+    label = np.zeros((40, 60), np.uint8)
+    label[10:30, 5:25] = 3
+    for seed in range(8):
+        x, y = seg_train_view(image, label, 48, 0.7, 1.4, np.random.default_rng(seed))
+        assert x.shape == (3, 48, 48) and y.shape == (48, 48) and y.dtype == torch.int64
+        assert torch.equal(y == 255, (x == 0).all(0))  # padding: mean colour in the image, 255 in the label
+        assert set(torch.unique(y).tolist()) <= {0, 3, 255}
+        white = x[0] > 1.0
+        assert (white == (y == 3)).float().mean() > 0.97  # only resampled edges may disagree
+        assert torch.equal(seg_train_view(image, label, 48, 0.7, 1.4, np.random.default_rng(seed))[1], y)
+
+
+def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=8, n_val=4)
+    crf_id = write_pseudo(ws, oracle=True)
+    train_seg.run(tiny_config(ws, epochs=3, lr=0.02), ws, OPTS, train_seg.TrainOptions())
+    losses = epoch_losses(ws)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    record = ws.latest("train-seg")
+    assert record["status"] == "done" and record["inputs"] == {"crf:train": crf_id}
+    assert (record["oracle"], record["labels"], record["upper_bound"]) == (True, "pseudo", False)
+    assert 0 <= record["metrics"]["val_miou"] <= 1
+    ckpt = torch.load(ws.seg_dir / "model.pt", weights_only=True)
+    assert (ckpt["arch"], ckpt["num_classes"], ckpt["oracle"]) == ("deeplabv3_resnet18", 6, True)
+    assert "val mIoU" in ws.log_path("train-seg").read_text()
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monkeypatch):
+    full_ws = make_workspace(tmp_path / "full", n_train=8, n_val=0)
+    write_pseudo(full_ws)
+    full = train_seg.run(tiny_config(full_ws), full_ws, OPTS, train_seg.TrainOptions())
+
+    ws = make_workspace(tmp_path / "resumed", n_train=8, n_val=0)
+    write_pseudo(ws)
+    original_save = train_seg._save
+
+    def save_then_interrupt(*args):
+        original_save(*args)
+        raise _Interrupt("stopped after the first epoch")
+
+    monkeypatch.setattr(train_seg, "_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_seg.run(tiny_config(ws), ws, OPTS, train_seg.TrainOptions())
+    assert not (ws.seg_dir / "model.pt").exists()
+    last = torch.load(ws.seg_dir / "last.pt", weights_only=True)
+    assert (last["epoch"], last["step"]) == (1, 2)
+    monkeypatch.setattr(train_seg, "_save", original_save)
+    resumed = train_seg.run(tiny_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
+
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any(not torch.equal(last["model"][k], b[k]) for k in b)  # the second epoch did change them
+    assert [r["status"] for r in ws.records() if r["stage"] == "train-seg"] == ["failed", "done"]
+    assert epoch_losses(ws)[-1] == epoch_losses(full_ws)[-1]
+    # Resuming a finished run does nothing; a changed config is refused.
+    train_seg.run(tiny_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
+    assert len([r for r in ws.records() if r["stage"] == "train-seg"]) == 2
+    with pytest.raises(UsageError, match="epochs"):
+        train_seg.run(tiny_config(ws, epochs=3), ws, OPTS, train_seg.TrainOptions(resume=True))
+
+
+def test_train_seg_without_pseudo_labels_names_the_crf_command(fresh_ws):
+    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG), 3, "pseudo-labels for split 'train' missing",
+                 f"igcam crf -w {fresh_ws} --split train")
+    ws = Workspace.open(fresh_ws)
+    write_pseudo(ws)
+    next(ws.pseudo("train").directory.glob("*.png")).unlink()
+    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG), 3, "missing for 1 of 12 images",
+                 f"igcam crf -w {fresh_ws} --split train")
+    assert not (fresh_ws / "seg" / "model.pt").exists()
+
+
+def test_train_seg_usage_errors(fresh_ws):
+    assert_error(igcam("train-seg", "-w", fresh_ws, "--labels", "masks", *SEG), 2, "--labels")
+    assert_error(igcam("train-seg", "-w", fresh_ws, "--arch", "unet", *SEG), 2, "unknown --arch 'unet'")
+
+
+# ---- predict and evaluate -----------------------------------------------------------------------------
+
+
+def test_predict_split_writes_one_png_per_image_and_evaluate_reports_it(seg_ws):
+    ok("predict", "-w", seg_ws, "--split", "val", *PREDICT)
+    ws = Workspace.open(seg_ws)
+    dataset = ws.dataset()
+    ids = dataset.ids("val")
+    for image_id in ids:
+        with Image.open(seg_ws / "pred" / "val" / f"{image_id}.png") as png:
+            assert png.mode == "P" and png.size == dataset.load(image_id).image.shape[1::-1]
+        assert (seg_ws / "pred" / "val" / "overlays" / f"{image_id}.jpg").is_file()
+    assert sorted(p.stem for p in (seg_ws / "pred" / "val").glob("*.png")) == sorted(ids)
+    predict_record = ws.latest("predict", "val")
+    assert predict_record["upper_bound"] is True and predict_record["labels"] == "gt"
+    assert predict_record["inputs"] == {"train-seg": ws.latest("train-seg")["id"]}
+
+    ok("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val", "--quiet")
+    report = json.loads((seg_ws / "eval" / "seg-val.json").read_text())
+    assert (report["artifact"], report["split"], report["n_images"]) == ("seg", "val", 4)
+    assert (report["crf"], report["upper_bound"], report["oracle"], report["labels"]) == (False, True, False, "gt")
+    assert report["source_run"] == predict_record["id"]
+    assert 0 <= report["miou"] <= 1
+    assert "UPPER BOUND" in (seg_ws / "eval" / "seg-val.md").read_text()
+
+    # Rerun: nothing to do; other settings are refused; --force with --crf redoes it and the report says so.
+    before = {p.name: p.stat().st_mtime_ns for p in (seg_ws / "pred" / "val").glob("*.png")}
+    ok("predict", "-w", seg_ws, "--split", "val", *PREDICT)
+    assert before == {p.name: p.stat().st_mtime_ns for p in (seg_ws / "pred" / "val").glob("*.png")}
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--crf", *PREDICT), 2, "crf", "--force")
+    ok("predict", "-w", seg_ws, "--split", "val", "--crf", "--force", *PREDICT)
+    ok("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val", "--quiet")
+    assert json.loads((seg_ws / "eval" / "seg-val.json").read_text())["crf"] is True
+
+
+def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
+    """JPEG and PNG files of different sizes and modes; id -> (width, height)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(folder / "photo.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (50, 41, 3), dtype=np.uint8)).save(folder / "upper.JPEG")
+    Image.fromarray(rng.integers(0, 256, (64, 40), dtype=np.uint8), "L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (30, 70, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
+    (folder / "notes.txt").write_text("not an image")
+    return {"photo": (53, 37), "upper": (41, 50), "grey": (40, 64), "alpha": (70, 30)}
+
+
+def test_predict_a_folder_of_mixed_images(seg_ws, tmp_path):
+    sizes = _write_images(tmp_path / "photos")
+    ok("predict", "-w", seg_ws, "--images", tmp_path / "photos", "--crf", *PREDICT)
+    out = seg_ws / "pred" / "photos"
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(sizes)
+    for image_id, size in sizes.items():
+        with Image.open(out / f"{image_id}.png") as png:
+            assert png.mode == "P" and png.size == size
+            assert np.asarray(png).max() <= 5
+        with Image.open(out / "overlays" / f"{image_id}.jpg") as jpg:
+            assert jpg.size == size
+    record = Workspace.open(seg_ws).latest("predict", "photos")
+    assert record["config"]["images"] == str((tmp_path / "photos").resolve()) and record["config"]["crf"] is True
+
+    # Shards with --out: two halves make the whole folder.
+    ok("predict", "-w", seg_ws, "--images", tmp_path / "photos", "--out", "halves", "--shard", "0/2", *PREDICT)
+    assert len(list((seg_ws / "pred" / "halves").glob("*.png"))) == 2
+    ok("predict", "-w", seg_ws, "--images", tmp_path / "photos", "--out", "halves", "--shard", "1/2", *PREDICT)
+    assert sorted(p.stem for p in (seg_ws / "pred" / "halves").glob("*.png")) == sorted(sizes)
+
+
+def test_predict_bad_inputs(seg_ws, fresh_ws, tmp_path):
+    photos = tmp_path / "photos"
+    _write_images(photos)
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    assert_error(igcam("predict", "-w", seg_ws, "--images", photos, *PREDICT), 4, "broken.png")
+    assert_error(igcam("predict", "-w", seg_ws, "--images", tmp_path / "nowhere", *PREDICT), 4,
+                 "no such folder", "nowhere")
+    (tmp_path / "empty").mkdir()
+    assert_error(igcam("predict", "-w", seg_ws, "--images", tmp_path / "empty", *PREDICT), 4, "no JPEG or PNG")
+    assert_error(igcam("predict", "-w", seg_ws, *PREDICT), 2, "--split", "--images")
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--images", photos, *PREDICT), 2, "exactly one")
+    assert_error(igcam("predict", "-w", fresh_ws, "--split", "val", *PREDICT), 3,
+                 f"igcam train-seg -w {fresh_ws}")
+    assert_error(igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"), 3,
+                 f"igcam predict -w {seg_ws} --split val")
+
+
+def test_evaluate_refuses_a_folder_prediction_named_like_the_split(seg_ws, tmp_path):
+    _write_images(tmp_path / "val")
+    ok("predict", "-w", seg_ws, "--images", tmp_path / "val", *PREDICT)
+    assert_error(igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"), 4,
+                 "pred/val holds predictions of", "--force")
