@@ -344,6 +344,27 @@ def demo(
     stage.run(path, _opts(device, seed, quiet), n_train=n_train, n_val=n_val, epochs=epochs, workers=workers, force=force)
 
 
+@app.command("run")
+@handles_errors
+def run_chain(
+    workspace: WorkspaceOpt = None,
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one from scratch")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Pseudo-label split [default: train-seg's split]")] = None,
+    val_split: Annotated[Optional[str], typer.Option(help="Split to predict and evaluate the model on ('' for none) "
+                                                         "[default: train-seg's val_split]")] = None,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """The whole chain (train-cls, make-cams, refine, crf, train-seg, predict, evaluate), skipping fresh stages.
+
+    Settings come from the stage tables of igcam.toml. A stage reruns when its settings, its seed or
+    an upstream run changed, and resumes when it was interrupted.
+    """
+    from igcam_cli import chain
+
+    chain.run(_ws(workspace), _opts(device, seed, quiet), until=until, start=start, split=split, val_split=val_split)
+
+
 def main() -> None:
     app()
 

@@ -170,8 +170,8 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
     "make-cams": {"batch_size": 16},
     "train-seg": {
         "arch": "deeplabv3_resnet18",
-        "pretrained": "none",
-        "epochs": 10,
+        "pretrained": "cls",  # the workspace's classifier backbone: trained on the same image-level labels
+        "epochs": 6,
         "batch_size": 16,
         "crop": 128,
         "scale_min": 0.75,

@@ -1,21 +1,23 @@
-"""The demo: the synthetic dataset and the whole chain on it, with one table of mIoU per stage.
+"""The demo: the synthetic dataset and the whole chain on it (`igcam run`), with one table of mIoU per stage.
 
-Rerunning it resumes: finished stages and images are skipped. Pictures go to report/demo.png.
+Rerunning it resumes: fresh stages and finished images are skipped. Pictures go to report/demo.png
+(pseudo-labels on train) and report/demo-val.png (the segmentation model on val).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from igcam_cli import report
-from igcam_cli.config import STAGE_CONFIGS, RunOptions, build
+from igcam_cli import chain, report
+from igcam_cli.config import STAGE_CONFIGS, RunOptions
 from igcam_cli.errors import UsageError
-from igcam_cli.stages import crf, evaluate, init, make_cams, refine, train_cls
+from igcam_cli.stages import init
 from igcam_cli.workspace import Workspace
 
 SHEET_IMAGES = 8
@@ -23,29 +25,22 @@ SHEET_IMAGES = 8
 
 def run(path: Path, opts: RunOptions, n_train: int = 320, n_val: int = 80, epochs: int | None = None,
         workers: int = 2, force: bool = False) -> list[dict]:
+    """Runs `igcam run` on the synthetic dataset; returns the evaluation results (pseudo-labels on
+    train, the segmentation model on val)."""
     console = Console()
     synthetic = {"n_train": n_train, "n_val": n_val, "size": 128}
     ws = _workspace(path, synthetic, force)
     start = time.time()
-    split = "train"
-
-    def config(stage: str, **overrides):
-        return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
-
-    cls_record = ws.latest("train-cls")
-    if cls_record and cls_record["status"] == "done" and (ws.cls_dir / "model.pt").is_file():
-        console.print("train-cls: done already, skipping")
-    else:
-        train_cls.run(config("train-cls", epochs=epochs, workers=workers), ws, opts, train_cls.TrainOptions(resume=True))
-    make_cams.run(config("make-cams", split=split, workers=workers), ws, opts)
-    refine.run(config("refine", split=split, workers=workers), ws, opts)
-    crf.run(config("crf", split=split, source="refined", workers=workers), ws, opts)
-    quiet = RunOptions(device=opts.device, seed=opts.seed, quiet=True)
-    results = [evaluate.run(config("evaluate", artifact=artifact, split=split), ws, quiet)
-               for artifact in ("cams", "refined", "crf")]
-    sheet = _pictures(ws, split)
+    if epochs is not None:
+        ws.set_stage_options("train-cls", {"epochs": epochs})
+    for stage, config_cls in STAGE_CONFIGS.items():
+        if any(f.name == "workers" for f in fields(config_cls)):
+            ws.set_stage_options(stage, {"workers": workers})
+    results = chain.run(ws, opts, console=console)["evaluations"]
+    sheets = [_pictures(ws, "train"), _predictions(ws, "val")]
     _print_table(console, results, time.time() - start)
-    console.print(f"pictures: {sheet}\nworkspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)")
+    console.print(f"pictures: {', '.join(map(str, sheets))}\n"
+                  f"workspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)")
     return results
 
 
@@ -79,6 +74,17 @@ def _pictures(ws: Workspace, split: str) -> Path:
                      report.heatmap(refined.read(image_id).maps), report.overlay(sample.image, pseudo.read(image_id))])
     titles = ["image", "ground truth", "CAM", "refined", "CRF pseudo-label"]
     return report.contact_sheet(rows, titles, ws.path("report", "demo.png"))
+
+
+def _predictions(ws: Workspace, split: str) -> Path:
+    dataset = ws.dataset()
+    predictions = ws.predictions(split)
+    rows = []
+    for image_id in dataset.ids(split)[:SHEET_IMAGES]:
+        sample = dataset.load(image_id)
+        rows.append([sample.image, report.overlay(sample.image, sample.mask),
+                     report.overlay(sample.image, predictions.read(image_id))])
+    return report.contact_sheet(rows, ["image", "ground truth", "segmentation model"], ws.path("report", f"demo-{split}.png"))
 
 
 def _print_table(console: Console, results: list[dict], seconds: float) -> None:

@@ -92,6 +92,13 @@ class Workspace:
     def stage_table(self, stage: str) -> dict[str, Any]:
         return dict(self.toml.get(stage, {}))
 
+    def set_stage_options(self, stage: str, values: dict[str, Any]) -> None:
+        """Write `values` into the stage's table of igcam.toml (None values are left out)."""
+        toml = read_toml(self.toml_path)
+        toml[stage] = {**toml.get(stage, {}), **{k: v for k, v in values.items() if v is not None}}
+        write_toml(self.toml_path, toml)
+        self._toml = None
+
     @property
     def dataset_spec(self) -> dict[str, Any]:
         return dict(self.toml["dataset"])

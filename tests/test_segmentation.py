@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli_helpers import assert_error, copy_workspace, igcam, ok
+from cli_helpers import assert_error, copy_workspace, igcam, ok, with_option
 from igcam_cli.config import RunOptions, TrainSegConfig, build
 from igcam_cli.data.transforms import seg_train_view
 from igcam_cli.errors import BadData, UsageError
@@ -22,7 +22,7 @@ from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
 
 OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SEG = ["--epochs", "1", "--batch-size", "4", "--crop", "48", "--workers", "0", "--quiet"]
+SEG = ["--epochs", "1", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none", "--quiet"]
 PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--quiet"]
 
 
@@ -53,7 +53,7 @@ def write_pseudo(ws: Workspace, split: str = "train", oracle: bool = False) -> s
 
 
 def tiny_config(ws: Workspace, **overrides) -> TrainSegConfig:
-    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2}
+    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2, "pretrained": "none"}
     values.update(overrides)
     return build(TrainSegConfig, ws.stage_table("train-seg"), values)
 
@@ -85,8 +85,8 @@ def seg_ws(seg_template, tmp_path) -> Path:
 
 
 def test_synthetic_defaults_pick_the_small_model(tmp_path):
-    cfg = tiny_config(make_workspace(tmp_path / "ws"))
-    assert (cfg.arch, cfg.pretrained, cfg.labels) == ("deeplabv3_resnet18", "none", "pseudo")
+    cfg = build(TrainSegConfig, make_workspace(tmp_path / "ws").stage_table("train-seg"), {})
+    assert (cfg.arch, cfg.pretrained, cfg.labels) == ("deeplabv3_resnet18", "cls", "pseudo")
 
 
 def test_segmenter_gives_logits_at_the_input_size():
@@ -231,6 +231,12 @@ def test_train_seg_without_pseudo_labels_names_the_crf_command(fresh_ws):
     assert_error(igcam("train-seg", "-w", fresh_ws, *SEG), 3, "missing for 1 of 12 images",
                  f"igcam crf -w {fresh_ws} --split train")
     assert not (fresh_ws / "seg" / "model.pt").exists()
+
+
+def test_pretrained_cls_needs_the_workspace_classifier(fresh_ws):
+    write_pseudo(Workspace.open(fresh_ws))
+    assert_error(igcam("train-seg", "-w", fresh_ws, *with_option(SEG, "--pretrained", "cls")), 3,
+                 f"igcam train-cls -w {fresh_ws}")
 
 
 def test_train_seg_usage_errors(fresh_ws):

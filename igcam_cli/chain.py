@@ -1,0 +1,182 @@
+"""`igcam run`: the whole chain in order, skipping stages whose outputs are complete and fresh.
+
+A stage is fresh when its latest run for the split finished, its outputs are all there, its
+settings (igcam.toml; options that cannot change results such as `workers` aside) and seed are
+the ones it would run with now, and every run it read from is still the latest of its stage
+(`Workspace.is_stale`). Otherwise it runs: from scratch (`--force`) when its settings or inputs
+changed, resuming when it was only interrupted. `--from STAGE` reruns that stage and every later
+one from scratch; `--until STAGE` stops after it.
+
+Chain: train-cls -> make-cams -> refine -> crf on the pseudo-label split (train-seg's split),
+then train-seg -> predict on the validation split, then evaluate every artifact whose split has
+GT masks. Like the demo and the ablation it drives the stage modules; stages never import it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from igcam_cli.config import STAGE_CONFIGS, RunOptions, build, to_dict
+from igcam_cli.errors import UsageError
+from igcam_cli.stages import crf, evaluate, make_cams, predict, refine, train_cls, train_seg
+from igcam_cli.workspace import Workspace
+
+STAGES = ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "evaluate")
+
+# Settings that change how fast a stage runs, not what it writes.
+_INFERENCE_ONLY = ("workers", "batch_size")
+_IGNORED = {"train-cls": ("workers",), "train-seg": ("workers",), "predict": (*_INFERENCE_ONLY, "overlays"),
+            "evaluate": ()}
+
+
+@dataclass
+class Step:
+    stage: str
+    split: str | None
+    config: Any
+    complete: Callable[[], bool]
+    execute: Callable[[bool], Any]  # force -> result
+    artifact: str | None = None  # evaluate only: which artifact
+
+    @property
+    def label(self) -> str:
+        name = f"{self.stage} {self.artifact}" if self.artifact else self.stage
+        return f"{name} ({self.split})" if self.split else name
+
+
+def run(ws: Workspace, opts: RunOptions, until: str | None = None, start: str | None = None,
+        split: str | None = None, val_split: str | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Runs the chain; returns {"steps": [{step, action, reason}], "evaluations": [evaluate results]}."""
+    console = console or Console()
+    for name, value in (("--until", until), ("--from", start)):
+        if value is not None and value not in STAGES:
+            raise UsageError(f"{name} '{value}' is not a stage of the chain ({', '.join(STAGES)})")
+    if until and start and STAGES.index(start) > STAGES.index(until):
+        raise UsageError(f"--from {start} comes after --until {until}")
+    steps = plan(ws, opts, split, val_split)
+    first = STAGES.index(start) if start else 0
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    done, evaluations = [], []
+    for step in steps:
+        position = STAGES.index(step.stage)
+        if position < first or position > last:
+            continue
+        reason = "--from" if start and position >= first else why_stale(ws, step, opts)
+        if reason is None:
+            console.print(f"[green]{step.label}: fresh, skipped[/]")
+            result = _read_evaluation(ws, step) if step.stage == "evaluate" else None
+            action = "skipped"
+        else:
+            console.print(f"[cyan]{step.label}: {reason}; running[/]")
+            result = step.execute(reason != "incomplete")
+            action = "resumed" if reason == "incomplete" else "ran"
+        if step.stage == "evaluate":
+            evaluations.append(result)
+        done.append({"step": step.label, "action": action, "reason": reason or "fresh"})
+    if not opts.quiet:
+        _print_summary(console, done)
+    return {"steps": done, "evaluations": evaluations}
+
+
+def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | None) -> list[Step]:
+    """The chain's steps with the configs they would run with now."""
+    dataset = ws.dataset()
+    seg_table = ws.stage_table("train-seg")
+    split = split or build(STAGE_CONFIGS["train-seg"], seg_table, {}).split
+    val_split = val_split if val_split is not None else build(STAGE_CONFIGS["train-seg"], seg_table, {}).val_split
+    for name, value in (("--split", split), ("--val-split", val_split)):
+        if value and value not in dataset.splits():
+            raise UsageError(f"{name} '{value}': the dataset has no such split ({', '.join(dataset.splits())})")
+
+    def config(stage: str, **overrides):
+        return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
+
+    ids = dataset.ids(split)
+    cls_cfg = config("train-cls")
+    cams_cfg = config("make-cams", split=split)
+    refine_cfg = config("refine", split=split)
+    crf_cfg = config("crf", split=split)
+    seg_cfg = config("train-seg", split=split)
+    steps = [
+        Step("train-cls", None, cls_cfg, lambda: (ws.cls_dir / "model.pt").is_file(),
+             lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force))),
+        Step("make-cams", split, cams_cfg, lambda: _covers(ws.maps("cams", split).ids(), ids),
+             lambda force: make_cams.run(cams_cfg, ws, opts, force=force)),
+        Step("refine", split, refine_cfg, lambda: _covers(ws.maps("refined", split).ids(), ids),
+             lambda force: refine.run(refine_cfg, ws, opts, force=force)),
+        Step("crf", split, crf_cfg, lambda: _covers(ws.pseudo(split).ids(), ids),
+             lambda force: crf.run(crf_cfg, ws, opts, force=force)),
+        Step("train-seg", None, seg_cfg, lambda: (ws.seg_dir / "model.pt").is_file(),
+             lambda force: train_seg.run(seg_cfg, ws, opts, train_seg.TrainOptions(resume=not force))),
+    ]
+    if val_split:
+        pred_cfg = config("predict", split=val_split, images=None, out=val_split)
+        val_ids = dataset.ids(val_split)
+        steps.append(Step("predict", val_split, pred_cfg, lambda: _covers(ws.predictions(val_split).ids(), val_ids),
+                          lambda force: predict.run(pred_cfg, ws, opts, force=force)))
+    quiet = RunOptions(device=opts.device, seed=opts.seed, quiet=True)
+    evaluations = [(artifact, split) for artifact in ("cams", "refined", "crf")]
+    if val_split:
+        evaluations.append(("seg", val_split))
+    for artifact, eval_split in evaluations:
+        if not dataset.has_masks(eval_split):
+            continue
+        eval_cfg = config("evaluate", artifact=artifact, split=eval_split)
+        steps.append(Step("evaluate", eval_split, eval_cfg, _file_exists(ws, artifact, eval_split),
+                          lambda force, c=eval_cfg: evaluate.run(c, ws, quiet), artifact=artifact))
+    return steps
+
+
+def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
+    """None when the step's output is complete and fresh, else why it has to run."""
+    record = _latest(ws, step)
+    if record is None:
+        return "not run yet"
+    ignored = _IGNORED.get(step.stage, _INFERENCE_ONLY)
+    now = to_dict(step.config)
+    changed = sorted(k for k in now if k not in ignored and record["config"].get(k) != now[k])
+    if changed:
+        return f"settings changed ({', '.join(changed)})"
+    if "seed" in record and record["seed"] != opts.seed:
+        return f"seed changed ({record['seed']} -> {opts.seed})"
+    if ws.is_stale(record):
+        return "inputs changed"
+    if record["status"] != "done" or not step.complete():
+        return "incomplete"
+    return None
+
+
+def _latest(ws: Workspace, step: Step) -> dict | None:
+    matches = [r for r in ws.records() if r["stage"] == step.stage
+               and (step.split is None or r.get("split") == step.split)
+               and (step.artifact is None or r["config"].get("artifact") == step.artifact)]
+    return matches[-1] if matches else None
+
+
+def _covers(have: set[str], ids: list[str]) -> bool:
+    return all(i in have for i in ids)
+
+
+def _file_exists(ws: Workspace, artifact: str, split: str) -> Callable[[], bool]:
+    return lambda: ws.path("eval", f"{artifact}-{split}.json").is_file()
+
+
+def _read_evaluation(ws: Workspace, step: Step) -> dict:
+    result = json.loads(ws.path("eval", f"{step.artifact}-{step.split}.json").read_text())
+    result.pop("confusion", None)
+    return result
+
+
+def _print_summary(console: Console, steps: list[dict]) -> None:
+    table = Table(title="igcam run")
+    for column in ("step", "action", "why"):
+        table.add_column(column)
+    style = {"skipped": "green", "ran": "cyan", "resumed": "yellow"}
+    for s in steps:
+        table.add_row(s["step"], f"[{style[s['action']]}]{s['action']}[/]", s["reason"])
+    console.print(table)

@@ -1,0 +1,127 @@
+"""`igcam run`: the whole chain, skipping fresh stages and rerunning stale ones (tiny CPU settings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import assert_error, copy_workspace, igcam, ok
+from igcam_cli.workspace import Workspace
+
+TINY = {
+    "train-cls": {"epochs": 1, "batch_size": 4, "crop": 64, "workers": 0},
+    "make-cams": {"workers": 0, "scales": [1.0, 0.5]},
+    "refine": {"workers": 0},
+    "crf": {"workers": 1},
+    "train-seg": {"epochs": 1, "batch_size": 4, "crop": 48, "workers": 0},
+    "predict": {"workers": 0, "scales": [1.0], "flip": False},
+}
+ALL_STEPS = ["train-cls", "make-cams (train)", "refine (train)", "crf (train)", "train-seg", "predict (val)",
+             "evaluate cams (train)", "evaluate refined (train)", "evaluate crf (train)", "evaluate seg (val)"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ran_template(tmp_path_factory) -> Path:
+    """A tiny synthetic workspace after one full `igcam run`. Do not modify."""
+    ws = tmp_path_factory.mktemp("chain") / "ws"
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 8, "--n-val", 4, "--image-size", 64)
+    workspace = Workspace.open(ws)
+    for stage, values in TINY.items():
+        workspace.set_stage_options(stage, values)
+    ok("run", "-w", ws, "--quiet")
+    return ws
+
+
+@pytest.fixture
+def ran_ws(ran_template, tmp_path) -> Path:
+    return copy_workspace(ran_template, tmp_path / "ws")
+
+
+def steps(ws: Path, *args) -> dict[str, str]:
+    """Run `igcam run` quietly through the chain module and return {step: action}."""
+    from igcam_cli import chain
+    from igcam_cli.config import RunOptions
+
+    result = chain.run(Workspace.open(ws), RunOptions(device="cpu", quiet=True), **dict(args))
+    return {s["step"]: s["action"] for s in result["steps"]}
+
+
+def runs_of(ws: Path, stage: str) -> int:
+    return sum(r["stage"] == stage for r in json.loads((ws / "manifest.json").read_text())["runs"])
+
+
+def test_first_run_produces_every_artifact(ran_template):
+    ws = Workspace.open(ran_template)
+    ids = ws.dataset().ids("train")
+    assert (ws.cls_dir / "model.pt").is_file() and (ws.seg_dir / "model.pt").is_file()
+    assert ws.maps("refined", "train").ids() == set(ids) and ws.pseudo("train").ids() == set(ids)
+    assert ws.predictions("val").ids() == set(ws.dataset().ids("val"))
+    for name in ("cams-train", "refined-train", "crf-train", "seg-val"):
+        result = json.loads(ws.path("eval", f"{name}.json").read_text())
+        assert 0.0 <= result["miou"] <= 1.0 and result["oracle"] is False
+
+
+def test_second_run_skips_every_fresh_stage(ran_ws):
+    before = json.loads((ran_ws / "manifest.json").read_text())["runs"]
+    actions = steps(ran_ws)
+    assert list(actions) == ALL_STEPS and set(actions.values()) == {"skipped"}
+    assert json.loads((ran_ws / "manifest.json").read_text())["runs"] == before
+
+
+def test_changed_config_reruns_that_stage_and_everything_after_it(ran_ws):
+    Workspace.open(ran_ws).set_stage_options("crf", {"preset": "deeplab"})
+    actions = steps(ran_ws)
+    assert [actions[s] for s in ALL_STEPS[:4]] == ["skipped", "skipped", "skipped", "ran"]
+    assert all(actions[s] == "ran" for s in ("train-seg", "predict (val)", "evaluate crf (train)", "evaluate seg (val)"))
+    assert actions["evaluate cams (train)"] == actions["evaluate refined (train)"] == "skipped"
+    crf_record = [r for r in json.loads((ran_ws / "manifest.json").read_text())["runs"] if r["stage"] == "crf"][-1]
+    assert crf_record["config"]["preset"] == "deeplab"
+    assert set(steps(ran_ws).values()) == {"skipped"}  # and now everything is fresh again
+
+
+def test_workers_do_not_make_a_stage_stale(ran_ws):
+    Workspace.open(ran_ws).set_stage_options("make-cams", {"workers": 1, "batch_size": 3})
+    assert set(steps(ran_ws).values()) == {"skipped"}
+
+
+def test_until_and_from(ran_ws):
+    cams_runs = runs_of(ran_ws, "make-cams")
+    actions = steps(ran_ws, ("start", "refine"), ("until", "crf"))
+    assert actions == {"refine (train)": "ran", "crf (train)": "ran"}
+    assert runs_of(ran_ws, "make-cams") == cams_runs
+    # train-seg read the pseudo-labels crf just rewrote: a plain run now redoes it and what follows
+    actions = steps(ran_ws)
+    assert actions["train-cls"] == actions["make-cams (train)"] == actions["crf (train)"] == "skipped"
+    assert actions["train-seg"] == actions["predict (val)"] == "ran"
+
+
+def test_interrupted_stage_resumes(ran_ws):
+    ws = Workspace.open(ran_ws)
+    victims = sorted(ws.pseudo("train").ids())[:3]
+    for image_id in victims:
+        ws.pseudo("train").path(image_id).unlink()
+    actions = steps(ran_ws, ("until", "crf"))
+    assert actions["crf (train)"] == "resumed" and actions["refine (train)"] == "skipped"
+    assert ws.pseudo("train").ids() == set(ws.dataset().ids("train"))
+
+
+def test_bad_stage_names_are_usage_errors(ran_ws):
+    assert_error(igcam("run", "-w", ran_ws, "--until", "segment"), 2, "--until 'segment'", "train-cls")
+    assert_error(igcam("run", "-w", ran_ws, "--from", "crf", "--until", "refine"), 2, "--from crf")
+    assert_error(igcam("run", "-w", ran_ws, "--split", "nope"), 2, "--split 'nope'")
+
+
+def test_run_on_a_fresh_workspace_names_nothing_missing(tmp_path):
+    # no igcam.toml: the usual "run init first" error, not a traceback
+    assert_error(igcam("run", "-w", tmp_path / "nowhere"), 3, "igcam init")
