@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CAMs and CRF for a large split as a SLURM job array: each task takes one shard of the images.
+# CAMs, refinement and CRF for a large split as a SLURM job array: each task takes one shard of the images.
 # Every shard writes its own HDF5 parts, so no two tasks touch the same file; a task that dies
 # is rerun with the same command and skips the images it already finished.
 #   sbatch --array=0-7 examples/slurm_array.sh ws-voc train_aug
@@ -12,6 +12,7 @@ SPLIT=${2:-train}
 SHARD="$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"
 
 igcam make-cams -w "$WS" --split "$SPLIT" --shard "$SHARD" --workers 6
+igcam refine -w "$WS" --split "$SPLIT" --shard "$SHARD" --workers 6
 igcam crf -w "$WS" --split "$SPLIT" --shard "$SHARD" --workers "$SLURM_CPUS_PER_TASK"
 # After all tasks finish (e.g. sbatch --dependency=afterok:<array job id>):
 #   igcam evaluate -w "$WS" --artifact crf --split "$SPLIT"

@@ -6,8 +6,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import CAMS, CRF, TRAIN, build_voc, copy_workspace, ok, write_class_file
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: one intra-op thread is as fast, and much faster on a shared CPU.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

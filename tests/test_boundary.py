@@ -19,13 +19,7 @@ from igcam_cli.core.boundary import (
 LEFT, RIGHT = (0.8, 0.2, 0.2), (0.2, 0.3, 0.8)  # two well-separated RGB colours
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _textured(batch: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

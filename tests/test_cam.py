@@ -10,13 +10,7 @@ from torch import nn
 from igcam_cli.core.cam import multiscale_cams, normalize_cams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv_cam_fn(seed: int = 0, classes: int = 3, stride: int = 2) -> nn.Module:

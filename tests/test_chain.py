@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from cli_helpers import assert_error, copy_workspace, igcam, ok
 from igcam_cli.workspace import Workspace
@@ -23,12 +22,7 @@ ALL_STEPS = ["train-cls", "make-cams (train)", "refine (train)", "crf (train)", 
              "evaluate cams (train)", "evaluate refined (train)", "evaluate crf (train)", "evaluate seg (val)"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

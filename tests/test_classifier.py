@@ -15,13 +15,7 @@ from igcam_cli.models import classifier as clf
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

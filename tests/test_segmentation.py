@@ -26,13 +26,7 @@ SEG = ["--epochs", "1", "--batch-size", "4", "--crop", "48", "--workers", "0", "
 PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_workspace(path: Path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:

@@ -20,13 +20,7 @@ from igcam_cli.workspace import Workspace
 OPTS = RunOptions(device="cpu", seed=0, quiet=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and much faster when the CPU is shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_workspace(path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:

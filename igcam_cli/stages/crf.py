@@ -32,9 +32,9 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
         raise UsageError("--bg-mode must be 'power' or 'constant'")
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
-    maps = ws.complete_maps(cfg.source, cfg.split, split_ids)
-    labels = ws.pseudo(cfg.split)
     mine = shard.select(split_ids)
+    maps = ws.complete_maps(cfg.source, cfg.split, mine)  # a shard needs only its own images
+    labels = ws.pseudo(cfg.split)
     if force:
         for image_id in mine:
             labels.path(image_id).unlink(missing_ok=True)

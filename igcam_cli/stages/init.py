@@ -45,6 +45,7 @@ def _stage_defaults(fmt: str, dataset) -> dict[str, dict[str, Any]]:
         return {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
     splits = dataset.splits()
     defaults: dict[str, dict[str, Any]] = {}
-    if "train_aug" in splits:  # the usual VOC recipe: classifier on train_aug (10,582 images)
+    if "train_aug" in splits:  # the usual VOC recipe: classifier and segmenter on train_aug (10,582 images)
         defaults["train-cls"] = {"split": "train_aug"}
+        defaults["train-seg"] = {"split": "train_aug"}  # `igcam run` makes its pseudo-labels there too
     return defaults

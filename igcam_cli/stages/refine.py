@@ -91,7 +91,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
         raise UsageError(f"refine: {exc}") from None
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
-    cams = ws.complete_maps("cams", cfg.split, split_ids)
+    cams = ws.complete_maps("cams", cfg.split, shard.select(split_ids))  # a shard needs only its own images
     oracle = cfg.guidance == "gt" or bool(cams.attrs.get("oracle", False))
     if cfg.guidance == "gt" and not dataset.has_masks(cfg.split):
         raise BadData(f"--guidance gt needs GT masks, and split '{cfg.split}' lacks them ({dataset.gt_source})")
