@@ -116,13 +116,20 @@ def synth(
     n_train: Annotated[int, typer.Option(min=1)] = 320,
     n_val: Annotated[int, typer.Option(min=1)] = 80,
     image_size: Annotated[int, typer.Option(min=32)] = 128,
+    label_noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Corrupt this fraction of the train labels (listed in corrupted.csv)")] = 0.0,
     seed: SeedOpt = 0,
 ):
     """Write the synthetic dataset to disk in the `folder` layout (images/, masks/, labels.csv, splits/)."""
     from igcam_cli.data.synthetic import SyntheticDataset, write_folder
 
-    write_folder(SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed), out)
+    dataset = SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed)
+    write_folder(dataset, out)
     typer.echo(f"wrote {n_train + n_val} images to {out}")
+    if label_noise > 0:
+        from igcam_cli.data.noise import CORRUPTED_NAME, write_noisy_labels
+
+        bad = write_noisy_labels(out, dataset.classes, dataset.ids("train"), label_noise, seed)
+        typer.echo(f"corrupted the labels of {len(bad)} train images (listed in {out / CORRUPTED_NAME})")
 
 
 @app.command("train-cls")
@@ -139,16 +146,23 @@ def train_cls(
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn")] = None,
     workers: WorkersOpt = None,
+    round: Annotated[Optional[int], typer.Option("--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/")] = None,
+    sample_weights: Annotated[Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
 ):
-    """Train the multi-label CAM classifier (cls/model.pt; cls/last.pt after every epoch)."""
+    """Train the multi-label CAM classifier (cls/model.pt; cls/last.pt after every epoch).
+
+    Progressive training: `--round 2 --sample-weights influence` fine-tunes the round-1 model with
+    the per-image weights of `igcam compute-influence` into cls/round2/ (round 1 is kept).
+    """
     from igcam_cli.stages import train_cls as stage
 
     ws = _ws(workspace)
     cfg = _config(ws, "train-cls", backbone=backbone, pretrained=pretrained, split=split, val_split=val_split,
-                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn, workers=workers)
+                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn, workers=workers,
+                  round=round, sample_weights=sample_weights)
     stage.run(cfg, ws, _opts(device, seed, quiet),
               stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
 
@@ -162,17 +176,75 @@ def make_cams(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     label_source: Annotated[Optional[str], typer.Option(help="labels (image labels) or predicted (classifier scores)")] = None,
+    influence_fusion: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)")] = None,
+    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round [default: the latest]")] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None, force: ForceOpt = False,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
 ):
-    """Class activation maps for a split (cams/<split>/part-*.h5)."""
+    """Class activation maps for a split (cams/<split>/part-*.h5), from the latest classifier round."""
     from igcam_cli.stages import make_cams as stage
 
     ws = _ws(workspace)
     cfg = _config(ws, "make-cams", split=split, scales=_floats(scales, "--scales"), flip=flip,
-                  batch_size=batch_size, label_source=label_source, workers=workers)
+                  batch_size=batch_size, label_source=label_source, workers=workers,
+                  influence_fusion=influence_fusion, round=round)
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+
+
+@app.command("compute-influence")
+@handles_errors
+def compute_influence(
+    workspace: WorkspaceOpt = None,
+    split: SplitOpt = None,
+    query_split: Annotated[Optional[str], typer.Option(help="Query images, aggregated per class [default: val, else the split]")] = None,
+    hessian: Annotated[Optional[str], typer.Option(help="ekfac, kfac or none (gradient dot products)")] = None,
+    damping: Annotated[Optional[float], typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")] = None,
+    damping_mode: Annotated[Optional[str], typer.Option(help="relative or absolute")] = None,
+    fisher: Annotated[Optional[str], typer.Option(help="Curvature: ggn (exact), sampled or empirical")] = None,
+    scope: Annotated[Optional[str], typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")] = None,
+    maps: Annotated[Optional[str], typer.Option(help="Spatial maps for labelled classes, all classes or none")] = None,
+    size: Annotated[Optional[int], typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
+    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round [default: the latest]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    workers: WorkersOpt = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the other shards' statistics (default under torchrun)")] = False,
+    shard: ShardOpt = None, force: ForceOpt = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Influence of each training image: self-influence, per-class scores, spatial maps, sample weights (influence/<split>/).
+
+    Sharded: each `--shard i/n` writes its curvature sums; once all n are there, every shard fits the
+    same preconditioner from their total and scores its images. Without --wait a shard stops after
+    its own statistics; run it again when the others have theirs.
+    """
+    import os
+
+    from igcam_cli.stages import compute_influence as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "compute-influence", split=split, query_split=query_split, hessian=hessian, damping=damping,
+                  damping_mode=damping_mode, fisher=fisher, scope=scope, maps=maps, size=size, round=round,
+                  batch_size=batch_size, workers=workers)
+    torchrun = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force, wait=wait or torchrun)
+
+
+@app.command("influence-report")
+@handles_errors
+def influence_report(
+    workspace: WorkspaceOpt = None,
+    split: SplitOpt = None,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Images to list")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")] = None,
+    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+):
+    """Training images most likely to have wrong labels (eval/influence-<split>.md, .json, .png)."""
+    from igcam_cli.stages import influence_report as stage
+
+    ws = _ws(workspace)
+    cfg = _config(ws, "influence-report", split=split, top_k=top_k, truth=str(truth) if truth else None)
+    stage.run(cfg, ws, _opts(device, seed, quiet))
 
 
 @app.command()
@@ -235,7 +307,7 @@ def crf(
 @handles_errors
 def train_seg(
     workspace: WorkspaceOpt = None,
-    arch: Annotated[Optional[str], typer.Option(help="deeplabv3_resnet50|deeplabv3_resnet101|deeplabv3_resnet18 (small, CPU)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="deeplabv3_resnet50|deeplabv3_resnet101, or small CPU models deeplabv3_resnet18|deeplabv3plus_resnet18")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")] = None,
     labels: Annotated[Optional[str], typer.Option(help="pseudo (crf pseudo-labels) or gt (GT masks: the fully supervised UPPER BOUND)")] = None,
     split: SplitOpt = None,
@@ -290,7 +362,7 @@ def predict(
 @handles_errors
 def evaluate(
     workspace: WorkspaceOpt = None,
-    artifact: Annotated[Optional[str], typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/)")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/); influence: the mislabel report")] = None,
     split: SplitOpt = None,
     bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")] = None,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
@@ -299,6 +371,12 @@ def evaluate(
     from igcam_cli.stages import evaluate as stage
 
     ws = _ws(workspace)
+    if artifact == "influence":  # the same as `igcam influence-report`
+        from igcam_cli.stages import influence_report
+
+        report_cfg = _config(ws, "influence-report", split=split)
+        influence_report.run(report_cfg, ws, _opts(device, seed, quiet))
+        return
     cfg = _config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
     stage.run(cfg, ws, _opts(device, seed, quiet))
 

@@ -66,3 +66,14 @@ def write_overlay(path: Path, image: np.ndarray, label: np.ndarray, quality: int
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def caption(image: np.ndarray, text: str, cell: int = 128) -> np.ndarray:
+    """The image resized to cell x cell with `text` on a white band at its top (for contact sheets)."""
+    tile = Image.fromarray(np.ascontiguousarray(image)).convert("RGB").resize((cell, cell), Image.BILINEAR)
+    draw = ImageDraw.Draw(tile)
+    lines = text.split("\n")
+    draw.rectangle((0, 0, cell, 11 * len(lines)), fill=(255, 255, 255))
+    for k, line in enumerate(lines):
+        draw.text((2, 11 * k), line[: cell // 6], fill=(0, 0, 0))
+    return np.asarray(tile)

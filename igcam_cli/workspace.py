@@ -118,6 +118,23 @@ class Workspace:
     def cls_dir(self) -> Path:
         return self.path("cls")
 
+    def cls_round_dir(self, round: int = 1) -> Path:
+        """Where train-cls round `round` keeps model.pt and last.pt: cls/ (round 1), cls/round<k>/."""
+        return self.cls_dir if round <= 1 else self.cls_dir / f"round{round}"
+
+    def cls_model(self, round: int | None = None) -> tuple[Path, int]:
+        """(checkpoint, round) of a classifier round; None = the latest round that has a model.pt."""
+        if round is None:
+            done = [int(p.parent.name[5:]) for p in self.cls_dir.glob("round*/model.pt") if p.parent.name[5:].isdigit()]
+            round = max(done, default=1)
+        if round < 1:
+            raise UsageError(f"--round must be >= 1, got {round}")
+        return self.cls_round_dir(round) / "model.pt", round
+
+    def influence_dir(self, split: str) -> Path:
+        """`influence/<split>/`: compute-influence's statistics, HDF5 parts and weights."""
+        return self.path("influence", split)
+
     def log_path(self, stage: str) -> Path:
         return self.path("logs", f"{stage}.log")
 
@@ -231,7 +248,9 @@ class Workspace:
         by_id = {r["id"]: r for r in runs}
 
         def latest_id(stage: str, split: str | None) -> str | None:
-            matches = [r["id"] for r in runs if r["stage"] == stage and (split is None or r.get("split") == split)]
+            stage, _, round_ = stage.partition("@")  # "train-cls@2": the latest run of classifier round 2
+            matches = [r["id"] for r in runs if r["stage"] == stage and (split is None or r.get("split") == split)
+                       and (not round_ or int(r.get("round") or 1) == int(round_))]
             return matches[-1] if matches else None
 
         def stale(rec: dict[str, Any]) -> bool:
@@ -246,6 +265,11 @@ class Workspace:
 
 def input_key(stage: str, split: str | None = None) -> str:
     return f"{stage}:{split}" if split else stage
+
+
+def classifier_key(round_: int) -> str:
+    """Input key of a classifier round: a later round does not make users of an earlier one stale."""
+    return f"train-cls@{round_}"
 
 
 def _now() -> str:

@@ -176,3 +176,24 @@ def mean_average_precision(scores_: np.ndarray, targets: np.ndarray) -> float:
     """mAP over the columns (classes) of N x C scores and 0/1 targets, skipping classes without positives."""
     aps = np.array([average_precision(scores_[:, c], targets[:, c]) for c in range(scores_.shape[1])])
     return float(_nanmean(aps))
+
+
+def auroc(scores_: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties
+    counting half (Mann-Whitney U with average ranks). NaN without positives or negatives."""
+    scores_ = np.asarray(scores_, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    n1, n0 = int(positives.sum()), int((~positives).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    order = np.argsort(scores_, kind="stable")
+    ranks = np.empty(len(scores_), dtype=np.float64)
+    sorted_scores = scores_[order]
+    start = 0
+    while start < len(sorted_scores):  # average ranks over ties
+        stop = start + 1
+        while stop < len(sorted_scores) and sorted_scores[stop] == sorted_scores[start]:
+            stop += 1
+        ranks[order[start:stop]] = 0.5 * (start + stop - 1) + 1
+        start = stop
+    return float((ranks[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))

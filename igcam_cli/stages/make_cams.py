@@ -10,16 +10,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from igcam_cli.config import MakeCamsConfig, RunOptions, to_dict
+from igcam_cli import influence_io
 from igcam_cli.core.cam import multiscale_cams, normalize_cams
+from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize
-from igcam_cli.errors import BadData, UsageError
+from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.batching import same_size_batches
 from igcam_cli.runtime.progress import StageLog
-from igcam_cli.workspace import Workspace, input_key
+from igcam_cli.store import MapStore
+from igcam_cli.workspace import Workspace, classifier_key, input_key
 
 
 @dataclass
@@ -27,18 +30,23 @@ class _Item:
     id: str
     image: torch.Tensor  # 3 x H x W, normalised
     labels: np.ndarray
+    influence: dict[int, np.ndarray] | None = None  # class -> spatial influence map (h x w), for fusion
 
 
 class _Images(TorchDataset):
-    def __init__(self, dataset: Dataset, ids: list[str]):
-        self.dataset, self.ids = dataset, ids
+    def __init__(self, dataset: Dataset, ids: list[str], influence: MapStore | None = None):
+        self.dataset, self.ids, self.influence = dataset, ids, influence
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> _Item:
         sample = self.dataset.load(self.ids[index], with_mask=False)
-        return _Item(sample.id, normalize(sample.image), sample.labels)
+        influence = None
+        if self.influence is not None:
+            maps, classes, _ = influence_io.read_maps(self.influence, sample.id)
+            influence = {int(c): m for c, m in zip(classes, maps)}
+        return _Item(sample.id, normalize(sample.image), sample.labels, influence)
 
 
 def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
@@ -48,12 +56,17 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
         raise UsageError("--scales must be positive numbers, e.g. 1.0,0.5,1.5,2.0")
     if cfg.label_source not in ("labels", "predicted"):
         raise UsageError("--label-source must be 'labels' or 'predicted'")
+    if not 0.0 <= cfg.influence_fusion <= 1.0:
+        raise UsageError("--influence-fusion must be in [0, 1]")
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
-    model = load_checkpoint(ws.cls_dir / "model.pt", ws.command("train-cls"))
+    model_path, round_ = ws.cls_model(cfg.round)
+    model = load_checkpoint(model_path, ws.command("train-cls") + (f" --round {round_}" if round_ > 1 else ""))
     if model.num_classes != dataset.num_classes:
-        raise BadData(f"{ws.cls_dir / 'model.pt'} has {model.num_classes} classes but the dataset has "
+        raise BadData(f"{model_path} has {model.num_classes} classes but the dataset has "
                       f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`")
+    influence = _influence_store(ws, cfg, split_ids) if cfg.influence_fusion > 0 else None
+    chosen = "chosen with --round" if cfg.round is not None else "the latest"
     device = local_device(resolve_device(opts.device))
     model.to(device, memory_format=memory_format(device)).eval()
 
@@ -61,17 +74,29 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     if force:
         store.clear(rank=None if shard.count == 1 else shard.index)
     ws.check_resumable("make-cams", cfg.split, to_dict(cfg), has_output=len(store) > 0)
+    cls_record = _cls_record(ws, round_)
+    classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id")}
+    previous = (ws.latest("make-cams", cfg.split) or {}).get("classifier")
+    if len(store) > 0 and previous and previous.get("run") != classifier["run"]:
+        raise UsageError(f"cams for split '{cfg.split}' were made with classifier round {previous.get('round')} "
+                         f"({previous.get('path')}); pass --force to redo them with round {round_}")
     store.remove_temporaries(rank=shard.index)
     done = store.ids()
     todo = [i for i in shard.select(split_ids) if i not in done]
-    cls_record = ws.latest("train-cls")
-    record = ws.start("make-cams", to_dict(cfg), split=cfg.split, shard=str(shard),
-                      inputs={input_key("train-cls"): cls_record["id"]} if cls_record else {})
+    # The latest round by default: any newer round makes these CAMs stale; --round N ties them to round N.
+    cls_key = input_key("train-cls") if cfg.round is None else classifier_key(round_)
+    inputs = {cls_key: cls_record["id"]} if cls_record else {}
+    influence_record = ws.latest("compute-influence", cfg.split) if influence is not None else None
+    if influence_record:
+        inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
+    record = ws.start("make-cams", to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier, inputs=inputs)
+    log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
     log(f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
-        f"already done; scales {cfg.scales}, flip {cfg.flip}, device {device}")
+        f"already done; scales {cfg.scales}, flip {cfg.flip}, influence fusion {cfg.influence_fusion}, device {device}")
     try:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
-            for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device), cfg.batch_size, _image_size),
+            for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device, influence), cfg.batch_size,
+                                                     _image_size),
                                    total=-(-len(todo) // cfg.batch_size), description="cams", unit="batch"):
                 _write_batch(batch, model, cfg, device, writer)
         coverage = len(store.ids() & set(split_ids))
@@ -94,12 +119,39 @@ def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.d
         else:
             classes = (torch.nonzero(torch.sigmoid(logits[b]) > cfg.predict_threshold).flatten() + 1).cpu().numpy()
         maps = normalize_cams(cams[b, torch.as_tensor(classes - 1, dtype=torch.long, device=device)])
+        if cfg.influence_fusion > 0 and len(classes):
+            maps = fuse(maps, _influence_maps(item, classes), cfg.influence_fusion)
         writer.write(item.id, maps.cpu().numpy(), classes.astype(np.uint8))
 
 
-def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch.device) -> DataLoader:
+def _influence_maps(item: _Item, classes: np.ndarray) -> torch.Tensor:
+    """K x h x w influence maps of `classes` (zeros for a class compute-influence has no map of)."""
+    shape = next(iter(item.influence.values())).shape if item.influence else (1, 1)
+    zeros = np.zeros(shape, dtype=np.float32)
+    return torch.from_numpy(np.stack([item.influence.get(int(c), zeros) for c in classes]))
+
+
+def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -> MapStore:
+    store = MapStore(ws.influence_dir(cfg.split))
+    missing = len(set(split_ids) - store.ids())
+    if missing:
+        state = ("missing" if missing == len(split_ids)
+                 else f"incomplete ({len(split_ids) - missing} of {len(split_ids)} images)")
+        raise MissingArtifact(f"influence maps for split '{cfg.split}' {state} (--influence-fusion): "
+                              f"run `{ws.command('compute-influence', cfg.split)}` first")
+    return store
+
+
+def _cls_record(ws: Workspace, round_: int) -> dict | None:
+    matches = [r for r in ws.records() if r["stage"] == "train-cls" and r["status"] == "done"
+               and int(r.get("round") or 1) == round_]
+    return matches[-1] if matches else None
+
+
+def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch.device,
+            influence: MapStore | None = None) -> DataLoader:
     workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(_Images(dataset, ids), batch_size=None, num_workers=workers,
+    return DataLoader(_Images(dataset, ids, influence), batch_size=None, num_workers=workers,
                       pin_memory=device.type == "cuda", prefetch_factor=2 * cfg.batch_size if workers else None)
 
 

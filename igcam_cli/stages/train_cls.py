@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
+from igcam_cli import influence_io
 from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
 from igcam_cli.core.metrics import mean_average_precision
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import eval_view, train_view
-from igcam_cli.errors import BadData, UsageError
+from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
 from igcam_cli.runtime.progress import StageLog
-from igcam_cli.workspace import Workspace
+from igcam_cli.workspace import Workspace, classifier_key, input_key
 
 POLY_POWER = 0.9
 
@@ -39,8 +40,10 @@ class TrainOptions:
 class _ClassifierImages(TorchDataset):
     """Augmented training views (train=True) or fixed-size views with multi-hot targets."""
 
-    def __init__(self, dataset: Dataset, ids: list[str], cfg: TrainClsConfig, seed: int, train: bool):
+    def __init__(self, dataset: Dataset, ids: list[str], cfg: TrainClsConfig, seed: int, train: bool,
+                 weights: list[float] | None = None):
         self.dataset, self.ids, self.cfg, self.seed, self.train = dataset, ids, cfg, seed, train
+        self.weights = weights
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -55,7 +58,7 @@ class _ClassifierImages(TorchDataset):
             view = train_view(sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
         else:
             view = eval_view(sample.image, self.cfg.crop)
-        return view, target
+        return view, target, torch.tensor(1.0 if self.weights is None else self.weights[index])
 
 
 def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> CamClassifier:
@@ -67,6 +70,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         raise BadData(f"split '{cfg.split}' has no images")
     val_ids = dataset.ids(cfg.val_split) if cfg.val_split in dataset.splits() else []
 
+    weights, influence_record = _sample_weights(cfg, ws, ids, log)
     device = ddp.device(resolve_device(opts.device))
     seed_everything(opts.seed)
     model = _initial_model(cfg, dataset.num_classes, train.init_from, ws)
@@ -80,12 +84,13 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
-    ws.cls_dir.mkdir(parents=True, exist_ok=True)
-    last_path, model_path = ws.cls_dir / "last.pt", ws.cls_dir / "model.pt"
+    out_dir = ws.cls_round_dir(cfg.round)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, model_path = out_dir / "last.pt", out_dir / "model.pt"
     start_epoch, step = 0, 0
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, model, optimizer)
-        latest = ws.latest("train-cls")
+        latest = _latest_of_round(ws, cfg.round)
         if (start_epoch >= cfg.epochs and model_path.is_file() and latest and latest["status"] == "done"
                 and latest["config"] == to_dict(cfg)):
             # Finished already: a new record would mark everything downstream stale for the same weights.
@@ -95,9 +100,17 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     elif train.resume:
         log(f"--resume: no {last_path} yet, starting from scratch")
 
-    record = ws.start("train-cls", to_dict(cfg), seed=opts.seed, device=str(device)) if ddp.is_main() else None
+    inputs = {}
+    if cfg.round > 1 and train.init_from is None:
+        previous = _latest_of_round(ws, cfg.round - 1, done=True)
+        inputs = {classifier_key(cfg.round - 1): previous["id"]} if previous else {}
+    if influence_record:
+        inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
+    record = ws.start("train-cls", to_dict(cfg), seed=opts.seed, device=str(device), round=cfg.round,
+                      classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
+                      inputs=inputs) if ddp.is_main() else None
     net = ddp.wrap(model, device)
-    train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True)
+    train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True, weights=weights)
     steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
@@ -110,14 +123,18 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             loader = _loader(train_data, ddp.shard_indices(order), cfg, device)
             net.train()
             losses = []
-            for x, y in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+            for x, y, w in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
                 x = x.to(device, non_blocking=True, memory_format=memory_format(device))
                 y = y.to(device, non_blocking=True)
                 with autocast(device):
                     logits, _ = net(x)
-                loss = F.multilabel_soft_margin_loss(logits.float(), y)
+                if weights is None:
+                    loss = F.multilabel_soft_margin_loss(logits.float(), y)
+                else:  # per-image weights (mean 1 over the split) on the per-image loss
+                    per_image = F.multilabel_soft_margin_loss(logits.float(), y, reduction="none")
+                    loss = (per_image * w.to(device, non_blocking=True)).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -152,7 +169,7 @@ def evaluate_map(model: CamClassifier, dataset: Dataset, ids: list[str], cfg: Tr
     model.eval()
     scores, targets = [], []
     with torch.no_grad():
-        for x, y in loader:
+        for x, y, _ in loader:
             with autocast(device):
                 logits, _ = model(x.to(device, memory_format=memory_format(device)))
             scores.append(logits.float().cpu())
@@ -175,9 +192,46 @@ def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
         raise UsageError("--epochs and --batch-size must be >= 1 and --crop >= 16")
     if not 0 < cfg.scale_min <= cfg.scale_max:
         raise UsageError("need 0 < scale_min <= scale_max")
+    if cfg.round < 1:
+        raise UsageError("--round must be >= 1")
+    if cfg.sample_weights not in ("none", "influence"):
+        raise UsageError(f"--sample-weights must be 'none' or 'influence', got '{cfg.sample_weights}'")
+    if cfg.sample_weights != "none" and cfg.round == 1:
+        raise UsageError("--sample-weights influence needs --round 2 or later (round 1 is the plain training "
+                         "whose model compute-influence reads)")
+
+
+def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log) -> tuple[list[float] | None, dict | None]:
+    """Per-image loss weights in `ids` order from compute-influence's scores.csv (None: unweighted)."""
+    if cfg.sample_weights == "none":
+        return None, None
+    command = ws.command("compute-influence", cfg.split) + (f" --round {cfg.round - 1}" if cfg.round > 2 else "")
+    scores = influence_io.read_scores(ws.influence_dir(cfg.split), ids, command)
+    record = ws.latest("compute-influence", cfg.split)
+    used = (record or {}).get("classifier", {}).get("round")
+    if used is not None and used != cfg.round - 1:
+        log(f"note: the influence weights come from classifier round {used}, not round {cfg.round - 1}")
+    weights = [scores[i].weight for i in ids]
+    low = sum(w < 1 for w in weights)
+    log(f"sample weights from {ws.influence_dir(cfg.split) / influence_io.SCORES_NAME} "
+        f"(classifier round {used}): {low} of {len(ids)} images down-weighted, min {min(weights):.3f}")
+    return weights, record
+
+
+def _latest_of_round(ws: Workspace, round_: int, done: bool = False) -> dict | None:
+    matches = [r for r in ws.records() if r["stage"] == "train-cls" and int(r.get("round") or 1) == round_
+               and (not done or r["status"] == "done")]
+    return matches[-1] if matches else None
 
 
 def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None, ws: Workspace) -> CamClassifier:
+    if init_from is None and cfg.round > 1:  # progressive training: fine-tune the previous round's model
+        path, _ = ws.cls_model(cfg.round - 1)
+        command = ws.command("train-cls") + (f" --round {cfg.round - 1}" if cfg.round > 2 else "")
+        if not path.is_file():
+            raise MissingArtifact(f"round {cfg.round} fine-tunes round {cfg.round - 1}'s classifier, and {path} "
+                                  f"is missing: run `{command}` first")
+        init_from = str(path)
     if init_from is None:
         return build_classifier(cfg.backbone, num_classes, cfg.pretrained)
     model = load_checkpoint(Path(init_from), f"igcam train-cls -w {ws.root}")
@@ -187,13 +241,14 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
     return model
 
 
-_RESUME_KEYS = ("backbone", "pretrained", "split", "epochs", "batch_size", "crop", "lr", "head_lr_mult", "freeze_bn")
+_RESUME_KEYS = ("backbone", "pretrained", "split", "epochs", "batch_size", "crop", "lr", "head_lr_mult", "freeze_bn",
+                "sample_weights")
 
 
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved = ckpt["config"]
-    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(TrainClsConfig, k, None)) != getattr(cfg, k)]
     if changed:
         raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
                          "rerun without --resume to start over")

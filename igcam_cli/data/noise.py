@@ -1,0 +1,80 @@
+"""Seeded label noise for measuring the mislabel finder: corrupt a fraction of image-level labels.
+
+`igcam synth OUT --label-noise 0.1` writes the synthetic dataset in the folder layout, then
+replaces the labels of a seeded 10 % of the training images in `labels.csv` and lists them in
+`corrupted.csv` (`id,true_labels,noisy_labels`). GT masks stay true, so CAMs made from the noisy
+labels can still be scored against the real objects.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from igcam_cli.errors import BadData, UsageError
+
+CORRUPTED_NAME = "corrupted.csv"
+
+
+def corrupt_labels(labels: dict[str, np.ndarray], num_classes: int, fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """New labels for a seeded `fraction` of the ids (rounded): one present class of each chosen
+    image is swapped for a class it does not have (an image with every class loses one).
+    Returns only the changed ids; labels are sorted int64 class indices in 1..C."""
+    if not 0 <= fraction <= 1:
+        raise UsageError(f"--label-noise must be in [0, 1], got {fraction}")
+    ids = sorted(labels)
+    rng = np.random.default_rng([seed, 7919])
+    chosen = sorted(rng.permutation(len(ids))[: int(round(fraction * len(ids)))].tolist())
+    out = {}
+    for index in chosen:
+        present = [int(c) for c in labels[ids[index]]]
+        absent = [c for c in range(1, num_classes + 1) if c not in present]
+        if not present and not absent:
+            continue
+        new = list(present)
+        if present and absent:
+            new[int(rng.integers(len(new)))] = absent[int(rng.integers(len(absent)))]
+        elif absent:  # an image without labels gets one
+            new = [absent[int(rng.integers(len(absent)))]]
+        else:  # every class present: drop one
+            new.pop(int(rng.integers(len(new))))
+        out[ids[index]] = np.array(sorted(new), dtype=np.int64)
+    return out
+
+
+def write_noisy_labels(root: Path, classes: list[str], split_ids: list[str], fraction: float, seed: int) -> list[str]:
+    """Rewrite `root/labels.csv` with `fraction` of `split_ids` corrupted and write `root/corrupted.csv`.
+    Returns the corrupted ids."""
+    path = Path(root) / "labels.csv"
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except OSError as exc:
+        raise BadData(f"cannot read {path}: {exc}") from None
+    index = {name: k + 1 for k, name in enumerate(classes)}
+    header, body = rows[0], rows[1:]
+    wanted = set(split_ids)
+    labels = {row[0]: np.array(sorted(index[n] for n in row[1].split()), dtype=np.int64) for row in body if row[0] in wanted}
+    noisy = corrupt_labels(labels, len(classes), fraction, seed)
+    names = lambda ks: " ".join(classes[k - 1] for k in ks)  # noqa: E731
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows([row[0], names(noisy[row[0]])] if row[0] in noisy else row for row in body)
+    with open(Path(root) / CORRUPTED_NAME, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("id", "true_labels", "noisy_labels"))
+        writer.writerows((i, names(labels[i]), names(noisy[i])) for i in sorted(noisy))
+    return sorted(noisy)
+
+
+def read_corrupted(path: Path) -> set[str]:
+    """Ids listed in a corrupted.csv (or a plain file with one id per line)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise BadData(f"cannot read the list of corrupted ids {path}: {exc}") from None
+    ids = [line.split(",")[0].strip() for line in lines if line.strip()]
+    return {i for i in ids if i and i != "id"}

@@ -1,0 +1,153 @@
+"""influence-report: the training images most likely to carry wrong image labels.
+
+Ranks a split's images by atypicality (robust z-score of log self-influence, from
+compute-influence's scores.csv), lists the top k with their labels in a rich table,
+eval/influence-<split>.md and .json, and draws a contact sheet (image | influence of each
+labelled class) in eval/influence-<split>.png. When the truly mislabelled ids are known
+(`--truth FILE`, or corrupted.csv in the dataset root as `igcam synth --label-noise` writes it),
+it also reports the AUROC of the ranking (and of the per-image loss, as a baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from igcam_cli import influence_io, report
+from igcam_cli.config import InfluenceReportConfig, RunOptions, to_dict
+from igcam_cli.core.fusion import influence_heat
+from igcam_cli.core.metrics import auroc
+from igcam_cli.data.noise import CORRUPTED_NAME, read_corrupted
+from igcam_cli.errors import BadData, UsageError
+from igcam_cli.runtime.progress import StageLog
+from igcam_cli.store import MapStore
+from igcam_cli.workspace import Workspace, input_key
+
+SHEET_ROWS = 12
+CELL = 128
+
+
+def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
+    log = StageLog(ws.log_path("influence-report"), quiet=opts.quiet)
+    if cfg.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    dataset = ws.dataset()
+    if cfg.split not in dataset.splits():
+        raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
+    ids = dataset.ids(cfg.split)
+    directory = ws.influence_dir(cfg.split)
+    scores = influence_io.read_scores(directory, ids, ws.command("compute-influence", cfg.split))
+    ranked = sorted(ids, key=lambda i: (-scores[i].atypicality, i))
+    truth, truth_path = _truth(cfg, ws)
+    names = dataset.classes
+
+    def label_names(text: str) -> list[str]:
+        return [names[int(k) - 1] for k in text.split()]
+
+    rows = [{"rank": r + 1, "id": i, "labels": label_names(scores[i].labels), "atypicality": scores[i].atypicality,
+             "self_influence": scores[i].self_influence, "loss": scores[i].loss, "weight": scores[i].weight,
+             **({"mislabelled": i in truth} if truth is not None else {})}
+            for r, i in enumerate(ranked[: cfg.top_k])]
+    result: dict[str, Any] = {"split": cfg.split, "n_images": len(ids), "top_k": cfg.top_k, "ranked_by": "atypicality",
+                              "rows": rows, "source_run": (ws.latest("compute-influence", cfg.split) or {}).get("id"),
+                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if truth is not None:
+        result.update(_truth_metrics(ids, scores, ranked, truth, truth_path))
+    out = ws.path("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"influence-{cfg.split}"
+    sheet = _sheet(ws, dataset, MapStore(directory), rows[:SHEET_ROWS], out / f"{stem}.png")
+    result["contact_sheet"] = str(sheet)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    source = ws.latest("compute-influence", cfg.split)
+    ws.start("influence-report", to_dict(cfg), split=cfg.split,
+             inputs={input_key("compute-influence", cfg.split): source["id"]} if source else {}
+             ).finish(outputs=[str(out / f"{stem}.json"), str(out / f"{stem}.md"), str(sheet)],
+                      metrics={k: result[k] for k in ("auroc", "auroc_loss") if k in result})
+    if not opts.quiet:
+        _print(result)
+    log(f"wrote {out / stem}.md, .json and .png")
+    return result
+
+
+def _truth(cfg: InfluenceReportConfig, ws: Workspace) -> tuple[set[str] | None, str | None]:
+    if cfg.truth:
+        return read_corrupted(Path(cfg.truth)), cfg.truth
+    root = ws.dataset_spec.get("root")
+    if root and (Path(root) / CORRUPTED_NAME).is_file():
+        path = Path(root) / CORRUPTED_NAME
+        return read_corrupted(path), str(path)
+    return None, None
+
+
+def _truth_metrics(ids: list[str], scores: dict, ranked: list[str], truth: set[str], path: str | None) -> dict:
+    positive = np.array([i in truth for i in ids])
+    n_bad = int(positive.sum())
+    found = sum(i in truth for i in ranked[:n_bad])
+    return {"truth": path, "n_mislabelled": n_bad,
+            "auroc": auroc(np.array([scores[i].atypicality for i in ids]), positive),
+            "auroc_loss": auroc(np.array([scores[i].loss for i in ids]), positive),
+            "precision_at_n_mislabelled": found / n_bad if n_bad else float("nan")}
+
+
+def _sheet(ws: Workspace, dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
+    """One row per listed image: the image with its rank and labels, then the influence heat map
+    of each of its labelled classes (positive part, over the image)."""
+    width = max([len(r["labels"]) for r in rows] + [1])
+    sheet_rows = []
+    for row in rows:
+        image = dataset.load(row["id"], with_mask=False).image
+        tiles = [report.caption(image, f"#{row['rank']} {row['id']}\n{' '.join(row['labels'])}")]
+        if row["id"] in store:
+            maps, classes, _ = influence_io.read_maps(store, row["id"])
+            heat = influence_heat(torch.from_numpy(maps), image.shape[:2]).numpy() if len(maps) else maps
+            for k, c in enumerate(classes[:width]):
+                blend = (0.45 * image + 0.55 * report.heatmap(heat[k: k + 1])).astype(np.uint8)
+                tiles.append(report.caption(blend, dataset.classes[int(c) - 1]))
+        tiles += [np.full((CELL, CELL, 3), 255, np.uint8)] * (width + 1 - len(tiles))
+        sheet_rows.append(tiles)
+    titles = ["image (rank, labels)"] + [f"influence {k + 1}" for k in range(width)]
+    return report.contact_sheet(sheet_rows, titles, path, cell=CELL)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Possibly mislabelled images of '{result['split']}' ({result['n_images']} images)", "",
+             "Ranked by atypicality: robust z-score of log self-influence (compute-influence). "
+             "High = the classifier needs this image's labels unlike the others'.", ""]
+    if "auroc" in result:
+        lines += [f"Known mislabelled images: {result['n_mislabelled']} ({result['truth']}). "
+                  f"AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}); "
+                  f"{result['precision_at_n_mislabelled'] * 100:.1f} % of the top {result['n_mislabelled']} are mislabelled.", ""]
+    known = "auroc" in result
+    lines += ["| rank | id | labels | atypicality | self-influence | loss | weight |" + (" mislabelled |" if known else ""),
+              "|---:|---|---|---:|---:|---:|---:|" + ("---|" if known else "")]
+    for r in result["rows"]:
+        lines.append(f"| {r['rank']} | {r['id']} | {' '.join(r['labels'])} | {r['atypicality']:.2f} | "
+                     f"{r['self_influence']:.3g} | {r['loss']:.3f} | {r['weight']:.2f} |"
+                     + (f" {'yes' if r['mislabelled'] else ''} |" if known else ""))
+    lines += ["", f"Contact sheet: {result['contact_sheet']}", ""]
+    return "\n".join(lines)
+
+
+def _print(result: dict) -> None:
+    known = "auroc" in result
+    caption = "ranked by atypicality (robust z of log self-influence)"
+    if known:
+        caption = (f"AUROC {result['auroc']:.3f} against {result['n_mislabelled']} known mislabelled images "
+                   f"(loss: {result['auroc_loss']:.3f})")
+    table = Table(title=f"possibly mislabelled images of '{result['split']}'", caption=caption)
+    for column in ("rank", "id", "labels", "atypicality", "self-influence", "weight") + (("mislabelled",) if known else ()):
+        table.add_column(column, justify="right" if column not in ("id", "labels") else "left")
+    for r in result["rows"]:
+        table.add_row(str(r["rank"]), r["id"], " ".join(r["labels"]), f"{r['atypicality']:.2f}",
+                      f"{r['self_influence']:.3g}", f"{r['weight']:.2f}",
+                      *(("yes" if r["mislabelled"] else "",) if known else ()))
+    Console(width=max(120, Console().width)).print(table)

@@ -1,0 +1,372 @@
+"""compute-influence through the stage (shards, resume, stored values), fusion in make-cams,
+progressive training (round 2 with influence weights), the mislabel report and label noise."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli_helpers import assert_error, igcam, ok
+from igcam_cli import influence_io
+from igcam_cli.config import (ComputeInfluenceConfig, InfluenceReportConfig, MakeCamsConfig, RunOptions,
+                              TrainClsConfig, build)
+from igcam_cli.core.fusion import fuse, influence_heat
+from igcam_cli.core.metrics import auroc
+from igcam_cli.data.noise import corrupt_labels
+from igcam_cli.data.transforms import normalize
+from igcam_cli.errors import UsageError
+from igcam_cli.models.classifier import load_checkpoint
+from igcam_cli.runtime.distributed import Shard
+from igcam_cli.stages import compute_influence, influence_report, init as init_stage, make_cams, train_cls
+from igcam_cli.store import MapStore
+from igcam_cli.workspace import Workspace
+
+OPTS = RunOptions(device="cpu", seed=0, quiet=True)
+SYNTH = {"n_train": 8, "n_val": 4, "size": 64}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train_cfg(ws: Workspace, **overrides) -> TrainClsConfig:
+    values = {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 1}
+    values.update(overrides)
+    return build(TrainClsConfig, ws.stage_table("train-cls"), values)
+
+
+def _influence_cfg(ws: Workspace, **overrides) -> ComputeInfluenceConfig:
+    values = {"scope": "head", "batch_size": 3, "workers": 0, "w_threshold": 0.0}  # 8 images: weigh above the median
+    values.update(overrides)
+    return build(ComputeInfluenceConfig, ws.stage_table("compute-influence"), values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A synthetic workspace (8 train / 4 val, 64 px) with a round-1 classifier. Do not modify."""
+    ws = init_stage.run(tmp_path_factory.mktemp("infl") / "ws", "synthetic", None, None, SYNTH)
+    train_cls.run(_train_cfg(ws), ws, OPTS, train_cls.TrainOptions())
+    return ws.root
+
+
+@pytest.fixture(scope="module")
+def influenced(trained, tmp_path_factory) -> Path:
+    """`trained` + compute-influence (EK-FAC on the head) for 'train'. Do not modify."""
+    root = Path(shutil.copytree(trained, tmp_path_factory.mktemp("influenced") / "ws"))
+    ws = Workspace.open(root)
+    compute_influence.run(_influence_cfg(ws), ws, OPTS)
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Workspace:
+    return Workspace.open(Path(shutil.copytree(src, dst)))
+
+
+def _stored(ws: Workspace, split: str = "train") -> dict:
+    store = MapStore(ws.influence_dir(split))
+    out = {}
+    for image_id in sorted(store.ids()):
+        maps, classes, attrs = influence_io.read_maps(store, image_id)
+        out[image_id] = (maps, classes, attrs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# compute-influence
+# ---------------------------------------------------------------------------------------------
+
+def test_sharded_stage_equals_unsharded(influenced, trained, tmp_path):
+    ws = _copy(trained, tmp_path / "sharded")
+    cfg = _influence_cfg(ws)
+    first = compute_influence.run(cfg, ws, OPTS, Shard(0, 2))
+    assert first == {"phase": "waiting", "stage": "factors", "missing": 1, "scored": 0}
+    second = compute_influence.run(cfg, ws, OPTS, Shard(1, 2))  # factors of both: on to lambda, waits for shard 0
+    assert second["phase"] == "waiting" and second["stage"] == "lambda"
+    assert compute_influence.run(cfg, ws, OPTS, Shard(0, 2)) == {"phase": "done", "scored": 4}
+    assert not (ws.influence_dir("train") / influence_io.SCORES_NAME).exists()  # shard 1 has not scored yet
+    assert compute_influence.run(cfg, ws, OPTS, Shard(1, 2)) == {"phase": "done", "scored": 4}
+    assert compute_influence.run(cfg, ws, OPTS, Shard(1, 2)) == {"phase": "done", "scored": 0}  # resumed: nothing left
+
+    whole = Workspace.open(influenced)
+    ids = whole.dataset().ids("train")
+    a = influence_io.read_scores(whole.influence_dir("train"), ids, "x")
+    b = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    for i in ids:
+        for field in ("self_influence", "loss", "atypicality", "weight"):
+            assert getattr(b[i], field) == pytest.approx(getattr(a[i], field), rel=1e-4, abs=1e-6), (i, field)
+    sa, sb = _stored(whole), _stored(ws)
+    assert sa.keys() == sb.keys() == set(ids)
+    for i in ids:
+        np.testing.assert_array_equal(sa[i][1], sb[i][1])
+        per_class = np.asarray(sa[i][2]["per_class"])  # float32 batch sums in other groupings: relative to the scale
+        np.testing.assert_allclose(sb[i][2]["per_class"], per_class, rtol=1e-4, atol=1e-4 * np.abs(per_class).max())
+        np.testing.assert_allclose(sb[i][0], sa[i][0], rtol=1e-2, atol=1e-3 * np.abs(sa[i][0]).max())
+    records = [r for r in ws.records() if r["stage"] == "compute-influence"]
+    assert {r["shard"] for r in records} == {"0/2", "1/2"}
+    assert all(r["classifier"]["round"] == 1 and r["classifier"]["path"] == "cls/model.pt" for r in records)
+
+
+def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
+    """hessian none: self-influence = |grad of the head|^2 per image, from a plain autograd loop."""
+    ws = Workspace.open(influenced)
+    model = load_checkpoint(ws.cls_dir / "model.pt", "x").eval()
+    dataset = ws.dataset()
+    stored = _stored(ws)
+    for image_id, (maps, classes, attrs) in list(stored.items())[:4]:
+        sample = dataset.load(image_id, with_mask=False)
+        np.testing.assert_array_equal(classes, sample.labels.astype(np.uint8))  # maps of the labelled classes
+        per_class = np.asarray(attrs["per_class"])
+        np.testing.assert_allclose(maps.sum((1, 2)), per_class[classes.astype(int) - 1], rtol=2e-3,
+                                   atol=2e-3 * np.abs(maps).sum())
+        assert attrs["self_influence"] > 0 and (attrs["image_height"], attrs["image_width"]) == (64, 64)
+        target = torch.zeros(1, 5)
+        target[0, torch.as_tensor(sample.labels) - 1] = 1
+        with torch.no_grad():
+            logits = model(normalize(sample.image)[None])[0]
+        assert attrs["loss"] == pytest.approx(float(F.multilabel_soft_margin_loss(logits, target).detach()), rel=1e-5)
+
+
+def test_identity_curvature_is_plain_gradient_norm(trained, tmp_path):
+    ws = _copy(trained, tmp_path / "none")
+    compute_influence.run(_influence_cfg(ws, hessian="none", maps="none"), ws, OPTS)
+    model = load_checkpoint(ws.cls_dir / "model.pt", "x").eval()
+    stored = _stored(ws)
+    for image_id, (maps, classes, attrs) in stored.items():
+        assert maps.shape[0] == 0 and len(classes) == 0
+        sample = ws.dataset().load(image_id, with_mask=False)
+        target = torch.zeros(1, 5)
+        target[0, torch.as_tensor(sample.labels) - 1] = 1
+        model.zero_grad()
+        F.multilabel_soft_margin_loss(model(normalize(sample.image)[None])[0], target).backward()
+        assert attrs["self_influence"] == pytest.approx(float(model.head.weight.grad.square().sum()), rel=1e-4)
+    assert not (ws.influence_dir("train") / "eigen.pt").exists()  # no curvature for hessian none
+
+
+def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    before = {p.name for p in MapStore(ws.influence_dir("train")).parts()}
+    assert compute_influence.run(_influence_cfg(ws), ws, OPTS)["scored"] == 0
+    with pytest.raises(UsageError, match="damping"):
+        compute_influence.run(_influence_cfg(ws, damping=0.5), ws, OPTS)
+    # Weight settings only rewrite scores.csv: no image is scored again.
+    assert compute_influence.run(_influence_cfg(ws, w_threshold=5.0), ws, OPTS)["scored"] == 0
+    ids = ws.dataset().ids("train")
+    assert all(s.weight == 1.0 for s in influence_io.read_scores(ws.influence_dir("train"), ids, "x").values())
+    out = compute_influence.run(_influence_cfg(ws, damping=0.5), ws, OPTS, force=True)
+    assert out["scored"] == 8
+    assert {p.name for p in MapStore(ws.influence_dir("train")).parts()} == before  # same names, new content
+    a = influence_io.read_scores(Workspace.open(influenced).influence_dir("train"), ["train_00000"], "x")
+    b = influence_io.read_scores(ws.influence_dir("train"), ["train_00000"], "x")
+    assert b["train_00000"].self_influence < a["train_00000"].self_influence  # more damping, smaller H^-1
+
+
+def test_cli_errors(fresh_ws, trained, tmp_path):
+    assert_error(igcam("compute-influence", "-w", fresh_ws, "--scope", "head"), 3, "igcam train-cls -w")
+    ws = _copy(trained, tmp_path / "ws")
+    assert_error(igcam("compute-influence", "-w", ws.root, "--hessian", "exact"), 2, "--hessian")
+    assert_error(igcam("compute-influence", "-w", ws.root, "--scope", "nope"), 2, "--scope nope")
+    assert_error(igcam("make-cams", "-w", ws.root, "--influence-fusion", "0.3", "--workers", "0"), 3,
+                 "igcam compute-influence -w")
+    assert_error(igcam("train-cls", "-w", ws.root, "--round", "2", "--sample-weights", "influence", "--epochs", "1"),
+                 3, "igcam compute-influence -w")
+    assert_error(igcam("train-cls", "-w", ws.root, "--sample-weights", "influence"), 2, "--round 2")
+    assert_error(igcam("train-cls", "-w", ws.root, "--round", "3", "--epochs", "1"), 3, "--round 2")
+    # A shard without its partner's statistics writes its own and stops cleanly (exit 0).
+    ok("compute-influence", "-w", ws.root, "--scope", "head", "--workers", "0", "--shard", "0/2", "--device", "cpu")
+    assert (ws.influence_dir("train") / "stats-factors-r0-of-2.pt").is_file()
+    assert "rerun this command" in ws.log_path("compute-influence").read_text()
+    assert not MapStore(ws.influence_dir("train")).ids()
+
+
+# ---------------------------------------------------------------------------------------------
+# make-cams fusion
+# ---------------------------------------------------------------------------------------------
+
+def _cams_cfg(ws: Workspace, **overrides) -> MakeCamsConfig:
+    values = {"workers": 0, "scales": [1.0], "flip": False}
+    values.update(overrides)
+    return build(MakeCamsConfig, ws.stage_table("make-cams"), values)
+
+
+def test_fusion_zero_is_byte_identical_and_fusion_mixes_the_maps(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    make_cams.run(_cams_cfg(ws), ws, OPTS)
+    plain = {i: ws.maps("cams", "train").read(i) for i in ws.dataset().ids("train")}
+    make_cams.run(_cams_cfg(ws, influence_fusion=0.0), ws, OPTS, force=True)
+    for i, record in plain.items():
+        assert ws.maps("cams", "train").read(i).maps.tobytes() == record.maps.tobytes()
+    lam = 0.5
+    make_cams.run(_cams_cfg(ws, influence_fusion=lam), ws, OPTS, force=True)
+    assert "compute-influence:train" in ws.latest("make-cams", "train")["inputs"]
+    changed = 0
+    for i, record in plain.items():
+        fused = ws.maps("cams", "train").read(i)
+        infl, classes, _ = influence_io.read_maps(MapStore(ws.influence_dir("train")), i)
+        np.testing.assert_array_equal(fused.classes, classes)
+        expected = fuse(torch.from_numpy(record.maps), torch.from_numpy(infl), lam).numpy()
+        np.testing.assert_allclose(fused.maps, expected, atol=3e-3)
+        assert np.allclose(fused.maps.reshape(len(classes), -1).max(1), 1.0, atol=1e-3)
+        changed += not np.allclose(fused.maps, record.maps, atol=1e-2)
+    assert changed >= len(plain) // 2
+
+
+def test_fusion_math():
+    cams = torch.rand(2, 8, 8)
+    cams = cams / cams.flatten(1).amax(1)[:, None, None]
+    infl = torch.tensor([[[-1.0, 2.0], [0.5, -3.0]], [[-1.0, -2.0], [-0.5, -3.0]]])
+    heat = influence_heat(infl, (8, 8))
+    assert float(heat[0].max()) == pytest.approx(1.0) and float(heat[0].min()) == 0.0
+    assert float(heat[1].abs().max()) == 0.0  # nothing helps class 2: no heat
+    assert fuse(cams, infl, 0.0) is cams
+    torch.testing.assert_close(fuse(cams, infl, 1.0)[0], heat[0])
+    torch.testing.assert_close(fuse(cams, infl, 0.3)[1], cams[1])  # 0.7 cam renormalised = cam
+    with pytest.raises(ValueError):
+        fuse(cams, infl, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive training
+# ---------------------------------------------------------------------------------------------
+
+def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    round1 = torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"]
+    scores = influence_io.read_scores(ws.influence_dir("train"), ws.dataset().ids("train"), "x")
+    weights = [s.weight for s in scores.values()]
+    assert np.mean(weights) == pytest.approx(1.0, abs=1e-5) and min(weights) < 1.0
+    seen = {}
+    original = train_cls._initial_model
+
+    def spy(cfg, num_classes, init_from, ws_):
+        model = original(cfg, num_classes, init_from, ws_)
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    make_cams.run(_cams_cfg(ws), ws, OPTS)  # round 1: the latest so far
+    round1_cams = ws.latest("make-cams", "train")
+    assert round1_cams["classifier"]["round"] == 1 and not ws.is_stale(round1_cams)
+    train_cls._initial_model = spy
+    try:
+        train_cls.run(_train_cfg(ws, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions())
+    finally:
+        train_cls._initial_model = original
+    assert all(torch.equal(seen[k], round1[k]) for k in round1)  # round 2 starts from round 1
+    round2 = torch.load(ws.cls_round_dir(2) / "model.pt", weights_only=True)
+    assert round2["config"]["round"] == 2 and round2["config"]["sample_weights"] == "influence"
+    assert all(torch.equal(torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"][k], round1[k]) for k in round1)
+    record = ws.latest("train-cls")
+    assert record["round"] == 2 and record["classifier"]["path"] == "cls/round2/model.pt"
+    assert set(record["inputs"]) == {"train-cls@1", "compute-influence:train"}
+    assert not ws.is_stale(record)  # its own round-1 input is still the latest of round 1
+    assert ws.is_stale(round1_cams)  # made from "the latest classifier", which is now round 2
+
+    # The same round without weights ends elsewhere: the weights reach the loss.
+    other = _copy(influenced, tmp_path / "unweighted")
+    train_cls.run(_train_cfg(other, round=2), other, OPTS, train_cls.TrainOptions())
+    unweighted = torch.load(other.cls_round_dir(2) / "model.pt", weights_only=True)["model"]
+    assert not torch.equal(unweighted["head.weight"], round2["model"]["head.weight"])
+
+    with pytest.raises(UsageError, match="round"):
+        make_cams.run(_cams_cfg(ws), ws, OPTS)  # no mixing of two classifiers in one output
+    make_cams.run(_cams_cfg(ws), ws, OPTS, force=True)
+    latest = ws.latest("make-cams", "train")
+    assert latest["classifier"]["round"] == 2 and not ws.is_stale(latest)  # the latest round by default
+    assert "classifier round 2" in ws.log_path("make-cams").read_text()
+    make_cams.run(_cams_cfg(ws, round=1), ws, OPTS, force=True)
+    assert ws.latest("make-cams", "train")["classifier"] == {"round": 1, "path": "cls/model.pt",
+                                                             "run": ws.records()[0]["id"]}
+    compute_influence.run(_influence_cfg(ws), ws, OPTS, force=True)
+    assert ws.latest("compute-influence", "train")["classifier"]["round"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Mislabel report, label noise
+# ---------------------------------------------------------------------------------------------
+
+def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    ids = ws.dataset().ids("train")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    truth = tmp_path / "bad.txt"
+    truth.write_text("train_00001\ntrain_00005\n")
+    result = influence_report.run(build(InfluenceReportConfig, None, {"top_k": 3, "truth": str(truth)}), ws, OPTS)
+    ranked = sorted(ids, key=lambda i: -scores[i].atypicality)
+    assert [r["id"] for r in result["rows"]] == ranked[:3]
+    positive = np.array([i in ("train_00001", "train_00005") for i in ids])
+    assert result["auroc"] == pytest.approx(auroc(np.array([scores[i].atypicality for i in ids]), positive))
+    assert result["n_mislabelled"] == 2
+    names = ws.dataset().classes
+    assert result["rows"][0]["labels"] == [names[k - 1] for k in ws.dataset().labels(ranked[0])]
+    for suffix in ("json", "md", "png"):
+        assert (ws.path("eval") / f"influence-train.{suffix}").is_file()
+    assert "AUROC" in (ws.path("eval") / "influence-train.md").read_text()
+    assert ws.latest("influence-report", "train")["metrics"]["auroc"] == pytest.approx(result["auroc"])
+    (ws.path("eval") / "influence-train.json").unlink()
+    ok("evaluate", "-w", ws.root, "--artifact", "influence", "--split", "train", "--quiet")  # the same report
+    assert (ws.path("eval") / "influence-train.json").is_file()
+
+
+def test_auroc_by_hand():
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert auroc(np.array([1.0, 1.0, 2.0]), np.array([1, 0, 0])) == 0.25  # a tie counts half
+    assert np.isnan(auroc(np.array([1.0, 2.0]), np.array([0, 0])))
+
+
+def test_corrupt_labels_is_seeded_and_changes_one_class():
+    labels = {f"i{k:02d}": np.array(sorted({1 + k % 5, 1 + (k * 3) % 5}), dtype=np.int64) for k in range(40)}
+    noisy = corrupt_labels(labels, 5, 0.1, seed=3)
+    assert len(noisy) == 4 and noisy.keys() == corrupt_labels(labels, 5, 0.1, seed=3).keys()
+    assert noisy.keys() != corrupt_labels(labels, 5, 0.1, seed=4).keys()
+    for i, new in noisy.items():
+        old = labels[i]
+        assert len(new) == len(old) and len(set(new) - set(old)) == 1 and len(set(old) - set(new)) == 1
+
+
+def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
+    out = tmp_path / "data"
+    ok("synth", out, "--n-train", 20, "--n-val", 2, "--image-size", 32, "--label-noise", 0.1, "--seed", 1)
+    with open(out / "corrupted.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    with open(out / "labels.csv") as fh:
+        labels = {r["id"]: r["labels"] for r in csv.DictReader(fh)}
+    for r in rows:
+        assert labels[r["id"]] == r["noisy_labels"] != r["true_labels"]
+    ws = tmp_path / "ws"
+    ok("init", "-w", ws, "--dataset", "folder", "--root", out)
+    assert len(Workspace.open(ws).dataset().ids("train")) == 20
+
+
+def test_self_influence_is_the_same_by_either_rotation_route():
+    """score_batch rotates a and delta instead of G when that is cheaper (few locations, as here)."""
+    from torch import nn
+
+    from igcam_cli.core import influence as inf
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv_a = nn.Conv2d(8, 16, 3, padding=1)
+            self.head = nn.Conv2d(16, 3, 1, bias=False)
+
+        def forward(self, x):
+            f = torch.relu(self.conv_a(F.avg_pool2d(torch.relu(self.trunk(x)), 4)))  # 2 x 2 locations
+            return self.head(f).mean((2, 3)), None
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    layers = inf.tracked_layers(model, ["conv_a", "head"])
+    x, y = torch.randn(6, 3, 8, 8), (torch.rand(6, 3) < 0.5).float()
+    assert inf._rotation_route(8 * 9 + 1, 16, 4, 1) == "factors"
+    eigen = inf.covariance_stats(model, layers, x, y).finalize()
+    pre = inf.fit_preconditioner("ekfac", eigen, inf.eigenvalue_stats(model, layers, eigen, x, y).finalize())
+    queries = pre.precondition(inf.query_stats(model, layers, x, y).finalize())
+    out = inf.score_batch(model, layers, pre, queries, x, y, maps="none")
+    expected = pre.self_influence(inf.per_sample_gradients(model, layers, x, y))
+    torch.testing.assert_close(out.self_influence, expected, rtol=1e-4, atol=0)
