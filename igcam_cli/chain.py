@@ -42,6 +42,7 @@ class Step:
     complete: Callable[[], bool]
     execute: Callable[[bool], Any]  # force -> result
     artifact: str | None = None  # evaluate only: which artifact
+    key: str | None = None  # a config field that tells this step's records from the stage's others
 
     @property
     def label(self) -> str:
@@ -103,8 +104,9 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
     crf_cfg = config("crf", split=split)
     seg_cfg = config("train-seg", split=split)
     steps = [
-        Step("train-cls", None, cls_cfg, lambda: (ws.cls_dir / "model.pt").is_file(),
-             lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force))),
+        Step("train-cls", None, cls_cfg, lambda: (ws.cls_round_dir(cls_cfg.round) / "model.pt").is_file(),
+             lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force)),
+             key="round"),
         Step("make-cams", split, cams_cfg, lambda: _covers(ws.maps("cams", split).ids(), ids),
              lambda force: make_cams.run(cams_cfg, ws, opts, force=force)),
         Step("refine", split, refine_cfg, lambda: _covers(ws.maps("refined", split).ids(), ids),
@@ -139,7 +141,7 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
         return "not run yet"
     ignored = _IGNORED.get(step.stage, _INFERENCE_ONLY)
     now = to_dict(step.config)
-    changed = sorted(k for k in now if k not in ignored and record["config"].get(k) != now[k])
+    changed = sorted(k for k in now if k not in ignored and _value(record, k, step.config) != now[k])
     if changed:
         return f"settings changed ({', '.join(changed)})"
     if "seed" in record and record["seed"] != opts.seed:
@@ -154,8 +156,14 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
 def _latest(ws: Workspace, step: Step) -> dict | None:
     matches = [r for r in ws.records() if r["stage"] == step.stage
                and (step.split is None or r.get("split") == step.split)
-               and (step.artifact is None or r["config"].get("artifact") == step.artifact)]
+               and (step.artifact is None or r["config"].get("artifact") == step.artifact)
+               and (step.key is None or _value(r, step.key, step.config) == getattr(step.config, step.key))]
     return matches[-1] if matches else None
+
+
+def _value(record: dict, key: str, config: Any) -> Any:
+    """A config value of a record; the default for records older than the option."""
+    return record["config"].get(key, getattr(type(config)(), key))
 
 
 def _covers(have: set[str], ids: list[str]) -> bool:

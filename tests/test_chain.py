@@ -119,3 +119,24 @@ def test_bad_stage_names_are_usage_errors(ran_ws):
 def test_run_on_a_fresh_workspace_names_nothing_missing(tmp_path):
     # no igcam.toml: the usual "run init first" error, not a traceback
     assert_error(igcam("run", "-w", tmp_path / "nowhere"), 3, "igcam init")
+
+
+def test_a_record_older_than_an_option_counts_it_as_default(ran_ws):
+    manifest = ran_ws / "manifest.json"
+    runs = json.loads(manifest.read_text())
+    for record in runs["runs"]:
+        if record["stage"] == "crf":
+            del record["config"]["confidence"]  # as if written before `confidence` existed (default 0.0)
+    manifest.write_text(json.dumps(runs))
+    assert set(steps(ran_ws).values()) == {"skipped"}
+    Workspace.open(ran_ws).set_stage_options("crf", {"confidence": 0.5})
+    assert steps(ran_ws, ("until", "crf"))["crf (train)"] == "ran"
+
+
+def test_a_second_classifier_round_keeps_round_one_fresh_and_refreshes_what_follows(ran_ws):
+    ok("train-cls", "-w", ran_ws, "--round", "2", "--epochs", "1", "--quiet")
+    actions = steps(ran_ws, ("until", "crf"))
+    assert actions["train-cls"] == "skipped"  # round 1 is unchanged; round 2 is not the toml's round
+    assert actions["make-cams (train)"] == actions["refine (train)"] == actions["crf (train)"] == "ran"
+    cams_record = [r for r in json.loads((ran_ws / "manifest.json").read_text())["runs"] if r["stage"] == "make-cams"][-1]
+    assert cams_record["classifier"]["round"] == 2

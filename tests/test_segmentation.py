@@ -23,7 +23,7 @@ from igcam_cli.workspace import Workspace
 
 OPTS = RunOptions(device="cpu", seed=0, quiet=True)
 SEG = ["--epochs", "1", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none", "--quiet"]
-PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--quiet"]
+PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--no-crf", "--quiet"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,7 @@ def seg_ws(seg_template, tmp_path) -> Path:
 
 def test_synthetic_defaults_pick_the_small_model(tmp_path):
     cfg = build(TrainSegConfig, make_workspace(tmp_path / "ws").stage_table("train-seg"), {})
-    assert (cfg.arch, cfg.pretrained, cfg.labels) == ("deeplabv3_resnet18", "cls", "pseudo")
+    assert (cfg.arch, cfg.pretrained, cfg.labels) == ("deeplabv3plus_resnet18", "cls", "pseudo")
 
 
 def test_segmenter_gives_logits_at_the_input_size():
@@ -91,6 +91,19 @@ def test_segmenter_gives_logits_at_the_input_size():
     assert model.classifier[0].convs[1][0].dilation == (6, 6)
     assert model.backbone.layer4[1].conv2.dilation == (2, 2) and model.backbone.layer4[0].conv1.stride == (1, 1)
     assert not hasattr(model, "aux_classifier")
+
+
+def test_deeplabv3plus_decodes_at_stride_4_and_loads_a_classifier_backbone(trained_template):
+    model = Segmenter("deeplabv3plus_resnet18", 4).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, 64, 96))
+        assert features["low"].shape[-2:] == (16, 24) and features["out"].shape[-2:] == (4, 6)
+        for h, w in [(64, 96), (37, 21)]:
+            assert model(torch.randn(1, 3, h, w)).shape == (1, 4, h, w)
+    model, note = build_segmenter("deeplabv3plus_resnet18", 3, str(trained_template / "cls" / "model.pt"))
+    assert note.startswith("backbone from")
+    classifier = torch.load(trained_template / "cls" / "model.pt", weights_only=True)["model"]
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, classifier["backbone.layer1.0.conv1.weight"])
 
 
 def test_pretrained_accepts_a_segmenter_checkpoint_with_another_class_count(tmp_path):
@@ -172,7 +185,7 @@ def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path
     assert (record["oracle"], record["labels"], record["upper_bound"]) == (True, "pseudo", False)
     assert 0 <= record["metrics"]["val_miou"] <= 1
     ckpt = torch.load(ws.seg_dir / "model.pt", weights_only=True)
-    assert (ckpt["arch"], ckpt["num_classes"], ckpt["oracle"]) == ("deeplabv3_resnet18", 6, True)
+    assert (ckpt["arch"], ckpt["num_classes"], ckpt["oracle"]) == ("deeplabv3plus_resnet18", 6, True)
     assert "val mIoU" in ws.log_path("train-seg").read_text()
 
 
@@ -267,8 +280,8 @@ def test_predict_split_writes_one_png_per_image_and_evaluate_reports_it(seg_ws):
     before = {p.name: p.stat().st_mtime_ns for p in (seg_ws / "pred" / "val").glob("*.png")}
     ok("predict", "-w", seg_ws, "--split", "val", *PREDICT)
     assert before == {p.name: p.stat().st_mtime_ns for p in (seg_ws / "pred" / "val").glob("*.png")}
-    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--crf", *PREDICT), 2, "crf", "--force")
-    ok("predict", "-w", seg_ws, "--split", "val", "--crf", "--force", *PREDICT)
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf"), 2, "crf", "--force")
+    ok("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf", "--force")
     ok("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val", "--quiet")
     assert json.loads((seg_ws / "eval" / "seg-val.json").read_text())["crf"] is True
 
@@ -287,7 +300,7 @@ def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_predict_a_folder_of_mixed_images(seg_ws, tmp_path):
     sizes = _write_images(tmp_path / "photos")
-    ok("predict", "-w", seg_ws, "--images", tmp_path / "photos", "--crf", *PREDICT)
+    ok("predict", "-w", seg_ws, "--images", tmp_path / "photos", *PREDICT, "--crf")
     out = seg_ws / "pred" / "photos"
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(sizes)
     for image_id, size in sizes.items():

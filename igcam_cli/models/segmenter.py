@@ -5,6 +5,9 @@ ASPP rates 12/24/36), without the auxiliary head. `deeplabv3_resnet18` is igcam'
 CPU-friendly variant: the same DeepLabHead on a ResNet-18 whose last stage is dilated (output
 stride 16, ASPP rates 6/12/18, the DeepLabV3 paper's setting for that stride); torchvision has
 no such model because its BasicBlock refuses dilation, so the dilation is set on the convs here.
+`deeplabv3plus_resnet18` adds DeepLabV3+'s decoder (Chen et al. 2018): the ASPP output upsampled
+to stride 4 and fused with the first stage's features, so that small inputs (the synthetic
+dataset's 128 px, where stride 16 leaves an 8 x 8 grid) still get sharp object boundaries.
 
 The module keeps torchvision's attribute names (`backbone`, `classifier`), so a torchvision
 DeepLabV3 state dict (its `aux_classifier.*` dropped) loads into it unchanged.
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import _imagenet_state
@@ -27,6 +30,7 @@ from igcam_cli.models.classifier import _imagenet_state
 # arch -> (torchvision ResNet builder, backbone name for ImageNet weights, feature channels)
 ARCHS = {
     "deeplabv3_resnet18": (torchvision.models.resnet18, "resnet18", 512),
+    "deeplabv3plus_resnet18": (torchvision.models.resnet18, "resnet18", 512),
     "deeplabv3_resnet50": (torchvision.models.resnet50, "resnet50", 2048),
     "deeplabv3_resnet101": (torchvision.models.resnet101, "resnet101", 2048),
 }
@@ -42,23 +46,49 @@ class Segmenter(nn.Module):
         builder, _, channels = ARCHS[arch]
         self.arch = arch
         self.num_classes = num_classes  # including background
-        if arch == "deeplabv3_resnet18":
+        if arch.endswith("_resnet18"):
             resnet = builder(weights=None)
             _dilate_basic_blocks(resnet.layer4, dilation=2, previous=1)
             rates = (6, 12, 18)
         else:
             resnet = builder(weights=None, replace_stride_with_dilation=[False, True, True])
             rates = (12, 24, 36)
-        self.backbone = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
-        self.classifier = DeepLabHead(channels, num_classes, rates)
+        plus = arch.startswith("deeplabv3plus")
+        layers = {"layer1": "low", "layer4": "out"} if plus else {"layer4": "out"}
+        self.backbone = IntermediateLayerGetter(resnet, return_layers=layers)
+        self.classifier = PlusHead(channels, 64, num_classes, rates) if plus else DeepLabHead(channels, num_classes, rates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.backbone(x)["out"])
+        features = self.backbone(x)
+        if isinstance(self.classifier, PlusHead):
+            logits = self.classifier(features["out"], features["low"])
+        else:
+            logits = self.classifier(features["out"])
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone, head): the head trains with a larger learning rate."""
         return list(self.backbone.parameters()), list(self.classifier.parameters())
+
+
+class PlusHead(nn.Module):
+    """DeepLabV3+'s decoder, narrowed for CPUs: ASPP (128 channels) upsampled to the stride-4
+    features, concatenated with their 1x1 projection (32 channels), two 3x3 convs, a classifier."""
+
+    def __init__(self, channels: int, low_channels: int, num_classes: int, rates: tuple[int, ...], width: int = 128):
+        super().__init__()
+        self.aspp = ASPP(channels, rates, out_channels=width)
+        self.low = _conv_bn_relu(low_channels, 32, 1)
+        self.fuse = nn.Sequential(_conv_bn_relu(width + 32, width, 3), _conv_bn_relu(width, width, 3))
+        self.classify = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classify(self.fuse(torch.cat([high, self.low(low)], dim=1)))
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def _dilate_basic_blocks(layer: nn.Sequential, dilation: int, previous: int) -> None:

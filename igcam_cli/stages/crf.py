@@ -16,8 +16,8 @@ from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
 
 # Background (1 - max)^alpha: CAMs are peaked, and a high power lets the CRF grow them (PSA);
 # instance-guided maps already fill their objects, and alpha 1 keeps their leakage out. Synthetic
-# train split: CRF on guided maps 78.5 % mIoU with alpha 1 vs 73.7 % with 4; on CAMs 61.7 % with
-# 4 vs 40.1 % with 1.
+# train split: CRF on guided maps 79.5 % mIoU with alpha 1 vs 75.2 % with 4; on CAMs 61.5 % with
+# 4 vs about 40 % with 1.
 PEAKED_ALPHA, FILLED_ALPHA = 4.0, 1.0
 
 

@@ -250,14 +250,16 @@ def _val_ids(cfg: TrainSegConfig, dataset: Dataset) -> list[str]:
 
 
 def _pretrained(cfg: TrainSegConfig, ws: Workspace) -> tuple[str, dict | None]:
-    """`--pretrained` as build_segmenter takes it; `cls` is the workspace's classifier (its backbone was
-    trained on the same image-level labels), returned with its train-cls record."""
+    """`--pretrained` as build_segmenter takes it; `cls` is the workspace's classifier, its latest round
+    (its backbone was trained on the same image-level labels), returned with its train-cls record."""
     if cfg.pretrained != "cls":
         return cfg.pretrained, None
-    path = ws.cls_dir / "model.pt"
+    path, round_ = ws.cls_model()
     if not path.is_file():
         raise MissingArtifact(f"--pretrained cls: no trained classifier at {path}: run `{ws.command('train-cls')}` first")
-    return str(path), ws.latest("train-cls")
+    runs = [r for r in ws.records() if r["stage"] == "train-cls" and r["status"] == "done"
+            and int(r.get("round") or 1) == round_]
+    return str(path), (runs[-1] if runs else None)
 
 
 def _initial_model(cfg: TrainSegConfig, num_classes: int, pretrained: str,
