@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 from typing import Iterator
 
 import numpy as np
@@ -11,6 +10,7 @@ from igcam_cli.config import CrfConfig, RunOptions, to_dict
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.runtime.distributed import Shard
+from igcam_cli.runtime.pool import process_pool
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
 
@@ -53,7 +53,7 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
         f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
     try:
         jobs = _jobs(dataset, maps, todo, params, cfg, alpha)
-        with _pool(cfg.workers) as pool:
+        with process_pool(cfg.workers) as pool:
             results = pool.imap(_crf_job, jobs, chunksize=1) if pool else map(_crf_job, jobs)
             for image_id, label in log.track(results, len(todo), "crf"):
                 labels.write(image_id, label)
@@ -79,21 +79,3 @@ def _crf_job(job: tuple) -> tuple[str, np.ndarray]:
     label = crf_labels(image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha,
                        confidence=confidence or None)
     return image_id, label
-
-
-class _pool:
-    """A spawn-context process pool (no fork after torch started threads), or None for 1 worker."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers > 1:
-            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
-        return self.pool
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
