@@ -88,38 +88,43 @@ def build_classifier(backbone: str, num_classes: int, pretrained: str = "none") 
     model = CamClassifier(backbone, num_classes)
     if pretrained == "none":
         return model
-    state = _imagenet_state(backbone) if pretrained == "imagenet" else _file_state(Path(pretrained))
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # strict=False still refuses keys whose shapes differ
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
-        raise BadData(f"--pretrained {pretrained}: weights do not fit a {backbone} ({mismatch})") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise BadData(f"--pretrained {pretrained}: weights do not fit a {backbone} "
-                      f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    state = imagenet_state(backbone) if pretrained == "imagenet" else read_state_file(Path(pretrained))
+    if any(k.startswith("backbone.") for k in state):  # igcam's own classifier checkpoint
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    load_backbone(model.backbone, state, pretrained, backbone)
     return model
 
 
-def _file_state(path: Path) -> dict[str, torch.Tensor]:
+def read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file (a bare one, or an igcam checkpoint's `model`), or BadData."""
     if not path.is_file():
         raise BadData(f"--pretrained: weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise BadData(f"--pretrained: cannot load weights from {path}: {exc}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadData(f"--pretrained: {path} does not hold a state dict")
-    # Accept both a plain torchvision ResNet and igcam's own classifier checkpoint.
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
 
 
-def _imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
+def load_backbone(module: nn.Module, state: dict[str, torch.Tensor], pretrained: str, name: str) -> None:
+    """Load a ResNet state dict (its `fc.*` ignored) into `module`, or BadData saying what does not fit."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # strict=False still refuses keys whose shapes differ
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise BadData(f"--pretrained {pretrained}: weights do not fit a {name} ({mismatch})") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise BadData(f"--pretrained {pretrained}: weights do not fit a {name} "
+                      f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+
+
+def imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, from the torch hub cache or a download with a timeout."""
     weights = getattr(torchvision.models, BACKBONES[backbone][1]).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name

@@ -25,7 +25,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
-from igcam_cli.models.classifier import _imagenet_state
+from igcam_cli.models.classifier import imagenet_state, load_backbone, read_state_file
 
 # arch -> (torchvision ResNet builder, backbone name for ImageNet weights, feature channels)
 ARCHS = {
@@ -116,18 +116,10 @@ def build_segmenter(arch: str, num_classes: int, pretrained: str = "none") -> tu
         return model, "random init"
     resnet_name = ARCHS[arch][1]
     if pretrained == "imagenet":
-        backbone, head = _imagenet_state(resnet_name), {}
+        backbone, head = imagenet_state(resnet_name), {}
     else:
-        backbone, head = _file_states(Path(pretrained))
-    backbone = {k: v for k, v in backbone.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = model.backbone.load_state_dict(backbone, strict=False)
-    except RuntimeError as exc:  # strict=False still refuses keys whose shapes differ
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
-        raise BadData(f"--pretrained {pretrained}: weights do not fit a {arch} ({mismatch})") from None
-    if missing or unexpected:
-        raise BadData(f"--pretrained {pretrained}: weights do not fit a {arch} backbone ({len(missing)} missing "
-                      f"keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+        backbone, head = _split_state(read_state_file(Path(pretrained)))
+    load_backbone(model.backbone, backbone, pretrained, f"{arch} backbone")
     if not head:
         return model, f"backbone from {pretrained}"
     own = model.classifier.state_dict()
@@ -141,18 +133,8 @@ def build_segmenter(arch: str, num_classes: int, pretrained: str = "none") -> tu
                                                             if skipped else "")
 
 
-def _file_states(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(backbone, head) state dicts from a weights file; head is {} when the file has none."""
-    if not path.is_file():
-        raise BadData(f"--pretrained: weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise BadData(f"--pretrained: cannot load weights from {path}: {exc}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadData(f"--pretrained: {path} does not hold a state dict")
+def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(backbone, head) of a weights file's state dict; head is {} when it has none."""
     if not any(k.startswith("backbone.") for k in state):  # a plain torchvision ResNet
         return state, {}
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

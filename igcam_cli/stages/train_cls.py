@@ -7,14 +7,13 @@ run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io
 from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
@@ -24,11 +23,11 @@ from igcam_cli.data.transforms import eval_view, train_view
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 from igcam_cli.runtime import distributed as ddp
+from igcam_cli.runtime import training
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import Workspace, classifier_key, input_key
 
-POLY_POWER = 0.9
 
 
 @dataclass
@@ -77,12 +76,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if cfg.freeze_bn:
         model.freeze_batchnorm()
     model.to(device, memory_format=memory_format(device))
-    backbone_params, head_params = model.param_groups()
-    optimizer = torch.optim.SGD(
-        [{"params": backbone_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.lr * cfg.head_lr_mult}],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer, base_lrs = training.sgd(model, cfg)
 
     out_dir = ws.cls_round_dir(cfg.round)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,12 +114,11 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         for epoch in range(start_epoch, cfg.epochs):
             train_data.epoch = epoch
             order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
-            loader = _loader(train_data, ddp.shard_indices(order), cfg, device)
+            loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
             net.train()
             losses = []
             for x, y, w in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
+                training.poly_lr(optimizer, base_lrs, step, total_steps)
                 x = x.to(device, non_blocking=True, memory_format=memory_format(device))
                 y = y.to(device, non_blocking=True)
                 with autocast(device):
@@ -164,7 +157,7 @@ def evaluate_map(model: CamClassifier, dataset: Dataset, ids: list[str], cfg: Tr
                  device: torch.device) -> float:
     """Mean average precision of the image-level predictions on `ids`."""
     data = _ClassifierImages(dataset, ids, cfg, seed=0, train=False)
-    loader = _loader(data, list(range(len(ids))), cfg, device)
+    loader = training.train_loader(data, list(range(len(ids))), cfg.batch_size, cfg.workers, device)
     was_training = model.training
     model.eval()
     scores, targets = [], []
@@ -177,12 +170,6 @@ def evaluate_map(model: CamClassifier, dataset: Dataset, ids: list[str], cfg: Tr
     model.train(was_training)
     return mean_average_precision(torch.cat(scores).numpy(), torch.cat(targets).numpy())
 
-
-def _loader(data: TorchDataset, indices: list[int], cfg: TrainClsConfig, device: torch.device) -> DataLoader:
-    workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(torch.utils.data.Subset(data, indices), batch_size=cfg.batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
 
 
 def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
@@ -258,16 +245,11 @@ def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -
 
 
 def _save(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoch: int, step: int) -> None:
-    _atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    training.atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "epoch": epoch, "step": step}, path)
 
 
 def _save_final(path: Path, cfg: TrainClsConfig, model: CamClassifier, classes: list[str]) -> None:
-    _atomic_save({"backbone": cfg.backbone, "num_classes": model.num_classes, "classes": classes,
+    training.atomic_save({"backbone": cfg.backbone, "num_classes": model.num_classes, "classes": classes,
                   "config": to_dict(cfg), "model": model.state_dict()}, path)
 
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

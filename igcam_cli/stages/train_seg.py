@@ -29,13 +29,13 @@ from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.segmenter import ARCHS, Segmenter, build_segmenter, load_segmenter
 from igcam_cli.runtime import distributed as ddp
+from igcam_cli.runtime import training
 from igcam_cli.runtime.batching import same_size_batches
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import LabelStore
 from igcam_cli.workspace import Workspace, input_key
 
-POLY_POWER = 0.9
 IGNORE = 255
 LABEL_SOURCES = ("pseudo", "gt")
 
@@ -99,12 +99,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if ddp.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=memory_format(device))
-    backbone_params, head_params = model.param_groups()
-    optimizer = torch.optim.SGD(
-        [{"params": backbone_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.lr * cfg.head_lr_mult}],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer, base_lrs = training.sgd(model, cfg)
 
     inputs = {input_key("crf", cfg.split): crf_record["id"]} if crf_record else {}
     if cls_record is not None and train.init_from is None:
@@ -144,12 +139,11 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             train_data.epoch = epoch
             torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
             order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
-            loader = _loader(train_data, ddp.shard_indices(order), cfg, device)
+            loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
             net.train()
             losses = []
             for x, y in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
+                training.poly_lr(optimizer, base_lrs, step, total_steps)
                 x = x.to(device, non_blocking=True, memory_format=memory_format(device))
                 y = y.to(device, non_blocking=True)
                 with autocast(device):
@@ -200,12 +194,6 @@ def evaluate_miou(model: Segmenter, dataset: Dataset, ids: list[str], cfg: Train
     model.train(was_training)
     return scores(conf)["miou"]
 
-
-def _loader(data: TorchDataset, indices: list[int], cfg: TrainSegConfig, device: torch.device) -> DataLoader:
-    workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(torch.utils.data.Subset(data, indices), batch_size=cfg.batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -296,16 +284,11 @@ def _restore(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, op
 
 
 def _save(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer, epoch: int, step: int) -> None:
-    _atomic_save({"config": to_dict(cfg), "inputs": inputs, "model": model.state_dict(),
+    training.atomic_save({"config": to_dict(cfg), "inputs": inputs, "model": model.state_dict(),
                   "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, path)
 
 
 def _save_final(path: Path, cfg: TrainSegConfig, model: Segmenter, classes: list[str], provenance: dict) -> None:
-    _atomic_save({"arch": cfg.arch, "num_classes": model.num_classes, "classes": classes, "config": to_dict(cfg),
+    training.atomic_save({"arch": cfg.arch, "num_classes": model.num_classes, "classes": classes, "config": to_dict(cfg),
                   **provenance, "model": model.state_dict()}, path)
 
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -1,0 +1,43 @@
+"""Pieces the two training stages (train-cls, train-seg) share: optimizer, poly schedule, loader, checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+POLY_POWER = 0.9
+
+
+def sgd(model, cfg) -> tuple[torch.optim.SGD, list[float]]:
+    """SGD with momentum over `model.param_groups()` (backbone at cfg.lr, head at cfg.lr * head_lr_mult);
+    returns the optimizer and its base learning rates for `poly_lr`."""
+    backbone_params, head_params = model.param_groups()
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.lr * cfg.head_lr_mult}],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    return optimizer, [g["lr"] for g in optimizer.param_groups]
+
+
+def poly_lr(optimizer, base_lrs: list[float], step: int, total_steps: int) -> None:
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
+
+
+def train_loader(data: TorchDataset, indices: list[int], batch_size: int, workers: int,
+                 device: torch.device) -> DataLoader:
+    """Batches of `data[indices]` in that order (the epoch's seeded permutation, already sharded)."""
+    workers = min(workers, os.cpu_count() or 1)
+    return DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save under a temporary name, then a rename: a killed run never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
