@@ -3,7 +3,7 @@
 
     stats-factors-r{i}-of-{n}.pt   shard i's sums: K-FAC factors + per-class query gradients (+ key)
     stats-lambda-r{i}-of-{n}.pt    shard i's EK-FAC eigenvalue sums (+ key)
-    eigen.pt, preconditioner.pt    fitted once from the summed statistics (any shard may write; same bytes)
+    eigen.pt                       fitted once from the summed statistics (any shard may write; same bytes)
     part-r{i}-{seq}.h5             MapStore parts: one group per image; maps = spatial influence per
                                    class (divided by attrs map_scale, K x h x w on the classifier's
                                    grid), classes, attrs self_influence, loss, per_class (C), labels

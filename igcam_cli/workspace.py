@@ -131,6 +131,12 @@ class Workspace:
             raise UsageError(f"--round must be >= 1, got {round}")
         return self.cls_round_dir(round) / "model.pt", round
 
+    def classifier_run(self, round: int, done: bool = True) -> dict[str, Any] | None:
+        """The latest train-cls record of classifier round `round` (only finished ones if `done`)."""
+        matches = [r for r in self.records() if r["stage"] == "train-cls" and int(r.get("round") or 1) == round
+                   and (not done or r["status"] == "done")]
+        return matches[-1] if matches else None
+
     def influence_dir(self, split: str) -> Path:
         """`influence/<split>/`: compute-influence's statistics, HDF5 parts and weights."""
         return self.path("influence", split)

@@ -215,6 +215,16 @@ def test_fusion_zero_is_byte_identical_and_fusion_mixes_the_maps(influenced, tmp
     assert changed >= len(plain) // 2
 
 
+def test_fusion_refuses_influence_computed_without_maps(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    manifest = ws.manifest_path
+    text = manifest.read_text()
+    assert '"maps": "labelled"' in text
+    manifest.write_text(text.replace('"maps": "labelled"', '"maps": "none"'))
+    with pytest.raises(UsageError, match="--maps none"):
+        make_cams.run(_cams_cfg(ws, influence_fusion=0.5), ws, OPTS, force=True)
+
+
 def test_fusion_math():
     cams = torch.rand(2, 8, 8)
     cams = cams / cams.flatten(1).amax(1)[:, None, None]

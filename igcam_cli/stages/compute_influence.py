@@ -126,7 +126,7 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
             raise UsageError(f"{own} was computed with other settings or another classifier; pass --force to redo it")
     store.remove_temporaries(rank=shard.index)
 
-    cls_record = _cls_record(ws, round_)
+    cls_record = ws.classifier_run(round_)
     classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id"),
                   "sha256": model_sha}
     record = ws.start(STAGE, to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier,
@@ -230,11 +230,9 @@ def _eigen(ctx: _Context, states: list[dict]) -> inf.KroneckerEigen:
 def _preconditioner(ctx: _Context, eigen, eigenvalues) -> inf.Preconditioner:
     cfg = ctx.cfg
     try:
-        pre = inf.fit_preconditioner(cfg.hessian, eigen, eigenvalues, damping=cfg.damping, damping_mode=cfg.damping_mode)
+        return inf.fit_preconditioner(cfg.hessian, eigen, eigenvalues, damping=cfg.damping, damping_mode=cfg.damping_mode)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    io.save_state(ctx.directory / "preconditioner.pt", ctx.key, {"preconditioner": pre.to_state()})
-    return pre
 
 
 def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_Item], writer) -> None:
@@ -258,13 +256,13 @@ def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_I
 
 def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
     cfg = ctx.cfg
-    records = dict(store.iter_records(ids))
-    self_inf = torch.tensor([float(records[i].attrs["self_influence"]) for i in ids], dtype=torch.float64)
+    attrs = {i: record.attrs for i, record in store.iter_records(ids)}  # not the maps: the whole split's would not fit
+    self_inf = torch.tensor([float(attrs[i]["self_influence"]) for i in ids], dtype=torch.float64)
     atyp = inf.atypicality(self_inf)
     weights = inf.sample_weights(atyp, w_min=cfg.w_min, w_max=cfg.w_max, threshold=cfg.w_threshold,
                                  temperature=cfg.w_temperature).double()
-    rows = [io.ImageScore(i, " ".join(str(int(c)) for c in np.atleast_1d(records[i].attrs["labels"])),
-                          float(records[i].attrs["loss"]), float(self_inf[k]), float(atyp[k]), float(weights[k]))
+    rows = [io.ImageScore(i, " ".join(str(int(c)) for c in np.atleast_1d(attrs[i]["labels"])),
+                          float(attrs[i]["loss"]), float(self_inf[k]), float(atyp[k]), float(weights[k]))
             for k, i in enumerate(ids)]
     io.write_scores(ctx.directory, rows)
     low = int((weights < 1).sum())
@@ -304,7 +302,7 @@ def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
     names = [f"stats-{p}-r{shard.index}-of-{shard.count}.pt" for p in ("factors", "lambda")]
     if shard.count == 1:
         names += [p.name for p in directory.glob("stats-*.pt")]
-    for name in names + ["eigen.pt", "preconditioner.pt", io.SCORES_NAME]:
+    for name in names + ["eigen.pt", io.SCORES_NAME]:
         (directory / name).unlink(missing_ok=True)
 
 
@@ -347,11 +345,6 @@ def _sha256(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _cls_record(ws: Workspace, round_: int) -> dict | None:
-    matches = [r for r in ws.records() if r["stage"] == "train-cls" and r["status"] == "done"
-               and int(r.get("round") or 1) == round_]
-    return matches[-1] if matches else None
 
 
 def _batches(ctx: _Context, ids: list[str], what: str):

@@ -51,23 +51,23 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
     def label_names(text: str) -> list[str]:
         return [names[int(k) - 1] for k in text.split()]
 
+    source = ws.latest("compute-influence", cfg.split)
     rows = [{"rank": r + 1, "id": i, "labels": label_names(scores[i].labels), "atypicality": scores[i].atypicality,
              "self_influence": scores[i].self_influence, "loss": scores[i].loss, "weight": scores[i].weight,
              **({"mislabelled": i in truth} if truth is not None else {})}
             for r, i in enumerate(ranked[: cfg.top_k])]
     result: dict[str, Any] = {"split": cfg.split, "n_images": len(ids), "top_k": cfg.top_k, "ranked_by": "atypicality",
-                              "rows": rows, "source_run": (ws.latest("compute-influence", cfg.split) or {}).get("id"),
+                              "rows": rows, "source_run": (source or {}).get("id"),
                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if truth is not None:
         result.update(_truth_metrics(ids, scores, ranked, truth, truth_path))
     out = ws.path("eval")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"influence-{cfg.split}"
-    sheet = _sheet(ws, dataset, MapStore(directory), rows[:SHEET_ROWS], out / f"{stem}.png")
+    sheet = _sheet(dataset, MapStore(directory), rows[:SHEET_ROWS], out / f"{stem}.png")
     result["contact_sheet"] = str(sheet)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
-    source = ws.latest("compute-influence", cfg.split)
     ws.start("influence-report", to_dict(cfg), split=cfg.split,
              inputs={input_key("compute-influence", cfg.split): source["id"]} if source else {}
              ).finish(outputs=[str(out / f"{stem}.json"), str(out / f"{stem}.md"), str(sheet)],
@@ -98,7 +98,7 @@ def _truth_metrics(ids: list[str], scores: dict, ranked: list[str], truth: set[s
             "precision_at_n_mislabelled": found / n_bad if n_bad else float("nan")}
 
 
-def _sheet(ws: Workspace, dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
+def _sheet(dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
     """One row per listed image: the image with its rank and labels, then the influence heat map
     of each of its labelled classes (positive part, over the image)."""
     width = max([len(r["labels"]) for r in rows] + [1])
@@ -109,7 +109,8 @@ def _sheet(ws: Workspace, dataset, store: MapStore, rows: list[dict], path: Path
         if row["id"] in store:
             maps, classes, _ = influence_io.read_maps(store, row["id"])
             heat = influence_heat(torch.from_numpy(maps), image.shape[:2]).numpy() if len(maps) else maps
-            for k, c in enumerate(classes[:width]):
+            labelled = [(k, c) for k, c in enumerate(classes) if dataset.classes[int(c) - 1] in row["labels"]]
+            for k, c in labelled:  # computed with --maps all, the store holds every class's map
                 blend = (0.45 * image + 0.55 * report.heatmap(heat[k: k + 1])).astype(np.uint8)
                 tiles.append(report.caption(blend, dataset.classes[int(c) - 1]))
         tiles += [np.full((CELL, CELL, 3), 255, np.uint8)] * (width + 1 - len(tiles))

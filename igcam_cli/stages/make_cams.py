@@ -74,7 +74,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     if force:
         store.clear(rank=None if shard.count == 1 else shard.index)
     ws.check_resumable("make-cams", cfg.split, to_dict(cfg), has_output=len(store) > 0)
-    cls_record = _cls_record(ws, round_)
+    cls_record = ws.classifier_run(round_)
     classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id")}
     previous = (ws.latest("make-cams", cfg.split) or {}).get("classifier")
     if len(store) > 0 and previous and previous.get("run") != classifier["run"]:
@@ -132,6 +132,10 @@ def _influence_maps(item: _Item, classes: np.ndarray) -> torch.Tensor:
 
 
 def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -> MapStore:
+    source = ws.latest("compute-influence", cfg.split)
+    if source is not None and source["config"].get("maps") == "none":
+        raise UsageError(f"--influence-fusion: influence/{cfg.split} holds no spatial maps (computed with --maps none): "
+                         f"run `{ws.command('compute-influence', cfg.split)} --maps labelled --force` first")
     store = MapStore(ws.influence_dir(cfg.split))
     missing = len(set(split_ids) - store.ids())
     if missing:
@@ -141,11 +145,6 @@ def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -
                               f"run `{ws.command('compute-influence', cfg.split)}` first")
     return store
 
-
-def _cls_record(ws: Workspace, round_: int) -> dict | None:
-    matches = [r for r in ws.records() if r["stage"] == "train-cls" and r["status"] == "done"
-               and int(r.get("round") or 1) == round_]
-    return matches[-1] if matches else None
 
 
 def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch.device,

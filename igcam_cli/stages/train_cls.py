@@ -84,7 +84,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     start_epoch, step = 0, 0
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, model, optimizer)
-        latest = _latest_of_round(ws, cfg.round)
+        latest = ws.classifier_run(cfg.round, done=False)
         if (start_epoch >= cfg.epochs and model_path.is_file() and latest and latest["status"] == "done"
                 and latest["config"] == to_dict(cfg)):
             # Finished already: a new record would mark everything downstream stale for the same weights.
@@ -96,7 +96,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
 
     inputs = {}
     if cfg.round > 1 and train.init_from is None:
-        previous = _latest_of_round(ws, cfg.round - 1, done=True)
+        previous = ws.classifier_run(cfg.round - 1)
         inputs = {classifier_key(cfg.round - 1): previous["id"]} if previous else {}
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
@@ -203,12 +203,6 @@ def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log) -> 
     log(f"sample weights from {ws.influence_dir(cfg.split) / influence_io.SCORES_NAME} "
         f"(classifier round {used}): {low} of {len(ids)} images down-weighted, min {min(weights):.3f}")
     return weights, record
-
-
-def _latest_of_round(ws: Workspace, round_: int, done: bool = False) -> dict | None:
-    matches = [r for r in ws.records() if r["stage"] == "train-cls" and int(r.get("round") or 1) == round_
-               and (not done or r["status"] == "done")]
-    return matches[-1] if matches else None
 
 
 def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None, ws: Workspace) -> CamClassifier:

@@ -245,9 +245,7 @@ def _pretrained(cfg: TrainSegConfig, ws: Workspace) -> tuple[str, dict | None]:
     path, round_ = ws.cls_model()
     if not path.is_file():
         raise MissingArtifact(f"--pretrained cls: no trained classifier at {path}: run `{ws.command('train-cls')}` first")
-    runs = [r for r in ws.records() if r["stage"] == "train-cls" and r["status"] == "done"
-            and int(r.get("round") or 1) == round_]
-    return str(path), (runs[-1] if runs else None)
+    return str(path), ws.classifier_run(round_)
 
 
 def _initial_model(cfg: TrainSegConfig, num_classes: int, pretrained: str,
