@@ -148,6 +148,9 @@ def train_cls(
     workers: WorkersOpt = None,
     round: Annotated[Optional[int], typer.Option("--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/")] = None,
     sample_weights: Annotated[Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")] = None,
+    relabel: Annotated[Optional[bool], typer.Option("--relabel/--no-relabel", help="With --sample-weights influence: train on compute-influence's suggested labels [default: relabel]")] = None,
+    finetune_lr_mult: Annotated[Optional[float], typer.Option(min=0.0, help="Rounds >= 2 fine-tune at lr x this [default: 0.2]")] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
@@ -155,14 +158,16 @@ def train_cls(
     """Train the multi-label CAM classifier (cls/model.pt; cls/last.pt after every epoch).
 
     Progressive training: `--round 2 --sample-weights influence` fine-tunes the round-1 model with
-    the per-image weights of `igcam compute-influence` into cls/round2/ (round 1 is kept).
+    the per-image weights and suggested labels of `igcam compute-influence` into cls/round2/ (round 1
+    is kept; cls/round2/relabelled.csv lists the relabelled images).
     """
     from igcam_cli.stages import train_cls as stage
 
     ws = _ws(workspace)
     cfg = _config(ws, "train-cls", backbone=backbone, pretrained=pretrained, split=split, val_split=val_split,
                   epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn, workers=workers,
-                  round=round, sample_weights=sample_weights)
+                  round=round, sample_weights=sample_weights, relabel=relabel, finetune_lr_mult=finetune_lr_mult,
+                  finetune_epochs=finetune_epochs)
     stage.run(cfg, ws, _opts(device, seed, quiet),
               stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
 
@@ -175,7 +180,7 @@ def make_cams(
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales [default: 1.0,0.5,1.5,2.0]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    label_source: Annotated[Optional[str], typer.Option(help="labels (image labels) or predicted (classifier scores)")] = None,
+    label_source: Annotated[Optional[str], typer.Option(help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores)")] = None,
     influence_fusion: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)")] = None,
     round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round [default: the latest]")] = None,
     workers: WorkersOpt = None,

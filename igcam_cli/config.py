@@ -48,6 +48,9 @@ class TrainClsConfig:
     workers: int = 2
     round: int = 1  # 1: plain training (cls/model.pt); k >= 2: fine-tunes round k-1's model into cls/round<k>/
     sample_weights: str = "none"  # none | influence: per-image loss weights from influence/<split>/scores.csv
+    relabel: bool = True  # with sample_weights=influence: train on compute-influence's suggested labels
+    finetune_lr_mult: float = 0.2  # rounds >= 2 fine-tune at lr * finetune_lr_mult ...
+    finetune_epochs: int = 0  # ... for this many epochs (0: half of `epochs`, at least 1)
 
 
 @dataclass
@@ -57,7 +60,10 @@ class MakeCamsConfig:
     flip: bool = True
     batch_size: int = 8
     workers: int = 2
-    label_source: str = "labels"  # labels: the image-level labels | predicted: classes scoring above threshold
+    # auto: the labels the classifier round was trained on (the image labels, with the suggestions of
+    # compute-influence where train-cls --sample-weights influence relabelled) | labels: the image labels as
+    # given | predicted: classes scoring above predict_threshold
+    label_source: str = "auto"
     predict_threshold: float = 0.5
     influence_fusion: float = 0.0  # lambda: (1 - lambda) cam + lambda influence map (influence/<split>/); 0 = off
     round: int | None = None  # classifier round (cls/model.pt = 1, cls/round<k>/model.pt); None = the latest
@@ -79,6 +85,8 @@ class ComputeInfluenceConfig:
     w_max: float = 2.0
     w_threshold: float = 1.0
     w_temperature: float = 1.0
+    relabel_threshold: float = 1.0  # label suggestions (core/influence.py suggest_labels): atypicality above this
+    relabel_confidence: float = 0.5  # ... and the classifier sees an unlabelled class with p above this
     batch_size: int = 8
     workers: int = 2
 

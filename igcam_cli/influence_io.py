@@ -8,7 +8,10 @@
                                    class (divided by attrs map_scale, K x h x w on the classifier's
                                    grid), classes, attrs self_influence, loss, per_class (C), labels
     scores.csv                     every image of the split: self-influence, atypicality, loss,
-                                   weight (written when the last shard finishes)
+                                   weight, suggested labels (written when the last shard finishes)
+
+train-cls --sample-weights influence writes cls/round<k>/relabelled.csv (id, labels, trained_labels):
+the images it trained on suggested labels instead of their own; make-cams --label-source auto reads it.
 
 Every statistics file carries the run's key (settings, classifier checksum, image lists, shard
 count); a file with another key is never used.
@@ -28,7 +31,8 @@ from igcam_cli.errors import BadData, MissingArtifact
 from igcam_cli.store import MapStore
 
 SCORES_NAME = "scores.csv"
-SCORE_COLUMNS = ("id", "labels", "loss", "self_influence", "atypicality", "weight")
+SCORE_COLUMNS = ("id", "labels", "loss", "self_influence", "atypicality", "weight", "suggested")
+RELABELLED_NAME = "relabelled.csv"
 
 
 def stats_path(directory: Path, phase: str, rank: int, count: int) -> Path:
@@ -45,20 +49,53 @@ def save_state(path: Path, key: str, state: dict) -> None:
 
 def load_state(path: Path, key: str) -> dict | None:
     """The saved state when `path` exists and was written with `key`, else None."""
+    state = _read_state(path)
+    return state if state is not None and state.get("key") == key else None
+
+
+def _read_state(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise BadData(f"cannot read {path}: {exc}; delete it or rerun with --force") from None
-    return state if state.get("key") == key else None
 
 
-def state_key(path: Path) -> str | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("key")
-    except Exception:
-        return None
+class StateFiles:
+    """Statistics files read once each, and again only when one changes: a shard polling for its
+    partners' files (--wait) must not reload the large ones it already has."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self._seen: dict[Path, tuple[tuple[int, int], dict | None]] = {}
+
+    def _get(self, path: Path) -> dict | None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self._seen.pop(path, None)
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._seen.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, _read_state(path))
+            self._seen[path] = cached
+        return cached[1]
+
+    def key_of(self, path: Path) -> str | None:
+        """The key an existing file was written with (None: no file)."""
+        state = self._get(path)
+        return None if state is None else state.get("key")
+
+    def load(self, path: Path) -> dict | None:
+        """The state when `path` exists and was written with this run's key, else None."""
+        state = self._get(path)
+        return state if state is not None and state.get("key") == self.key else None
+
+    def forget(self) -> None:
+        """Drop what was read (the merged statistics are all that is needed from here on)."""
+        self._seen.clear()
 
 
 @dataclass
@@ -69,6 +106,11 @@ class ImageScore:
     self_influence: float
     atypicality: float
     weight: float
+    suggested: str = ""  # suggested labels (core/influence.py suggest_labels); == labels for most images
+
+    @property
+    def relabelled(self) -> bool:
+        return bool(self.suggested) and self.suggested != self.labels
 
 
 def write_scores(directory: Path, rows: list[ImageScore]) -> Path:
@@ -78,7 +120,8 @@ def write_scores(directory: Path, rows: list[ImageScore]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(SCORE_COLUMNS)
         for r in rows:
-            writer.writerow((r.id, r.labels, repr(r.loss), repr(r.self_influence), repr(r.atypicality), repr(r.weight)))
+            writer.writerow((r.id, r.labels, repr(r.loss), repr(r.self_influence), repr(r.atypicality), repr(r.weight),
+                             r.suggested or r.labels))
     os.replace(tmp, path)
     return path
 
@@ -92,7 +135,8 @@ def read_scores(directory: Path, ids: list[str], command: str) -> dict[str, Imag
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
         scores = {r["id"]: ImageScore(r["id"], r["labels"], float(r["loss"]), float(r["self_influence"]),
-                                      float(r["atypicality"]), float(r["weight"])) for r in rows}
+                                      float(r["atypicality"]), float(r["weight"]), r.get("suggested") or r["labels"])
+                  for r in rows}
     except (OSError, KeyError, ValueError, csv.Error) as exc:
         raise BadData(f"cannot read {path}: {exc}") from None
     missing = [i for i in ids if i not in scores]
@@ -108,3 +152,28 @@ def read_maps(store: MapStore, image_id: str) -> tuple[np.ndarray, np.ndarray, d
     scale = np.asarray(record.attrs.get("map_scale", np.ones(len(record.classes))), dtype=np.float64)
     maps = (record.maps.astype(np.float64) * scale.reshape(-1, 1, 1)).astype(np.float32)
     return maps, record.classes, record.attrs
+
+
+def class_list(text: str) -> np.ndarray:
+    """Class indices from their space-separated text (as scores.csv and relabelled.csv hold them)."""
+    return np.array(sorted(int(k) for k in text.split()), dtype=np.int64)
+
+
+def write_relabelled(path: Path, rows: list[ImageScore]) -> Path:
+    """The images a classifier round trained on suggested labels: id, labels (as given), trained_labels."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("id", "labels", "trained_labels"))
+        writer.writerows((r.id, r.labels, r.suggested) for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
+def read_relabelled(path: Path) -> dict[str, np.ndarray]:
+    """id -> the class indices a classifier round trained on, from its relabelled.csv."""
+    try:
+        with open(path, newline="") as fh:
+            return {r["id"]: class_list(r["trained_labels"]) for r in csv.DictReader(fh)}
+    except (OSError, KeyError, ValueError, csv.Error) as exc:
+        raise BadData(f"cannot read {path}: {exc}") from None

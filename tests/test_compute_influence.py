@@ -16,6 +16,7 @@ from cli_helpers import assert_error, igcam, ok
 from igcam_cli import influence_io
 from igcam_cli.config import (ComputeInfluenceConfig, InfluenceReportConfig, MakeCamsConfig, RunOptions,
                               TrainClsConfig, build)
+from igcam_cli.core import influence as inf
 from igcam_cli.core.fusion import fuse, influence_heat
 from igcam_cli.core.metrics import auroc
 from igcam_cli.data.noise import corrupt_labels
@@ -129,6 +130,19 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
         with torch.no_grad():
             logits = model(normalize(sample.image)[None])[0]
         assert attrs["loss"] == pytest.approx(float(F.multilabel_soft_margin_loss(logits, target).detach()), rel=1e-5)
+        np.testing.assert_allclose(attrs["probs"], torch.sigmoid(logits[0]).numpy(), rtol=1e-5, atol=1e-6)
+    # scores.csv's suggestions are suggest_labels of the stored scores.
+    ids = dataset.ids("train")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    labels = torch.zeros(len(ids), 5, dtype=torch.bool)
+    for k, i in enumerate(ids):
+        labels[k, torch.as_tensor(dataset.labels(i)) - 1] = True
+    probs = torch.tensor(np.stack([stored[i][2]["probs"] for i in ids]))
+    cfg = _influence_cfg(ws)
+    expected = inf.suggest_labels(labels, probs, torch.tensor([scores[i].atypicality for i in ids]),
+                                  cfg.relabel_threshold, cfg.relabel_confidence)
+    assert [scores[i].suggested for i in ids] == [" ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten())
+                                                  for row in expected]
 
 
 def test_identity_curvature_is_plain_gradient_norm(trained, tmp_path):
@@ -163,6 +177,27 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     a = influence_io.read_scores(Workspace.open(influenced).influence_dir("train"), ["train_00000"], "x")
     b = influence_io.read_scores(ws.influence_dir("train"), ["train_00000"], "x")
     assert b["train_00000"].self_influence < a["train_00000"].self_influence  # more damping, smaller H^-1
+
+
+def test_refuses_files_of_another_run_and_wait_gives_up(influenced, trained, tmp_path):
+    ws = _copy(influenced, tmp_path / "stats")
+    own = ws.influence_dir("train") / "stats-factors-r0-of-1.pt"
+    influence_io.save_state(own, "another run's key", {})
+    with pytest.raises(UsageError, match="other settings or another classifier"):
+        compute_influence.run(_influence_cfg(ws), ws, OPTS)
+
+    ws = _copy(influenced, tmp_path / "classifier")
+    checkpoint = torch.load(ws.cls_dir / "model.pt", weights_only=True)
+    checkpoint["model"]["head.weight"] += 0.01  # a retrained classifier, as far as the checksum can tell
+    torch.save(checkpoint, ws.cls_dir / "model.pt")
+    with pytest.raises(UsageError, match="another classifier"):
+        compute_influence.run(_influence_cfg(ws), ws, OPTS)
+    assert compute_influence.run(_influence_cfg(ws), ws, OPTS, force=True)["scored"] == 8
+
+    ws = _copy(trained, tmp_path / "wait")
+    with pytest.raises(UsageError, match="did not all appear"):
+        compute_influence.run(_influence_cfg(ws), ws, OPTS, Shard(0, 2), wait=True, wait_timeout_s=0.0)
+    assert (ws.influence_dir("train") / "stats-factors-r0-of-2.pt").is_file()  # its own work is kept
 
 
 def test_cli_errors(fresh_ws, trained, tmp_path):
@@ -294,6 +329,57 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
     assert ws.latest("compute-influence", "train")["classifier"]["round"] == 2
 
 
+def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    ids = ws.dataset().ids("train")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    assert all(s.suggested for s in scores.values())  # compute-influence wrote the column
+    # Hand a suggestion to one image, as compute-influence would for a mislabelled one.
+    target = ids[2]
+    own = set(ws.dataset().labels(target).tolist())
+    new = [c for c in range(1, ws.dataset().num_classes + 1) if c not in own][:1]
+    scores[target].suggested = " ".join(map(str, new))
+    influence_io.write_scores(ws.influence_dir("train"), [scores[i] for i in ids])
+    assert influence_io.read_scores(ws.influence_dir("train"), ids, "x")[target].relabelled
+
+    seen = []
+    original = train_cls._ClassifierImages.__getitem__
+
+    def spy(self, index):
+        out = original(self, index)
+        if self.train and self.ids[index] == target:
+            seen.append(out[1].clone())
+        return out
+
+    train_cls._ClassifierImages.__getitem__ = spy
+    try:
+        train_cls.run(_train_cfg(ws, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions())
+    finally:
+        train_cls._ClassifierImages.__getitem__ = original
+    assert seen and all(torch.nonzero(t).flatten().add(1).tolist() == new for t in seen)
+    relabelled = influence_io.read_relabelled(ws.cls_round_dir(2) / influence_io.RELABELLED_NAME)
+    assert list(relabelled) == [target] and relabelled[target].tolist() == new
+    record = ws.latest("train-cls")
+    assert record["metrics"]["relabelled"] == 1
+    # The gentle fine-tune: lr x 0.2, half the epochs (at least 1).
+    assert record["metrics"]["lr"] == pytest.approx(_train_cfg(ws).lr * 0.2) and record["metrics"]["epochs"] == 1
+
+    make_cams.run(_cams_cfg(ws), ws, OPTS)  # auto: the labels round 2 trained on
+    cams = MapStore(ws.path("cams") / "train")
+    assert cams.read(target).classes.tolist() == new
+    assert cams.read(ids[0]).classes.tolist() == ws.dataset().labels(ids[0]).tolist()
+    assert ws.latest("make-cams", "train")["metrics"]["relabelled"] == 1
+    make_cams.run(_cams_cfg(ws, label_source="labels"), ws, OPTS, force=True)
+    assert MapStore(ws.path("cams") / "train").read(target).classes.tolist() == sorted(own)
+
+    # --no-relabel trains on the labels as given and leaves no relabelled.csv behind.
+    train_cls.run(_train_cfg(ws, round=2, sample_weights="influence", relabel=False), ws, OPTS,
+                  train_cls.TrainOptions())
+    assert not (ws.cls_round_dir(2) / influence_io.RELABELLED_NAME).exists()
+    make_cams.run(_cams_cfg(ws), ws, OPTS, force=True)
+    assert MapStore(ws.path("cams") / "train").read(target).classes.tolist() == sorted(own)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mislabel report, label noise
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +396,11 @@ def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path
     positive = np.array([i in ("train_00001", "train_00005") for i in ids])
     assert result["auroc"] == pytest.approx(auroc(np.array([scores[i].atypicality for i in ids]), positive))
     assert result["n_mislabelled"] == 2
+    assert result["n_suggested"] == sum(s.relabelled for s in scores.values())
     names = ws.dataset().classes
+    for r in result["rows"]:
+        own = scores[r["id"]]
+        assert r["suggested"] == ([names[int(k) - 1] for k in own.suggested.split()] if own.relabelled else [])
     assert result["rows"][0]["labels"] == [names[k - 1] for k in ws.dataset().labels(ranked[0])]
     for suffix in ("json", "md", "png"):
         assert (ws.path("eval") / f"influence-train.{suffix}").is_file()
@@ -319,6 +409,20 @@ def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path
     (ws.path("eval") / "influence-train.json").unlink()
     ok("evaluate", "-w", ws.root, "--artifact", "influence", "--split", "train", "--quiet")  # the same report
     assert (ws.path("eval") / "influence-train.json").is_file()
+
+
+def test_report_sheet_shows_the_labelled_classes_when_every_class_has_maps(trained, tmp_path, monkeypatch):
+    ws = _copy(trained, tmp_path / "ws")
+    compute_influence.run(_influence_cfg(ws, maps="all"), ws, OPTS)
+    record = MapStore(ws.influence_dir("train")).read("train_00000")
+    assert record.classes.tolist() == [1, 2, 3, 4, 5]
+    drawn = []
+    monkeypatch.setattr(influence_report.report, "contact_sheet",
+                        lambda rows, titles, path, cell: drawn.extend(rows) or path)
+    result = influence_report.run(build(InfluenceReportConfig, None, {"top_k": 8}), ws, OPTS)
+    blank = np.full((influence_report.CELL, influence_report.CELL, 3), 255, np.uint8)
+    for row, tiles in zip(result["rows"], drawn):
+        assert sum(not np.array_equal(t, blank) for t in tiles) == 1 + len(row["labels"])
 
 
 def test_auroc_by_hand():

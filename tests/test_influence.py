@@ -479,3 +479,19 @@ def test_sample_weights_have_mean_one_and_respect_the_clip():
     torch.testing.assert_close(inf.sample_weights(torch.zeros(7)), torch.ones(7))
     with pytest.raises(ValueError):
         inf.sample_weights(score, w_min=1.5, w_max=2.0)
+
+
+def test_suggest_labels_swaps_only_confident_contradictions_of_atypical_images():
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    probs = torch.tensor([[0.2, 0.9, 0.1],    # atypical, sees class 2 instead of 1: swapped
+                          [0.2, 0.9, 0.1],    # the same scores but typical: kept
+                          [0.9, 0.05, 0.1],   # atypical, doubts class 2 but sees nothing new: kept
+                          [0.4, 0.8, 0.75],   # atypical, sees 2 and 3; class 1 is unsure (0.4 > 0.3): kept
+                          [0.95, 0.6, 0.02]])  # atypical: 1 added, 3 dropped, 2 kept
+    score = torch.tensor([3.0, 0.5, 3.0, 3.0, 3.0])
+    out = inf.suggest_labels(labels, probs, score, threshold=1.0, confidence=0.7)
+    expected = torch.tensor([[0, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(out, expected)
+    assert bool(out.any(dim=1).all())  # never an empty label set
+    # At confidence 0.5 the unsure class 1 of image 4 (p 0.4) is dropped.
+    assert inf.suggest_labels(labels, probs, score, confidence=0.5)[3].tolist() == [False, True, True]

@@ -65,6 +65,7 @@ query loss; this is minus Koh & Liang's I_up,loss):
   than the coarsest tracked grid are sum-pooled to it (integer ratios only), which keeps the sums.
   For the head, ``delta_u = (p - y)/(C T)`` and ``a_u`` is the feature vector at u.
 * ``sample_weights``: from robust z-scores of log self-influence (see that function).
+* ``suggest_labels``: new labels for atypical images whose labels the classifier contradicts.
 
 Costs and memory (float32; ResNet-50, default tracking = last bottleneck ``layer4.2`` conv1/2/3 +
 head, output stride 16 so T = 28 x 28 = 784 at 448 px, 1 x 1 conv d_in x d_out; p = 4.46M + 20 x 2048):
@@ -99,7 +100,7 @@ __all__ = [
     "FactorStats", "KroneckerEigen", "EigenvalueStats", "QueryStats", "Preconditioner",
     "covariance_stats", "eigenvalue_stats", "query_stats", "fit_preconditioner",
     "BatchInfluence", "score_batch",
-    "robust_zscores", "atypicality", "sample_weights", "weight_matrix",
+    "robust_zscores", "atypicality", "sample_weights", "suggest_labels", "weight_matrix",
 ]
 
 Fisher = Literal["ggn", "sampled", "empirical"]
@@ -733,6 +734,7 @@ class BatchInfluence:
     per_class: Tensor        # B x C    <precond(V_c), g_i>, positive = helps class c's queries
     maps: Tensor | None      # B x C x h x w; maps.sum((-2, -1)) == per_class (to rounding) where computed
     loss: Tensor             # B        per-sample loss (1/C) sum_c BCE
+    probs: Tensor            # B x C    the classifier's sigmoid scores (for label suggestions)
 
 
 def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner,
@@ -766,7 +768,7 @@ def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner
         if maps != "none":
             spatial = _spatial_maps(acts, deltas, queries, cap.grids(), labels > 0.5 if maps == "labelled" else None)
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
-    return BatchInfluence(self_inf, per_class, spatial, loss)
+    return BatchInfluence(self_inf, per_class, spatial, loss, torch.sigmoid(logits))
 
 
 def _self_influence(pre: Preconditioner, grads: Mapping[str, Tensor], acts: Mapping[str, Tensor],
@@ -870,3 +872,22 @@ def sample_weights(score: Tensor, w_min: float = 0.2, w_max: float = 2.0, thresh
         else:
             hi = mid
     return raw.mul(0.5 * (lo + hi)).clamp(w_min, w_max).float()
+
+
+def suggest_labels(labels: Tensor, probs: Tensor, score: Tensor, threshold: float = 1.0,
+                   confidence: float = 0.5) -> Tensor:
+    """Suggested image labels (N x C bool) for the images that look mislabelled.
+
+    An image is a suspect when its atypicality ``score`` exceeds ``threshold``. A suspect is
+    relabelled only when the classifier confidently sees a class it is not labelled with
+    (``p > confidence``): those classes are added and its labelled classes scoring
+    ``p < 1 - confidence`` are dropped. Atypical images whose labels the classifier does not
+    contradict (hard but correctly labelled ones) keep their labels, and so does every image
+    below the threshold; a suggestion is never empty.
+    """
+    labels = labels > 0.5
+    suspect = (score > threshold).reshape(-1, 1)
+    add = ~labels & (probs > confidence) & suspect
+    relabel = add.any(dim=1, keepdim=True)
+    drop = labels & (probs < 1 - confidence) & relabel
+    return (labels & ~drop) | add

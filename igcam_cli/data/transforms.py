@@ -17,6 +17,13 @@ def normalize(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((image.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1).copy())
 
 
+def multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Class indices 1..C -> the classifier's float target of length C."""
+    target = torch.zeros(num_classes)
+    target[torch.as_tensor(labels, dtype=torch.long) - 1] = 1.0
+    return target
+
+
 def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
     h, w = image.shape[:2]
     scale = long_side / max(h, w)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 T = TypeVar("T")
 
@@ -24,3 +28,11 @@ def same_size_batches(items: Iterable[T], batch_size: int, size: Callable[[T], H
             batch = []
     if batch:
         yield batch
+
+
+def image_loader(images: TorchDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """Items one at a time from `workers` processes (at most one per core), two batches ahead;
+    `same_size_batches` groups them. Pinned memory when feeding a GPU."""
+    workers = min(workers, os.cpu_count() or 1)
+    return DataLoader(images, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=2 * batch_size if workers else None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -30,16 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io as io
 from igcam_cli.config import ComputeInfluenceConfig, RunOptions, to_dict
 from igcam_cli.core import influence as inf
 from igcam_cli.data.base import Dataset
-from igcam_cli.data.transforms import normalize, resize_long
+from igcam_cli.data.transforms import multi_hot, normalize, resize_long
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import CamClassifier, load_checkpoint
-from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
@@ -48,7 +47,8 @@ from igcam_cli.workspace import Workspace, classifier_key
 
 STAGE = "compute-influence"
 WAIT_POLL_S = 5.0
-WEIGHT_KEYS = ("w_min", "w_max", "w_threshold", "w_temperature")
+# Settings that only shape scores.csv (sample weights, label suggestions), which every complete run rewrites.
+SCORE_KEYS = ("w_min", "w_max", "w_threshold", "w_temperature", "relabel_threshold", "relabel_confidence")
 
 
 @dataclass
@@ -69,9 +69,8 @@ class _Images(TorchDataset):
     def __getitem__(self, index: int) -> _Item:
         sample = self.dataset.load(self.ids[index], with_mask=False)
         image = resize_long(sample.image, self.size) if self.size else sample.image
-        target = torch.zeros(self.dataset.num_classes)
-        target[torch.as_tensor(sample.labels, dtype=torch.long) - 1] = 1.0
-        return _Item(sample.id, normalize(image), target, tuple(sample.image.shape[:2]))
+        return _Item(sample.id, normalize(image), multi_hot(sample.labels, self.dataset.num_classes),
+                     tuple(sample.image.shape[:2]))
 
 
 @dataclass
@@ -86,6 +85,7 @@ class _Context:
     shard: Shard
     log: StageLog
     seed: int
+    files: io.StateFiles
 
 
 def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False,
@@ -114,15 +114,15 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     store = MapStore(directory)
     if force:
         _clear(directory, store, shard)
-    # Sample-weight settings only shape scores.csv, which every complete run rewrites.
     ws.check_resumable(STAGE, cfg.split, to_dict(cfg), has_output=len(store) > 0,
-                       ignore=("workers", "batch_size", *WEIGHT_KEYS))
+                       ignore=("workers", "batch_size", *SCORE_KEYS))
     old = store.attrs.get("model_sha256")
     if len(store) and old and old != model_sha:
         raise UsageError(f"influence/{cfg.split} was computed with another classifier; pass --force to redo it")
+    files = io.StateFiles(key)
     for phase in ("factors", "lambda"):
         own = io.stats_path(directory, phase, shard.index, shard.count)
-        if own.is_file() and io.state_key(own) != key:
+        if own.is_file() and files.key_of(own) != key:
             raise UsageError(f"{own} was computed with other settings or another classifier; pass --force to redo it")
     store.remove_temporaries(rank=shard.index)
 
@@ -134,7 +134,7 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     log(f"{STAGE} '{cfg.split}' shard {shard}: classifier round {round_} ({model_path}), hessian {cfg.hessian}, "
         f"damping {cfg.damping} ({cfg.damping_mode}), {len(layers)} tracked layers ({cfg.scope}), "
         f"queries '{cfg.query_split}' ({len(query_ids)} images), device {device}")
-    ctx = _Context(cfg, model, layers, device, dataset, key, directory, shard, log, opts.seed)
+    ctx = _Context(cfg, model, layers, device, dataset, key, directory, shard, log, opts.seed, files)
     try:
         result = _passes(ctx, ids, query_ids, store, model_sha, wait, wait_timeout_s)
         coverage = len(store.ids() & set(ids))
@@ -160,7 +160,7 @@ def _passes(ctx: _Context, ids: list[str], query_ids: list[str], store: MapStore
             timeout: float) -> dict:
     cfg, shard, directory = ctx.cfg, ctx.shard, ctx.directory
     own = io.stats_path(directory, "factors", shard.index, shard.count)
-    if io.load_state(own, ctx.key) is None:
+    if ctx.files.load(own) is None:
         factors, queries = _factor_pass(ctx, shard.select(ids), shard.select(query_ids))
         io.save_state(own, ctx.key, {"factors": factors.to_state(), "queries": queries.to_state()})
     states = _gather(ctx, "factors", wait, timeout)
@@ -173,7 +173,7 @@ def _passes(ctx: _Context, ids: list[str], query_ids: list[str], store: MapStore
     eigenvalues = None
     if cfg.hessian == "ekfac":
         own = io.stats_path(directory, "lambda", shard.index, shard.count)
-        if io.load_state(own, ctx.key) is None:
+        if ctx.files.load(own) is None:
             lam = _lambda_pass(ctx, eigen, shard.select(ids))
             io.save_state(own, ctx.key, {"lambda": lam.to_state()})
         lam_states = _gather(ctx, "lambda", wait, timeout)
@@ -238,7 +238,8 @@ def _preconditioner(ctx: _Context, eigen, eigenvalues) -> inf.Preconditioner:
 def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_Item], writer) -> None:
     x, y = _stack(ctx, batch)
     out = inf.score_batch(ctx.model, ctx.layers, pre, queries, x, y, maps=ctx.cfg.maps, logits_fn=_logits_fn(ctx))
-    self_inf, per_class, loss = (t.double().cpu().numpy() for t in (out.self_influence, out.per_class, out.loss))
+    self_inf, per_class, loss, probs = (t.double().cpu().numpy()
+                                        for t in (out.self_influence, out.per_class, out.loss, out.probs))
     maps = out.maps.double().cpu().numpy() if out.maps is not None else None
     for b, item in enumerate(batch):
         labels = (torch.nonzero(item.target).flatten() + 1).numpy().astype(np.uint8)
@@ -251,7 +252,7 @@ def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_I
         scale = np.where(peak > 0, peak, 1.0)
         writer.write(item.id, (item_maps / scale.reshape(-1, 1, 1)).astype(np.float32), classes,
                      self_influence=float(self_inf[b]), loss=float(loss[b]), per_class=per_class[b],
-                     labels=labels, map_scale=scale, image_height=item.size[0], image_width=item.size[1])
+                     labels=labels, probs=probs[b], map_scale=scale, image_height=item.size[0], image_width=item.size[1])
 
 
 def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
@@ -259,14 +260,29 @@ def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
     attrs = {i: record.attrs for i, record in store.iter_records(ids)}  # not the maps: the whole split's would not fit
     self_inf = torch.tensor([float(attrs[i]["self_influence"]) for i in ids], dtype=torch.float64)
     atyp = inf.atypicality(self_inf)
+    labels = torch.zeros(len(ids), ctx.dataset.num_classes, dtype=torch.bool)
+    for k, i in enumerate(ids):
+        labels[k, torch.as_tensor(np.atleast_1d(attrs[i]["labels"]).astype(np.int64) - 1)] = True
+    if all("probs" in attrs[i] for i in ids):
+        probs = torch.tensor(np.stack([np.asarray(attrs[i]["probs"], dtype=np.float64) for i in ids]))
+        suggested = inf.suggest_labels(labels, probs, atyp, cfg.relabel_threshold, cfg.relabel_confidence)
+    else:
+        ctx.log("note: these influence parts predate label suggestions (no classifier scores stored); "
+                "rerun with --force for them")
+        suggested = labels
+    relabelled = (suggested != labels).any(dim=1)
     weights = inf.sample_weights(atyp, w_min=cfg.w_min, w_max=cfg.w_max, threshold=cfg.w_threshold,
                                  temperature=cfg.w_temperature).double()
-    rows = [io.ImageScore(i, " ".join(str(int(c)) for c in np.atleast_1d(attrs[i]["labels"])),
-                          float(attrs[i]["loss"]), float(self_inf[k]), float(atyp[k]), float(weights[k]))
-            for k, i in enumerate(ids)]
+
+    def text(row: torch.Tensor) -> str:
+        return " ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten())
+
+    rows = [io.ImageScore(i, text(labels[k]), float(attrs[i]["loss"]), float(self_inf[k]), float(atyp[k]),
+                          float(weights[k]), text(suggested[k])) for k, i in enumerate(ids)]
     io.write_scores(ctx.directory, rows)
     low = int((weights < 1).sum())
-    ctx.log(f"sample weights: mean {float(weights.mean()):.3f}, {low} images below 1, min {float(weights.min()):.3f}")
+    ctx.log(f"sample weights: mean {float(weights.mean()):.3f}, {low} images below 1, min {float(weights.min()):.3f}; "
+            f"{int(relabelled.sum())} images with suggested labels")
 
 
 # ---- reductions across shards --------------------------------------------------------------
@@ -277,8 +293,9 @@ def _gather(ctx: _Context, phase: str, wait: bool, timeout: float) -> list[dict]
     announced = False
     while True:
         paths = [io.stats_path(ctx.directory, phase, r, ctx.shard.count) for r in range(ctx.shard.count)]
-        states = [io.load_state(p, ctx.key) for p in paths]
+        states = [ctx.files.load(p) for p in paths]
         if all(s is not None for s in states):
+            ctx.files.forget()
             return states
         if not wait:
             return None
@@ -292,7 +309,7 @@ def _gather(ctx: _Context, phase: str, wait: bool, timeout: float) -> list[dict]
 
 def _waiting(ctx: _Context, phase: str) -> dict:
     paths = [io.stats_path(ctx.directory, phase, r, ctx.shard.count) for r in range(ctx.shard.count)]
-    missing = sum(io.load_state(p, ctx.key) is None for p in paths)
+    missing = sum(ctx.files.load(p) is None for p in paths)
     return {"phase": "waiting", "stage": phase, "missing": missing, "scored": 0}
 
 
@@ -318,6 +335,8 @@ def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceC
         raise UsageError("--damping and --size must be >= 0 and --batch-size >= 1")
     if not cfg.w_min <= 1.0 <= cfg.w_max or cfg.w_temperature <= 0:
         raise UsageError("sample weights need w_min <= 1 <= w_max and w_temperature > 0")
+    if not 0.5 <= cfg.relabel_confidence < 1:
+        raise UsageError(f"relabel_confidence must be in [0.5, 1), got {cfg.relabel_confidence}")
     for split in (cfg.split, cfg.query_split):
         if split is not None and split not in dataset.splits():
             raise BadData(f"dataset has no split '{split}' (splits: {', '.join(dataset.splits())})")
@@ -332,7 +351,7 @@ def _scope(text: str):
 
 
 def _key(cfg: ComputeInfluenceConfig, model_sha: str, ids: list[str], query_ids: list[str], count: int) -> str:
-    relevant = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "batch_size", *WEIGHT_KEYS)}
+    relevant = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "batch_size", *SCORE_KEYS)}
     text = json.dumps({"cfg": relevant, "model": model_sha, "ids": ids, "queries": query_ids, "shards": count},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -348,10 +367,7 @@ def _sha256(path: Path) -> str:
 
 
 def _batches(ctx: _Context, ids: list[str], what: str):
-    workers = min(ctx.cfg.workers, os.cpu_count() or 1)
-    loader = DataLoader(_Images(ctx.dataset, ids, ctx.cfg.size), batch_size=None, num_workers=workers,
-                        pin_memory=ctx.device.type == "cuda",
-                        prefetch_factor=2 * ctx.cfg.batch_size if workers else None)
+    loader = image_loader(_Images(ctx.dataset, ids, ctx.cfg.size), ctx.cfg.batch_size, ctx.cfg.workers, ctx.device)
     batches = same_size_batches(loader, ctx.cfg.batch_size, lambda item: tuple(item.image.shape))
     return ctx.log.track(batches, total=-(-len(ids) // ctx.cfg.batch_size), description=what, unit="batch")
 

@@ -54,9 +54,11 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
     source = ws.latest("compute-influence", cfg.split)
     rows = [{"rank": r + 1, "id": i, "labels": label_names(scores[i].labels), "atypicality": scores[i].atypicality,
              "self_influence": scores[i].self_influence, "loss": scores[i].loss, "weight": scores[i].weight,
+             "suggested": label_names(scores[i].suggested) if scores[i].relabelled else [],
              **({"mislabelled": i in truth} if truth is not None else {})}
             for r, i in enumerate(ranked[: cfg.top_k])]
     result: dict[str, Any] = {"split": cfg.split, "n_images": len(ids), "top_k": cfg.top_k, "ranked_by": "atypicality",
+                              "n_suggested": sum(scores[i].relabelled for i in ids),
                               "rows": rows, "source_run": (source or {}).get("id"),
                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if truth is not None:
@@ -92,7 +94,9 @@ def _truth_metrics(ids: list[str], scores: dict, ranked: list[str], truth: set[s
     positive = np.array([i in truth for i in ids])
     n_bad = int(positive.sum())
     found = sum(i in truth for i in ranked[:n_bad])
+    suggested = [i for i in ids if scores[i].relabelled]
     return {"truth": path, "n_mislabelled": n_bad,
+            "suggested_mislabelled": sum(i in truth for i in suggested),
             "auroc": auroc(np.array([scores[i].atypicality for i in ids]), positive),
             "auroc_loss": auroc(np.array([scores[i].loss for i in ids]), positive),
             "precision_at_n_mislabelled": found / n_bad if n_bad else float("nan")}
@@ -105,7 +109,8 @@ def _sheet(dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
     sheet_rows = []
     for row in rows:
         image = dataset.load(row["id"], with_mask=False).image
-        tiles = [report.caption(image, f"#{row['rank']} {row['id']}\n{' '.join(row['labels'])}")]
+        suggested = f"\n-> {' '.join(row['suggested'])}" if row["suggested"] else ""
+        tiles = [report.caption(image, f"#{row['rank']} {row['id']}\n{' '.join(row['labels'])}{suggested}")]
         if row["id"] in store:
             maps, classes, _ = influence_io.read_maps(store, row["id"])
             heat = influence_heat(torch.from_numpy(maps), image.shape[:2]).numpy() if len(maps) else maps
@@ -127,11 +132,16 @@ def markdown(result: dict) -> str:
         lines += [f"Known mislabelled images: {result['n_mislabelled']} ({result['truth']}). "
                   f"AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}); "
                   f"{result['precision_at_n_mislabelled'] * 100:.1f} % of the top {result['n_mislabelled']} are mislabelled.", ""]
+    lines += [f"Suggested labels (atypical images whose labels the classifier confidently contradicts; "
+              f"`train-cls --round 2 --sample-weights influence` trains on them): {result['n_suggested']} images"
+              + (f", {result['suggested_mislabelled']} of them known mislabelled." if "auroc" in result else "."), ""]
     known = "auroc" in result
-    lines += ["| rank | id | labels | atypicality | self-influence | loss | weight |" + (" mislabelled |" if known else ""),
-              "|---:|---|---|---:|---:|---:|---:|" + ("---|" if known else "")]
+    lines += ["| rank | id | labels | suggested | atypicality | self-influence | loss | weight |"
+              + (" mislabelled |" if known else ""),
+              "|---:|---|---|---|---:|---:|---:|---:|" + ("---|" if known else "")]
     for r in result["rows"]:
-        lines.append(f"| {r['rank']} | {r['id']} | {' '.join(r['labels'])} | {r['atypicality']:.2f} | "
+        lines.append(f"| {r['rank']} | {r['id']} | {' '.join(r['labels'])} | {' '.join(r['suggested'])} | "
+                     f"{r['atypicality']:.2f} | "
                      f"{r['self_influence']:.3g} | {r['loss']:.3f} | {r['weight']:.2f} |"
                      + (f" {'yes' if r['mislabelled'] else ''} |" if known else ""))
     lines += ["", f"Contact sheet: {result['contact_sheet']}", ""]
@@ -145,10 +155,11 @@ def _print(result: dict) -> None:
         caption = (f"AUROC {result['auroc']:.3f} against {result['n_mislabelled']} known mislabelled images "
                    f"(loss: {result['auroc_loss']:.3f})")
     table = Table(title=f"possibly mislabelled images of '{result['split']}'", caption=caption)
-    for column in ("rank", "id", "labels", "atypicality", "self-influence", "weight") + (("mislabelled",) if known else ()):
-        table.add_column(column, justify="right" if column not in ("id", "labels") else "left")
+    for column in ("rank", "id", "labels", "suggested", "atypicality", "self-influence", "weight") \
+            + (("mislabelled",) if known else ()):
+        table.add_column(column, justify="right" if column not in ("id", "labels", "suggested") else "left")
     for r in result["rows"]:
-        table.add_row(str(r["rank"]), r["id"], " ".join(r["labels"]), f"{r['atypicality']:.2f}",
+        table.add_row(str(r["rank"]), r["id"], " ".join(r["labels"]), " ".join(r["suggested"]), f"{r['atypicality']:.2f}",
                       f"{r['self_influence']:.3g}", f"{r['weight']:.2f}",
                       *(("yes" if r["mislabelled"] else "",) if known else ()))
     Console(width=max(120, Console().width)).print(table)

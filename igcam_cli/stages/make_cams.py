@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
-from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace, classifier_key, input_key
@@ -34,8 +33,9 @@ class _Item:
 
 
 class _Images(TorchDataset):
-    def __init__(self, dataset: Dataset, ids: list[str], influence: MapStore | None = None):
-        self.dataset, self.ids, self.influence = dataset, ids, influence
+    def __init__(self, dataset: Dataset, ids: list[str], influence: MapStore | None = None,
+                 relabelled: dict[str, np.ndarray] | None = None):
+        self.dataset, self.ids, self.influence, self.relabelled = dataset, ids, influence, relabelled or {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,7 +46,7 @@ class _Images(TorchDataset):
         if self.influence is not None:
             maps, classes, _ = influence_io.read_maps(self.influence, sample.id)
             influence = {int(c): m for c, m in zip(classes, maps)}
-        return _Item(sample.id, normalize(sample.image), sample.labels, influence)
+        return _Item(sample.id, normalize(sample.image), self.relabelled.get(sample.id, sample.labels), influence)
 
 
 def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
@@ -54,8 +54,8 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     log = StageLog(ws.log_path("make-cams"), quiet=opts.quiet)
     if not cfg.scales or any(s <= 0 for s in cfg.scales):
         raise UsageError("--scales must be positive numbers, e.g. 1.0,0.5,1.5,2.0")
-    if cfg.label_source not in ("labels", "predicted"):
-        raise UsageError("--label-source must be 'labels' or 'predicted'")
+    if cfg.label_source not in ("auto", "labels", "predicted"):
+        raise UsageError(f"--label-source must be 'auto', 'labels' or 'predicted', got '{cfg.label_source}'")
     if not 0.0 <= cfg.influence_fusion <= 1.0:
         raise UsageError("--influence-fusion must be in [0, 1]")
     dataset = ws.dataset()
@@ -66,6 +66,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
         raise BadData(f"{model_path} has {model.num_classes} classes but the dataset has "
                       f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`")
     influence = _influence_store(ws, cfg, split_ids) if cfg.influence_fusion > 0 else None
+    relabelled = _trained_labels(ws, cfg, round_, split_ids)
     chosen = "chosen with --round" if cfg.round is not None else "the latest"
     device = local_device(resolve_device(opts.device))
     model.to(device, memory_format=memory_format(device)).eval()
@@ -91,16 +92,21 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
     record = ws.start("make-cams", to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier, inputs=inputs)
     log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
+    if relabelled:
+        log(f"make-cams: {len(relabelled)} images of '{cfg.split}' use the labels classifier round {round_} was trained on "
+            f"({ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME}); --label-source labels uses the image labels")
     log(f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
         f"already done; scales {cfg.scales}, flip {cfg.flip}, influence fusion {cfg.influence_fusion}, device {device}")
     try:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
-            for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device, influence), cfg.batch_size,
+            for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device, influence, relabelled),
+                                                     cfg.batch_size,
                                                      _image_size),
                                    total=-(-len(todo) // cfg.batch_size), description="cams", unit="batch"):
                 _write_batch(batch, model, cfg, device, writer)
         coverage = len(store.ids() & set(split_ids))
-        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
+        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids),
+                                                               **({"relabelled": len(relabelled)} if relabelled else {})})
     except BaseException as exc:
         record.fail(f"{type(exc).__name__}: {exc}")
         raise
@@ -147,11 +153,19 @@ def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -
 
 
 
+def _trained_labels(ws: Workspace, cfg: MakeCamsConfig, round_: int, split_ids: list[str]) -> dict[str, np.ndarray]:
+    """--label-source auto: the split's images that classifier round `round_` trained on suggested
+    labels (its relabelled.csv), with those labels; {} for the other sources and plain rounds."""
+    path = ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME
+    if cfg.label_source != "auto" or not path.is_file():
+        return {}
+    wanted = set(split_ids)
+    return {i: labels for i, labels in influence_io.read_relabelled(path).items() if i in wanted}
+
+
 def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch.device,
-            influence: MapStore | None = None) -> DataLoader:
-    workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(_Images(dataset, ids, influence), batch_size=None, num_workers=workers,
-                      pin_memory=device.type == "cuda", prefetch_factor=2 * cfg.batch_size if workers else None)
+            influence: MapStore | None = None, relabelled: dict[str, np.ndarray] | None = None) -> DataLoader:
+    return image_loader(_Images(dataset, ids, influence, relabelled), cfg.batch_size, cfg.workers, device)
 
 
 def _image_size(item: _Item) -> tuple[int, ...]:

@@ -9,7 +9,6 @@ pixel. Output: `pred/<name>/<id>.png` (VOC palette, the input's size) and
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +27,7 @@ from igcam_cli.data.imageio import read_image
 from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.segmenter import Segmenter, load_segmenter
-from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.pool import map_ordered, process_pool
@@ -177,9 +176,7 @@ def _overlay_path(store: LabelStore, image_id: str) -> Path:
 
 
 def _loader(images: TorchDataset, cfg: PredictConfig, device: torch.device) -> DataLoader:
-    workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(images, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=2 * cfg.batch_size if workers else None)
+    return image_loader(images, cfg.batch_size, cfg.workers, device)
 
 
 def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,

@@ -7,7 +7,6 @@ as the regions, and the output is marked `oracle = true` for every later stage a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ from igcam_cli.data.base import Dataset
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.runtime.devices import resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
-from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace, input_key
@@ -143,9 +142,7 @@ def _boundary(batch: list[_Item], enabled: bool, params: BoundaryParams, device:
 
 
 def _loader(dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, device: torch.device) -> DataLoader:
-    workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(_Guided(dataset, cams, ids, cfg), batch_size=None, num_workers=workers,
-                      pin_memory=device.type == "cuda", prefetch_factor=2 * cfg.batch_size if workers else None)
+    return image_loader(_Guided(dataset, cams, ids, cfg), cfg.batch_size, cfg.workers, device)
 
 
 def _image_size(item: _Item) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from igcam_cli import influence_io
 from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
 from igcam_cli.core.metrics import mean_average_precision
 from igcam_cli.data.base import Dataset
-from igcam_cli.data.transforms import eval_view, train_view
+from igcam_cli.data.transforms import eval_view, multi_hot, train_view
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 from igcam_cli.runtime import distributed as ddp
@@ -40,9 +40,9 @@ class _ClassifierImages(TorchDataset):
     """Augmented training views (train=True) or fixed-size views with multi-hot targets."""
 
     def __init__(self, dataset: Dataset, ids: list[str], cfg: TrainClsConfig, seed: int, train: bool,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, relabelled: dict[str, np.ndarray] | None = None):
         self.dataset, self.ids, self.cfg, self.seed, self.train = dataset, ids, cfg, seed, train
-        self.weights = weights
+        self.weights, self.relabelled = weights, relabelled or {}
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -50,8 +50,7 @@ class _ClassifierImages(TorchDataset):
 
     def __getitem__(self, index: int):
         sample = self.dataset.load(self.ids[index], with_mask=False)
-        target = torch.zeros(self.dataset.num_classes)
-        target[torch.as_tensor(sample.labels, dtype=torch.long) - 1] = 1.0
+        target = multi_hot(self.relabelled.get(sample.id, sample.labels), self.dataset.num_classes)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             view = train_view(sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
@@ -69,14 +68,15 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         raise BadData(f"split '{cfg.split}' has no images")
     val_ids = dataset.ids(cfg.val_split) if cfg.val_split in dataset.splits() else []
 
-    weights, influence_record = _sample_weights(cfg, ws, ids, log)
+    weights, relabelled, influence_record = _sample_weights(cfg, ws, ids, log)
+    schedule = _schedule(cfg)
     device = ddp.device(resolve_device(opts.device))
     seed_everything(opts.seed)
     model = _initial_model(cfg, dataset.num_classes, train.init_from, ws)
     if cfg.freeze_bn:
         model.freeze_batchnorm()
     model.to(device, memory_format=memory_format(device))
-    optimizer, base_lrs = training.sgd(model, cfg)
+    optimizer, base_lrs = training.sgd(model, schedule)
 
     out_dir = ws.cls_round_dir(cfg.round)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,10 +85,10 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, model, optimizer)
         latest = ws.classifier_run(cfg.round, done=False)
-        if (start_epoch >= cfg.epochs and model_path.is_file() and latest and latest["status"] == "done"
+        if (start_epoch >= schedule.epochs and model_path.is_file() and latest and latest["status"] == "done"
                 and latest["config"] == to_dict(cfg)):
             # Finished already: a new record would mark everything downstream stale for the same weights.
-            log(f"train-cls: {model_path} already holds all {cfg.epochs} epochs; nothing to do")
+            log(f"train-cls: {model_path} already holds all {schedule.epochs} epochs; nothing to do")
             return model
         log(f"resuming from {last_path} after epoch {start_epoch}")
     elif train.resume:
@@ -103,21 +103,28 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     record = ws.start("train-cls", to_dict(cfg), seed=opts.seed, device=str(device), round=cfg.round,
                       classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
                       inputs=inputs) if ddp.is_main() else None
+    if ddp.is_main():  # make-cams --label-source auto reads it: it must describe this run
+        (out_dir / influence_io.RELABELLED_NAME).unlink(missing_ok=True)
+        if relabelled is not None:
+            influence_io.write_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
     net = ddp.wrap(model, device)
-    train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True, weights=weights)
+    train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True, weights=weights,
+                                   relabelled={r.id: influence_io.class_list(r.suggested) for r in relabelled or []})
     steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    total_steps = max(1, steps_per_epoch * schedule.epochs)
+    how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
     log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, device {device}")
+        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
+        f"device {device}")
     metrics: dict[str, float] = {}
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, schedule.epochs):
             train_data.epoch = epoch
             order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
             loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
             net.train()
             losses = []
-            for x, y, w in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
+            for x, y, w in log.track(loader, len(loader), f"epoch {epoch + 1}/{schedule.epochs}", unit="batch"):
                 training.poly_lr(optimizer, base_lrs, step, total_steps)
                 x = x.to(device, non_blocking=True, memory_format=memory_format(device))
                 y = y.to(device, non_blocking=True)
@@ -139,10 +146,11 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             if ddp.is_main():
                 _save(last_path, cfg, model, optimizer, epoch + 1, step)
                 val = f", val mAP {metrics['val_map'] * 100:.1f}" if "val_map" in metrics else ""
-                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}{val}")
+                log(f"epoch {epoch + 1}/{schedule.epochs}: loss {metrics['train_loss']:.4f}{val}")
         if ddp.is_main():
             _save_final(model_path, cfg, model, dataset.classes)
-            record.finish(outputs=[str(model_path)], metrics=metrics)
+            record.finish(outputs=[str(model_path)], metrics={**metrics, "lr": schedule.lr, "epochs": schedule.epochs,
+                                                              **({"relabelled": len(relabelled)} if relabelled is not None else {})})
             log(f"saved {model_path}")
     except BaseException as exc:
         if record is not None:
@@ -183,26 +191,42 @@ def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
         raise UsageError("--round must be >= 1")
     if cfg.sample_weights not in ("none", "influence"):
         raise UsageError(f"--sample-weights must be 'none' or 'influence', got '{cfg.sample_weights}'")
+    if cfg.finetune_lr_mult <= 0 or cfg.finetune_epochs < 0:
+        raise UsageError("--finetune-lr-mult must be > 0 and --finetune-epochs >= 0")
     if cfg.sample_weights != "none" and cfg.round == 1:
         raise UsageError("--sample-weights influence needs --round 2 or later (round 1 is the plain training "
                          "whose model compute-influence reads)")
 
 
-def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log) -> tuple[list[float] | None, dict | None]:
-    """Per-image loss weights in `ids` order from compute-influence's scores.csv (None: unweighted)."""
+def _schedule(cfg: TrainClsConfig) -> TrainClsConfig:
+    """The learning rate and epochs this round trains with: rounds >= 2 fine-tune the previous
+    round's model, gently (lr x finetune_lr_mult, half the epochs unless finetune_epochs is set)."""
+    if cfg.round == 1:
+        return cfg
+    return replace(cfg, lr=cfg.lr * cfg.finetune_lr_mult, epochs=cfg.finetune_epochs or max(1, cfg.epochs // 2))
+
+
+def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log
+                    ) -> tuple[list[float] | None, list[influence_io.ImageScore] | None, dict | None]:
+    """Per-image loss weights in `ids` order from compute-influence's scores.csv (None: unweighted),
+    the images to train on their suggested labels (None: no relabelling) and the influence run."""
     if cfg.sample_weights == "none":
-        return None, None
+        return None, None, None
     command = ws.command("compute-influence", cfg.split) + (f" --round {cfg.round - 1}" if cfg.round > 2 else "")
     scores = influence_io.read_scores(ws.influence_dir(cfg.split), ids, command)
     record = ws.latest("compute-influence", cfg.split)
     used = (record or {}).get("classifier", {}).get("round")
     if used is not None and used != cfg.round - 1:
         log(f"note: the influence weights come from classifier round {used}, not round {cfg.round - 1}")
-    weights = [scores[i].weight for i in ids]
+    relabelled = [scores[i] for i in ids if scores[i].relabelled] if cfg.relabel else None
+    # A relabelled image's atypicality was measured against the labels it no longer trains on: full weight.
+    fresh = {r.id for r in relabelled or []}
+    weights = [1.0 if i in fresh else scores[i].weight for i in ids]
     low = sum(w < 1 for w in weights)
     log(f"sample weights from {ws.influence_dir(cfg.split) / influence_io.SCORES_NAME} "
-        f"(classifier round {used}): {low} of {len(ids)} images down-weighted, min {min(weights):.3f}")
-    return weights, record
+        f"(classifier round {used}): {low} of {len(ids)} images down-weighted, min {min(weights):.3f}"
+        + (f"; {len(fresh)} images relabelled as compute-influence suggests" if relabelled is not None else ""))
+    return weights, relabelled, record
 
 
 def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None, ws: Workspace) -> CamClassifier:
@@ -223,7 +247,7 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
 
 
 _RESUME_KEYS = ("backbone", "pretrained", "split", "epochs", "batch_size", "crop", "lr", "head_lr_mult", "freeze_bn",
-                "sample_weights")
+                "sample_weights", "relabel", "finetune_lr_mult", "finetune_epochs")
 
 
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:

@@ -12,7 +12,6 @@ checkpoint, predictions and every evaluation of them say `upper_bound: true`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli.config import RunOptions, TrainSegConfig, to_dict
 from igcam_cli.core.metrics import confusion_matrix, scores
@@ -30,7 +29,7 @@ from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.segmenter import ARCHS, Segmenter, build_segmenter, load_segmenter
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime import training
-from igcam_cli.runtime.batching import same_size_batches
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import LabelStore
@@ -178,8 +177,7 @@ def evaluate_miou(model: Segmenter, dataset: Dataset, ids: list[str], cfg: Train
                   device: torch.device) -> float:
     """Single-scale mIoU against the GT masks of `ids` (the per-epoch validation score)."""
     data = _SegImages(dataset, ids, None, cfg, seed=0, train=False)
-    workers = min(cfg.workers, os.cpu_count() or 1)
-    loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=2 * cfg.batch_size if workers else None)
+    loader = image_loader(data, cfg.batch_size, cfg.workers, device)
     n = dataset.num_classes + 1
     conf = np.zeros((n, n), dtype=np.int64)
     was_training = model.training
