@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cli_helpers import assert_error, igcam, ok
 from igcam_cli import influence_io
-from igcam_cli.config import (ComputeInfluenceConfig, InfluenceReportConfig, MakeCamsConfig, RunOptions,
+from igcam_cli.config import (ComputeInfluenceConfig, EvaluateConfig, InfluenceReportConfig, MakeCamsConfig, RunOptions,
                               TrainClsConfig, build)
 from igcam_cli.core import influence as inf
 from igcam_cli.core.fusion import fuse, influence_heat
@@ -24,7 +24,7 @@ from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.distributed import Shard
-from igcam_cli.stages import compute_influence, influence_report, init as init_stage, make_cams, train_cls
+from igcam_cli.stages import compute_influence, evaluate, influence_report, init as init_stage, make_cams, train_cls
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace
 
@@ -369,6 +369,8 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     assert cams.read(target).classes.tolist() == new
     assert cams.read(ids[0]).classes.tolist() == ws.dataset().labels(ids[0]).tolist()
     assert ws.latest("make-cams", "train")["metrics"]["relabelled"] == 1
+    result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)
+    assert result["relabelled"] == 1 and "1 images with labels suggested by compute-influence" in evaluate.describe(result)
     make_cams.run(_cams_cfg(ws, label_source="labels"), ws, OPTS, force=True)
     assert MapStore(ws.path("cams") / "train").read(target).classes.tolist() == sorted(own)
 

@@ -77,6 +77,7 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
         threshold = {"tau": None, "tuned_on": None, "curve": None}
 
     result = _result(cfg, scores(conf, names), names, threshold, len(ids), dataset, oracle, source_record)
+    result["relabelled"] = _relabelled(ws, source_record)
     json_path, md_path = _write(ws, cfg, result, conf)
     seg_flags = {"upper_bound": result["upper_bound"]} if cfg.artifact == "seg" else {}
     ws.start("evaluate", to_dict(cfg), split=cfg.split, oracle=oracle, **seg_flags,
@@ -142,6 +143,22 @@ def _result(cfg, s: dict, names: list[str], threshold: dict, n_images: int, data
     }
 
 
+def _relabelled(ws: Workspace, record: dict | None) -> int:
+    """Images whose CAMs were drawn for influence-suggested labels (make-cams --label-source auto
+    after train-cls relabelled), found by following the artifact's inputs back to make-cams.
+    Not an oracle (no GT is involved), but a reader should know the labels were changed."""
+    by_id = {r["id"]: r for r in ws.records()}
+    seen = set()
+    while record is not None and record["id"] not in seen:
+        seen.add(record["id"])
+        if record["stage"] == "make-cams":
+            return int(record.get("metrics", {}).get("relabelled", 0))
+        parents = [by_id.get(run) for key, run in record.get("inputs", {}).items()
+                   if key.split(":")[0] in ("make-cams", "refine", "crf", "train-seg", "predict")]
+        record = next((r for r in parents if r is not None), None)
+    return 0
+
+
 def _used_crf(artifact: str, source_record: dict | None) -> bool:
     if artifact == "seg":  # predict --crf/--no-crf
         return bool((source_record or {}).get("config", {}).get("crf", False))
@@ -166,8 +183,10 @@ def describe(result: dict) -> str:
     oracle = "ORACLE (GT-guided, not weakly supervised)" if result["oracle"] else "weakly supervised"
     if result.get("upper_bound"):
         oracle = "UPPER BOUND (model trained on GT masks, fully supervised)"
+    relabelled = (f", {result['relabelled']} images with labels suggested by compute-influence"
+                  if result.get("relabelled") else "")
     return (f"{result['artifact']} on split '{result['split']}' ({result['n_images']} images), GT {result['gt_source']}, "
-            f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}")
+            f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}{relabelled}")
 
 
 def markdown(result: dict) -> str:
