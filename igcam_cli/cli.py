@@ -149,7 +149,7 @@ def train_cls(
     round: Annotated[Optional[int], typer.Option("--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/")] = None,
     sample_weights: Annotated[Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")] = None,
     relabel: Annotated[Optional[bool], typer.Option("--relabel/--no-relabel", help="With --sample-weights influence: train on compute-influence's suggested labels [default: relabel]")] = None,
-    finetune_lr_mult: Annotated[Optional[float], typer.Option(min=0.0, help="Rounds >= 2 fine-tune at lr x this [default: 0.2]")] = None,
+    finetune_lr_mult: Annotated[Optional[float], typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) [default: 0.2]")] = None,
     finetune_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
@@ -180,7 +180,7 @@ def make_cams(
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales [default: 1.0,0.5,1.5,2.0]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    label_source: Annotated[Optional[str], typer.Option(help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores)")] = None,
+    label_source: Annotated[Optional[str], typer.Option(help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) [default: auto]")] = None,
     influence_fusion: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)")] = None,
     round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round [default: the latest]")] = None,
     workers: WorkersOpt = None,
@@ -218,6 +218,11 @@ def compute_influence(
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
 ):
     """Influence of each training image: self-influence, per-class scores, spatial maps, sample weights (influence/<split>/).
+
+    scores.csv also suggests labels for atypical images whose classifier confidently sees a class
+    they are not labelled with (`relabel_threshold`, `relabel_confidence` and the sample-weight
+    `w_*` settings are in [compute-influence] of igcam.toml). Influence is always measured against
+    the labels as given.
 
     Sharded: each `--shard i/n` writes its curvature sums; once all n are there, every shard fits the
     same preconditioner from their total and scores its images. Without --wait a shard stops after

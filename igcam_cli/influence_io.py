@@ -68,7 +68,7 @@ class StateFiles:
 
     def __init__(self, key: str):
         self.key = key
-        self._seen: dict[Path, tuple[tuple[int, int], dict | None]] = {}
+        self._seen: dict[Path, tuple[tuple[int, int, int], dict | None]] = {}
 
     def _get(self, path: Path) -> dict | None:
         try:
@@ -76,7 +76,7 @@ class StateFiles:
         except FileNotFoundError:
             self._seen.pop(path, None)
             return None
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # save_state renames: a new inode
         cached = self._seen.get(path)
         if cached is None or cached[0] != stamp:
             cached = (stamp, _read_state(path))

@@ -152,7 +152,7 @@ def _relabelled(ws: Workspace, record: dict | None) -> int:
     while record is not None and record["id"] not in seen:
         seen.add(record["id"])
         if record["stage"] == "make-cams":
-            return int(record.get("metrics", {}).get("relabelled", 0))
+            return int(record.get("relabelled", 0))
         parents = [by_id.get(run) for key, run in record.get("inputs", {}).items()
                    if key.split(":")[0] in ("make-cams", "refine", "crf", "train-seg", "predict")]
         record = next((r for r in parents if r is not None), None)

@@ -90,7 +90,8 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     influence_record = ws.latest("compute-influence", cfg.split) if influence is not None else None
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
-    record = ws.start("make-cams", to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier, inputs=inputs)
+    record = ws.start("make-cams", to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier, inputs=inputs,
+                      **({"relabelled": len(relabelled)} if relabelled else {}))
     log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
     if relabelled:
         log(f"make-cams: {len(relabelled)} images of '{cfg.split}' use the labels classifier round {round_} was trained on "
@@ -105,8 +106,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
                                    total=-(-len(todo) // cfg.batch_size), description="cams", unit="batch"):
                 _write_batch(batch, model, cfg, device, writer)
         coverage = len(store.ids() & set(split_ids))
-        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids),
-                                                               **({"relabelled": len(relabelled)} if relabelled else {})})
+        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
     except BaseException as exc:
         record.fail(f"{type(exc).__name__}: {exc}")
         raise

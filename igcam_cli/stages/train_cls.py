@@ -103,10 +103,6 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     record = ws.start("train-cls", to_dict(cfg), seed=opts.seed, device=str(device), round=cfg.round,
                       classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
                       inputs=inputs) if ddp.is_main() else None
-    if ddp.is_main():  # make-cams --label-source auto reads it: it must describe this run
-        (out_dir / influence_io.RELABELLED_NAME).unlink(missing_ok=True)
-        if relabelled is not None:
-            influence_io.write_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
     net = ddp.wrap(model, device)
     train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True, weights=weights,
                                    relabelled={r.id: influence_io.class_list(r.suggested) for r in relabelled or []})
@@ -149,6 +145,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                 log(f"epoch {epoch + 1}/{schedule.epochs}: loss {metrics['train_loss']:.4f}{val}")
         if ddp.is_main():
             _save_final(model_path, cfg, model, dataset.classes)
+            _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
             record.finish(outputs=[str(model_path)], metrics={**metrics, "lr": schedule.lr, "epochs": schedule.epochs,
                                                               **({"relabelled": len(relabelled)} if relabelled is not None else {})})
             log(f"saved {model_path}")
@@ -248,12 +245,14 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
 
 _RESUME_KEYS = ("backbone", "pretrained", "split", "epochs", "batch_size", "crop", "lr", "head_lr_mult", "freeze_bn",
                 "sample_weights", "relabel", "finetune_lr_mult", "finetune_epochs")
+_FINETUNE_KEYS = ("relabel", "finetune_lr_mult", "finetune_epochs")  # no effect in round 1
 
 
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved = ckpt["config"]
-    changed = [k for k in _RESUME_KEYS if saved.get(k, getattr(TrainClsConfig, k, None)) != getattr(cfg, k)]
+    keys = _RESUME_KEYS if cfg.round > 1 else [k for k in _RESUME_KEYS if k not in _FINETUNE_KEYS]
+    changed = [k for k in keys if saved.get(k, getattr(TrainClsConfig, k, None)) != getattr(cfg, k)]
     if changed:
         raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
                          "rerun without --resume to start over")
@@ -265,6 +264,14 @@ def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -
 def _save(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoch: int, step: int) -> None:
     training.atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "epoch": epoch, "step": step}, path)
+
+
+def _save_relabelled(path: Path, relabelled: list[influence_io.ImageScore] | None) -> None:
+    """Replaced together with model.pt (make-cams --label-source auto pairs the two): the images
+    this run trained on suggested labels, or no file when it did not relabel."""
+    path.unlink(missing_ok=True)
+    if relabelled is not None:
+        influence_io.write_relabelled(path, relabelled)
 
 
 def _save_final(path: Path, cfg: TrainClsConfig, model: CamClassifier, classes: list[str]) -> None:
