@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
@@ -41,3 +42,19 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def fit_epoch(batches: Iterable, optimizer, base_lrs: list[float], step: int, total_steps: int,
+              loss_of: Callable[[object], torch.Tensor]) -> tuple[float, int]:
+    """One epoch of SGD with the poly schedule: `loss_of(batch)` moves a batch to the device and
+    returns its loss. Returns the mean loss (nan without batches) and the step count after it."""
+    losses = []
+    for batch in batches:
+        poly_lr(optimizer, base_lrs, step, total_steps)
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+    return (sum(losses) / len(losses) if losses else float("nan")), step

@@ -135,16 +135,13 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
         f"damping {cfg.damping} ({cfg.damping_mode}), {len(layers)} tracked layers ({cfg.scope}), "
         f"queries '{cfg.query_split}' ({len(query_ids)} images), device {device}")
     ctx = _Context(cfg, model, layers, device, dataset, key, directory, shard, log, opts.seed, files)
-    try:
+    with record:
         result = _passes(ctx, ids, query_ids, store, model_sha, wait, wait_timeout_s)
         coverage = len(store.ids() & set(ids))
         if coverage == len(ids) and (result["phase"] == "done"):
             _write_scores(ctx, store, ids)
         record.finish(outputs=[str(directory)], metrics={"images": coverage, "split_images": len(ids),
                                                          "phase": result["phase"]})
-    except BaseException as exc:
-        record.fail(f"{type(exc).__name__}: {exc}")
-        raise
     if result["phase"] == "waiting":
         log(f"shard {shard}: {result['missing']} of {shard.count} shards still lack '{result['stage']}' statistics; "
             "rerun this command when they are done (or pass --wait)")

@@ -51,16 +51,13 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     background = f"(1 - max)^{alpha}" if cfg.bg_mode == "power" else f"constant {cfg.bg_tau}"
     log(f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {background}) shard {shard}: "
         f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
-    try:
+    with record:
         jobs = _jobs(dataset, maps, todo, params, cfg, alpha)
         with process_pool(cfg.workers) as pool:
             results = pool.imap(_crf_job, jobs, chunksize=1) if pool else map(_crf_job, jobs)
             for image_id, label in log.track(results, len(todo), "crf"):
                 labels.write(image_id, label)
         record.finish(outputs=[str(labels.directory)], metrics={"images": len(labels.ids() & set(split_ids))})
-    except BaseException as exc:
-        record.fail(f"{type(exc).__name__}: {exc}")
-        raise
     log(f"pseudo/{cfg.split}: {len(labels.ids() & set(split_ids))} of {len(split_ids)} label maps")
     return len(todo)
 

@@ -98,7 +98,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
             f"({ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME}); --label-source labels uses the image labels")
     log(f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
         f"already done; scales {cfg.scales}, flip {cfg.flip}, influence fusion {cfg.influence_fusion}, device {device}")
-    try:
+    with record:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
             for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device, influence, relabelled),
                                                      cfg.batch_size,
@@ -107,9 +107,6 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
                 _write_batch(batch, model, cfg, device, writer)
         coverage = len(store.ids() & set(split_ids))
         record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
-    except BaseException as exc:
-        record.fail(f"{type(exc).__name__}: {exc}")
-        raise
     log(f"cams/{cfg.split}: {coverage} of {len(split_ids)} images")
     return len(todo)
 

@@ -103,7 +103,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
     log(f"predict {what} -> pred/{name} shard {shard}: {len(todo)} to do, {len(mine) - len(todo)} already done; "
         f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
         + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else ""))
-    try:
+    with record:
         loader = _loader(make_images(todo), cfg, device)
         with process_pool(cfg.workers if cfg.crf else 0) as pool, torch.no_grad():
             predictions = _probabilities(loader, model, cfg, device)
@@ -113,9 +113,6 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
                 store.write(item.id, label)  # last: a PNG marks the image done
         coverage = len(store.ids() & set(ids))
         record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "source_images": len(ids)})
-    except BaseException as exc:
-        record.fail(f"{type(exc).__name__}: {exc}")
-        raise
     log(f"pred/{name}: {coverage} of {len(ids)} images")
     return len(todo)
 

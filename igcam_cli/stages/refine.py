@@ -111,7 +111,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     log(f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
         f"done; guidance {cfg.guidance}, boundary {'scales ' + str(cfg.scales) if cfg.boundary else 'off'}, device {device}")
     params = boundary_params(cfg)
-    try:
+    with record:
         with store.writer(rank=shard.index, source="refine",
                           attrs={"oracle": oracle, "guided": cfg.guidance != "none"}) as writer:
             batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
@@ -120,9 +120,6 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
                     writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
         coverage = len(store.ids() & set(split_ids))
         record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
-    except BaseException as exc:
-        record.fail(f"{type(exc).__name__}: {exc}")
-        raise
     log(f"refined/{cfg.split}: {coverage} of {len(split_ids)} images")
     return len(todo)
 

@@ -7,6 +7,7 @@ run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -112,47 +113,38 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
         f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
         f"device {device}")
+    def loss_of(batch) -> torch.Tensor:
+        x, y, w = (t.to(device, non_blocking=True) for t in batch)
+        with autocast(device):
+            logits, _ = net(x.contiguous(memory_format=memory_format(device)))
+        if weights is None:
+            return F.multilabel_soft_margin_loss(logits.float(), y)
+        # per-image weights (mean 1 over the split) on the per-image loss
+        return (F.multilabel_soft_margin_loss(logits.float(), y, reduction="none") * w).mean()
+
     metrics: dict[str, float] = {}
     try:
-        for epoch in range(start_epoch, schedule.epochs):
-            train_data.epoch = epoch
-            order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
-            loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
-            net.train()
-            losses = []
-            for x, y, w in log.track(loader, len(loader), f"epoch {epoch + 1}/{schedule.epochs}", unit="batch"):
-                training.poly_lr(optimizer, base_lrs, step, total_steps)
-                x = x.to(device, non_blocking=True, memory_format=memory_format(device))
-                y = y.to(device, non_blocking=True)
-                with autocast(device):
-                    logits, _ = net(x)
-                if weights is None:
-                    loss = F.multilabel_soft_margin_loss(logits.float(), y)
-                else:  # per-image weights (mean 1 over the split) on the per-image loss
-                    per_image = F.multilabel_soft_margin_loss(logits.float(), y, reduction="none")
-                    loss = (per_image * w.to(device, non_blocking=True)).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
-            metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
-            if val_ids and ddp.is_main():
-                metrics["val_map"] = evaluate_map(model, dataset, val_ids, cfg, device)
+        with record or nullcontext():  # None on the other ranks
+            for epoch in range(start_epoch, schedule.epochs):
+                train_data.epoch = epoch
+                order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
+                loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
+                net.train()
+                batches = log.track(loader, len(loader), f"epoch {epoch + 1}/{schedule.epochs}", unit="batch")
+                loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
+                metrics = {"epoch": epoch + 1, "train_loss": loss}
+                if val_ids and ddp.is_main():
+                    metrics["val_map"] = evaluate_map(model, dataset, val_ids, cfg, device)
+                if ddp.is_main():
+                    _save(last_path, cfg, model, optimizer, epoch + 1, step)
+                    val = f", val mAP {metrics['val_map'] * 100:.1f}" if "val_map" in metrics else ""
+                    log(f"epoch {epoch + 1}/{schedule.epochs}: loss {loss:.4f}{val}")
             if ddp.is_main():
-                _save(last_path, cfg, model, optimizer, epoch + 1, step)
-                val = f", val mAP {metrics['val_map'] * 100:.1f}" if "val_map" in metrics else ""
-                log(f"epoch {epoch + 1}/{schedule.epochs}: loss {metrics['train_loss']:.4f}{val}")
-        if ddp.is_main():
-            _save_final(model_path, cfg, model, dataset.classes)
-            _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
-            record.finish(outputs=[str(model_path)], metrics={**metrics, "lr": schedule.lr, "epochs": schedule.epochs,
-                                                              **({"relabelled": len(relabelled)} if relabelled is not None else {})})
-            log(f"saved {model_path}")
-    except BaseException as exc:
-        if record is not None:
-            record.fail(f"{type(exc).__name__}: {exc}")
-        raise
+                _save_final(model_path, cfg, model, dataset.classes)
+                _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
+                record.finish(outputs=[str(model_path)], metrics={**metrics, "lr": schedule.lr, "epochs": schedule.epochs,
+                                                                  **({"relabelled": len(relabelled)} if relabelled is not None else {})})
+                log(f"saved {model_path}")
     finally:
         ddp.barrier()
     return model

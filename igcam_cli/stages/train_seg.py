@@ -12,6 +12,7 @@ checkpoint, predictions and every evaluation of them say `upper_bound: true`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,42 +133,34 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     log(f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
         f"{cfg.epochs} epochs, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
         f"device {device}" + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
+    def loss_of(batch) -> torch.Tensor:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        with autocast(device):
+            logits = net(x.contiguous(memory_format=memory_format(device)))
+        return seg_loss(logits, y)
+
     metrics: dict[str, float] = {}
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            train_data.epoch = epoch
-            torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
-            order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
-            loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
-            net.train()
-            losses = []
-            for x, y in log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch"):
-                training.poly_lr(optimizer, base_lrs, step, total_steps)
-                x = x.to(device, non_blocking=True, memory_format=memory_format(device))
-                y = y.to(device, non_blocking=True)
-                with autocast(device):
-                    logits = net(x)
-                loss = seg_loss(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
-            metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
-            if val_ids and ddp.is_main():
-                metrics["val_miou"] = evaluate_miou(model, dataset, val_ids, cfg, device)
+        with record or nullcontext():  # None on the other ranks
+            for epoch in range(start_epoch, cfg.epochs):
+                train_data.epoch = epoch
+                torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
+                order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
+                loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
+                net.train()
+                batches = log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+                loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
+                metrics = {"epoch": epoch + 1, "train_loss": loss}
+                if val_ids and ddp.is_main():
+                    metrics["val_miou"] = evaluate_miou(model, dataset, val_ids, cfg, device)
+                if ddp.is_main():
+                    _save(last_path, cfg, inputs, model, optimizer, epoch + 1, step)
+                    val = f", val mIoU {metrics['val_miou'] * 100:.1f} %" if "val_miou" in metrics else ""
+                    log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}{val}")
             if ddp.is_main():
-                _save(last_path, cfg, inputs, model, optimizer, epoch + 1, step)
-                val = f", val mIoU {metrics['val_miou'] * 100:.1f} %" if "val_miou" in metrics else ""
-                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}{val}")
-        if ddp.is_main():
-            _save_final(model_path, cfg, model, dataset.classes, provenance)
-            record.finish(outputs=[str(model_path)], metrics=metrics)
-            log(f"saved {model_path}")
-    except BaseException as exc:
-        if record is not None:
-            record.fail(f"{type(exc).__name__}: {exc}")
-        raise
+                _save_final(model_path, cfg, model, dataset.classes, provenance)
+                record.finish(outputs=[str(model_path)], metrics=metrics)
+                log(f"saved {model_path}")
     finally:
         ddp.barrier()
     return model
