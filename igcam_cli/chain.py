@@ -87,22 +87,24 @@ def run(ws: Workspace, opts: RunOptions, until: str | None = None, start: str | 
 def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | None) -> list[Step]:
     """The chain's steps with the configs they would run with now."""
     dataset = ws.dataset()
-    seg_table = ws.stage_table("train-seg")
-    split = split or build(STAGE_CONFIGS["train-seg"], seg_table, {}).split
-    val_split = val_split if val_split is not None else build(STAGE_CONFIGS["train-seg"], seg_table, {}).val_split
-    for name, value in (("--split", split), ("--val-split", val_split)):
-        if value and value not in dataset.splits():
-            raise UsageError(f"{name} '{value}': the dataset has no such split ({', '.join(dataset.splits())})")
 
     def config(stage: str, **overrides):
         return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
+
+    seg_defaults = config("train-seg")
+    split = split or seg_defaults.split
+    for name, value in (("--split", split), ("--val-split", val_split)):
+        if value and value not in dataset.splits():
+            raise UsageError(f"{name} '{value}': the dataset has no such split ({', '.join(dataset.splits())})")
+    if val_split is None:  # the configured one, when the dataset has it (train-seg skips a missing one too)
+        val_split = seg_defaults.val_split if seg_defaults.val_split in dataset.splits() else None
 
     ids = dataset.ids(split)
     cls_cfg = config("train-cls")
     cams_cfg = config("make-cams", split=split)
     refine_cfg = config("refine", split=split)
     crf_cfg = config("crf", split=split)
-    seg_cfg = config("train-seg", split=split)
+    seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split else {}))
     steps = [
         Step("train-cls", None, cls_cfg, lambda: (ws.cls_round_dir(cls_cfg.round) / "model.pt").is_file(),
              lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force)),

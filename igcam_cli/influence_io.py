@@ -126,24 +126,44 @@ def write_scores(directory: Path, rows: list[ImageScore]) -> Path:
     return path
 
 
-def read_scores(directory: Path, ids: list[str], command: str) -> dict[str, ImageScore]:
-    """Scores of `ids` from scores.csv; MissingArtifact naming `command` when absent or incomplete."""
+def read_scores(directory: Path, ids: list[str], command: str, num_classes: int) -> dict[str, ImageScore]:
+    """Scores of `ids` from scores.csv; MissingArtifact naming `command` when absent or incomplete,
+    BadData naming the line when a value is damaged (a class outside 1..num_classes, a weight that
+    is not a finite number >= 0)."""
     path = Path(directory) / SCORES_NAME
     if not path.is_file():
         raise MissingArtifact(f"influence scores missing ({path}): run `{command}` first")
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        scores = {r["id"]: ImageScore(r["id"], r["labels"], float(r["loss"]), float(r["self_influence"]),
-                                      float(r["atypicality"]), float(r["weight"]), r.get("suggested") or r["labels"])
-                  for r in rows}
-    except (OSError, KeyError, ValueError, csv.Error) as exc:
-        raise BadData(f"cannot read {path}: {exc}") from None
+    scores = {}
+    for line, r in _rows(path, ("id", "labels", "loss", "self_influence", "atypicality", "weight")):
+        where = f"{path}, line {line}"
+        suggested = r.get("suggested") or r["labels"]
+        for text in (r["labels"], suggested):
+            class_list(text, num_classes, where)
+        try:
+            numbers = [float(r[k]) for k in ("loss", "self_influence", "atypicality", "weight")]
+        except ValueError as exc:
+            raise BadData(f"{where}: {exc}") from None
+        if not (np.isfinite(numbers[3]) and numbers[3] >= 0):
+            raise BadData(f"{where}: weight {r['weight']} is not a finite number >= 0")
+        scores[r["id"]] = ImageScore(r["id"], r["labels"], *numbers, suggested)
     missing = [i for i in ids if i not in scores]
     if missing:
         raise MissingArtifact(f"influence scores in {path} lack {len(missing)} of {len(ids)} images "
                               f"(e.g. {missing[0]}): run `{command}` first")
     return scores
+
+
+def _rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV file that must have `columns`."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise BadData(f"{path}: no column {', '.join(missing)} (is it the file igcam wrote?)")
+            return [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadData(f"cannot read {path}: {exc}") from None
 
 
 def read_maps(store: MapStore, image_id: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -154,9 +174,16 @@ def read_maps(store: MapStore, image_id: str) -> tuple[np.ndarray, np.ndarray, d
     return maps, record.classes, record.attrs
 
 
-def class_list(text: str) -> np.ndarray:
-    """Class indices from their space-separated text (as scores.csv and relabelled.csv hold them)."""
-    return np.array(sorted(int(k) for k in text.split()), dtype=np.int64)
+def class_list(text: str, num_classes: int, where: str = "") -> np.ndarray:
+    """Class indices 1..num_classes from their space-separated text (as scores.csv and
+    relabelled.csv hold them); BadData naming `where` for anything else."""
+    try:
+        classes = np.array(sorted(int(k) for k in text.split()), dtype=np.int64)
+    except ValueError:
+        classes = None
+    if classes is None or ((classes < 1) | (classes > num_classes)).any():
+        raise BadData(f"{where}: '{text}' is not a list of class indices 1..{num_classes}")
+    return classes
 
 
 def write_relabelled(path: Path, rows: list[ImageScore]) -> Path:
@@ -170,10 +197,7 @@ def write_relabelled(path: Path, rows: list[ImageScore]) -> Path:
     return path
 
 
-def read_relabelled(path: Path) -> dict[str, np.ndarray]:
+def read_relabelled(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     """id -> the class indices a classifier round trained on, from its relabelled.csv."""
-    try:
-        with open(path, newline="") as fh:
-            return {r["id"]: class_list(r["trained_labels"]) for r in csv.DictReader(fh)}
-    except (OSError, KeyError, ValueError, csv.Error) as exc:
-        raise BadData(f"cannot read {path}: {exc}") from None
+    return {r["id"]: class_list(r["trained_labels"], num_classes, f"{path}, line {line}")
+            for line, r in _rows(path, ("id", "trained_labels"))}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_error, copy_workspace, igcam, ok
+from igcam_cli.errors import UsageError
 from igcam_cli.workspace import Workspace
 
 TINY = {
@@ -140,3 +141,20 @@ def test_a_second_classifier_round_keeps_round_one_fresh_and_refreshes_what_foll
     assert actions["make-cams (train)"] == actions["refine (train)"] == actions["crf (train)"] == "ran"
     cams_record = [r for r in json.loads((ran_ws / "manifest.json").read_text())["runs"] if r["stage"] == "make-cams"][-1]
     assert cams_record["classifier"]["round"] == 2
+
+
+def test_plan_on_a_dataset_without_a_val_split(tmp_path):
+    from igcam_cli import chain
+    from igcam_cli.config import RunOptions
+
+    data = tmp_path / "data"
+    ok("synth", data, "--n-train", 4, "--n-val", 2, "--image-size", 32)
+    (data / "splits" / "val.txt").unlink()
+    ok("init", "-w", tmp_path / "ws", "--dataset", "folder", "--root", data)
+    ws = Workspace.open(tmp_path / "ws")
+    stages = [s.stage for s in chain.plan(ws, RunOptions(), None, None)]
+    assert "predict" not in stages and stages[:5] == ["train-cls", "make-cams", "refine", "crf", "train-seg"]
+    with pytest.raises(UsageError, match="--val-split 'val'"):
+        chain.plan(ws, RunOptions(), None, "val")  # asked for, so it must exist
+    steps_ = chain.plan(ws, RunOptions(), None, "train")  # --val-split reaches train-seg's validation too
+    assert next(s for s in steps_ if s.stage == "train-seg").config.val_split == "train"

@@ -21,7 +21,7 @@ from igcam_cli.core.fusion import fuse, influence_heat
 from igcam_cli.core.metrics import auroc
 from igcam_cli.data.noise import corrupt_labels
 from igcam_cli.data.transforms import normalize
-from igcam_cli.errors import UsageError
+from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.stages import (compute_influence, crf, evaluate, influence_report, init as init_stage, make_cams, refine,
@@ -96,8 +96,8 @@ def test_sharded_stage_equals_unsharded(influenced, trained, tmp_path):
 
     whole = Workspace.open(influenced)
     ids = whole.dataset().ids("train")
-    a = influence_io.read_scores(whole.influence_dir("train"), ids, "x")
-    b = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    a = influence_io.read_scores(whole.influence_dir("train"), ids, "x", 5)
+    b = influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5)
     for i in ids:
         for field in ("self_influence", "loss", "atypicality", "weight"):
             assert getattr(b[i], field) == pytest.approx(getattr(a[i], field), rel=1e-4, abs=1e-6), (i, field)
@@ -134,7 +134,7 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
         np.testing.assert_allclose(attrs["probs"], torch.sigmoid(logits[0]).numpy(), rtol=1e-5, atol=1e-6)
     # scores.csv's suggestions are suggest_labels of the stored scores.
     ids = dataset.ids("train")
-    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5)
     labels = torch.zeros(len(ids), 5, dtype=torch.bool)
     for k, i in enumerate(ids):
         labels[k, torch.as_tensor(dataset.labels(i)) - 1] = True
@@ -171,12 +171,12 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     # Weight settings only rewrite scores.csv: no image is scored again.
     assert compute_influence.run(_influence_cfg(ws, w_threshold=5.0), ws, OPTS)["scored"] == 0
     ids = ws.dataset().ids("train")
-    assert all(s.weight == 1.0 for s in influence_io.read_scores(ws.influence_dir("train"), ids, "x").values())
+    assert all(s.weight == 1.0 for s in influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5).values())
     out = compute_influence.run(_influence_cfg(ws, damping=0.5), ws, OPTS, force=True)
     assert out["scored"] == 8
     assert {p.name for p in MapStore(ws.influence_dir("train")).parts()} == before  # same names, new content
-    a = influence_io.read_scores(Workspace.open(influenced).influence_dir("train"), ["train_00000"], "x")
-    b = influence_io.read_scores(ws.influence_dir("train"), ["train_00000"], "x")
+    a = influence_io.read_scores(Workspace.open(influenced).influence_dir("train"), ["train_00000"], "x", 5)
+    b = influence_io.read_scores(ws.influence_dir("train"), ["train_00000"], "x", 5)
     assert b["train_00000"].self_influence < a["train_00000"].self_influence  # more damping, smaller H^-1
 
 
@@ -282,7 +282,7 @@ def test_fusion_math():
 def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     round1 = torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"]
-    scores = influence_io.read_scores(ws.influence_dir("train"), ws.dataset().ids("train"), "x")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ws.dataset().ids("train"), "x", 5)
     weights = [s.weight for s in scores.values()]
     assert np.mean(weights) == pytest.approx(1.0, abs=1e-5) and min(weights) < 1.0
     seen = {}
@@ -333,7 +333,7 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
 def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     ids = ws.dataset().ids("train")
-    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5)
     with open(ws.influence_dir("train") / influence_io.SCORES_NAME) as fh:
         assert "suggested" in fh.readline().strip().split(",")  # compute-influence wrote the column
     # Hand a suggestion to one image, as compute-influence would for a mislabelled one.
@@ -342,7 +342,7 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     new = [c for c in range(1, ws.dataset().num_classes + 1) if c not in own][:1]
     scores[target].suggested = " ".join(map(str, new))
     influence_io.write_scores(ws.influence_dir("train"), [scores[i] for i in ids])
-    assert influence_io.read_scores(ws.influence_dir("train"), ids, "x")[target].relabelled
+    assert influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5)[target].relabelled
 
     seen = []
     original = train_cls._ClassifierImages.__getitem__
@@ -359,7 +359,7 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     finally:
         train_cls._ClassifierImages.__getitem__ = original
     assert seen and all(torch.nonzero(t).flatten().add(1).tolist() == new for t in seen)
-    relabelled = influence_io.read_relabelled(ws.cls_round_dir(2) / influence_io.RELABELLED_NAME)
+    relabelled = influence_io.read_relabelled(ws.cls_round_dir(2) / influence_io.RELABELLED_NAME, 5)
     assert list(relabelled) == [target] and relabelled[target].tolist() == new
     record = ws.latest("train-cls")
     assert record["metrics"]["relabelled"] == 1
@@ -396,7 +396,7 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
 def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     ids = ws.dataset().ids("train")
-    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x")
+    scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5)
     truth = tmp_path / "bad.txt"
     truth.write_text("train_00001\ntrain_00005\n")
     result = influence_report.run(build(InfluenceReportConfig, None, {"top_k": 3, "truth": str(truth)}), ws, OPTS)
@@ -493,3 +493,32 @@ def test_self_influence_is_the_same_by_either_rotation_route():
     out = inf.score_batch(model, layers, pre, queries, x, y, maps="none")
     expected = pre.self_influence(inf.per_sample_gradients(model, layers, x, y))
     torch.testing.assert_close(out.self_influence, expected, rtol=1e-4, atol=0)
+
+
+def test_damaged_scores_relabelled_and_truth_files_are_one_line_errors(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    path = ws.influence_dir("train") / influence_io.SCORES_NAME
+    good = path.read_text()
+    lines = good.splitlines()
+    first = lines[1].split(",")
+    for column, value, message in ((1, "0", "class indices 1..5"), (1, "2 x", "class indices 1..5"),
+                                   (6, "9", "class indices 1..5"), (5, "nan", "weight nan"), (5, "-1", "weight -1")):
+        row = list(first)
+        row[column] = value
+        path.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+        assert_error(igcam("influence-report", "-w", ws.root), 4, f"{path}, line 2", message)
+    path.write_text("id,score\nx,1\n")
+    assert_error(igcam("influence-report", "-w", ws.root), 4, "no column labels")
+    path.write_text(good)
+
+    relabelled = ws.cls_round_dir(2) / influence_io.RELABELLED_NAME
+    relabelled.parent.mkdir(parents=True)
+    relabelled.write_text("id,labels,trained_labels\ntrain_00000,1,6\n")
+    with pytest.raises(BadData, match="line 2: '6' is not a list of class indices 1..5"):
+        influence_io.read_relabelled(relabelled, 5)
+
+    truth = tmp_path / "truth.txt"
+    truth.write_bytes(b"\xff\xfe\x00bad")
+    assert_error(igcam("influence-report", "-w", ws.root, "--truth", truth), 4, "cannot read the list of corrupted ids")
+    truth.write_text("val_00000\n")
+    assert_error(igcam("influence-report", "-w", ws.root, "--truth", truth), 4, "names none of the 8 images")

@@ -74,7 +74,7 @@ def read_corrupted(path: Path) -> set[str]:
     """Ids listed in a corrupted.csv (or a plain file with one id per line)."""
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise BadData(f"cannot read the list of corrupted ids {path}: {exc}") from None
     ids = [line.split(",")[0].strip() for line in lines if line.strip()]
     return {i for i in ids if i and i != "id"}

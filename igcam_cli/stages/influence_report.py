@@ -43,7 +43,7 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
     ids = dataset.ids(cfg.split)
     directory = ws.influence_dir(cfg.split)
-    scores = influence_io.read_scores(directory, ids, ws.command("compute-influence", cfg.split))
+    scores = influence_io.read_scores(directory, ids, ws.command("compute-influence", cfg.split), dataset.num_classes)
     ranked = sorted(ids, key=lambda i: (-scores[i].atypicality, i))
     truth, truth_path = _truth(cfg, ws)
     names = dataset.classes
@@ -62,6 +62,9 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
                               "rows": rows, "source_run": (source or {}).get("id"),
                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if truth is not None:
+        if not truth & set(ids):
+            raise BadData(f"{truth_path} names none of the {len(ids)} images of split '{cfg.split}' "
+                          "(one id per line, or corrupted.csv's id column)")
         result.update(_truth_metrics(ids, scores, ranked, truth, truth_path))
     out = ws.path("eval")
     out.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
         raise BadData(f"{model_path} has {model.num_classes} classes but the dataset has "
                       f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`")
     influence = _influence_store(ws, cfg, split_ids) if cfg.influence_fusion > 0 else None
-    relabelled = _trained_labels(ws, cfg, round_, split_ids)
+    relabelled = _trained_labels(ws, cfg, round_, split_ids, dataset.num_classes)
     chosen = "chosen with --round" if cfg.round is not None else "the latest"
     device = local_device(resolve_device(opts.device))
     model.to(device, memory_format=memory_format(device)).eval()
@@ -150,14 +150,15 @@ def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -
 
 
 
-def _trained_labels(ws: Workspace, cfg: MakeCamsConfig, round_: int, split_ids: list[str]) -> dict[str, np.ndarray]:
+def _trained_labels(ws: Workspace, cfg: MakeCamsConfig, round_: int, split_ids: list[str],
+                    num_classes: int) -> dict[str, np.ndarray]:
     """--label-source auto: the split's images that classifier round `round_` trained on suggested
     labels (its relabelled.csv), with those labels; {} for the other sources and plain rounds."""
     path = ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME
     if cfg.label_source != "auto" or not path.is_file():
         return {}
     wanted = set(split_ids)
-    return {i: labels for i, labels in influence_io.read_relabelled(path).items() if i in wanted}
+    return {i: labels for i, labels in influence_io.read_relabelled(path, num_classes).items() if i in wanted}
 
 
 def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch.device,

@@ -106,7 +106,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                       inputs=inputs) if ddp.is_main() else None
     net = ddp.wrap(model, device)
     train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True, weights=weights,
-                                   relabelled={r.id: influence_io.class_list(r.suggested) for r in relabelled or []})
+                                   relabelled={r.id: influence_io.class_list(r.suggested, dataset.num_classes) for r in relabelled or []})
     steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
     total_steps = max(1, steps_per_epoch * schedule.epochs)
     how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
@@ -202,7 +202,7 @@ def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log
     if cfg.sample_weights == "none":
         return None, None, None
     command = ws.command("compute-influence", cfg.split) + (f" --round {cfg.round - 1}" if cfg.round > 2 else "")
-    scores = influence_io.read_scores(ws.influence_dir(cfg.split), ids, command)
+    scores = influence_io.read_scores(ws.influence_dir(cfg.split), ids, command, ws.dataset().num_classes)
     record = ws.latest("compute-influence", cfg.split)
     used = (record or {}).get("classifier", {}).get("round")
     if used is not None and used != cfg.round - 1:
