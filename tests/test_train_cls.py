@@ -105,6 +105,17 @@ def test_resume_refuses_a_changed_config(tmp_path):
     train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions())
     with pytest.raises(UsageError, match="epochs"):
         train_cls.run(tiny_config(ws, epochs=2), ws, OPTS, train_cls.TrainOptions(resume=True))
+    # A round-2-only setting changed in igcam.toml does not matter to round 1.
+    train_cls.run(tiny_config(ws, epochs=1, finetune_lr_mult=0.5), ws, OPTS, train_cls.TrainOptions(resume=True))
+    # A checkpoint from before an option existed: the option counts as its default.
+    last = ws.cls_dir / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["config"]["relabel"]
+    torch.save(ckpt, last)
+    train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(BadData, match="cannot read"):
+        train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
 
 
 def test_resume_without_last_checkpoint_starts_from_scratch(tmp_path):

@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
+from igcam_cli.errors import BadData, UsageError
+
 POLY_POWER = 0.9
 
 
@@ -58,3 +60,24 @@ def fit_epoch(batches: Iterable, optimizer, base_lrs: list[float], step: int, to
         losses.append(loss.item())
         step += 1
     return (sum(losses) / len(losses) if losses else float("nan")), step
+
+
+def restore(path: Path, cfg, keys: Iterable[str], model, optimizer) -> dict:
+    """--resume: load `path` (a `last.pt`) into model and optimizer after checking that the settings
+    in `keys` equal cfg's (a key the checkpoint predates counts as its default). Returns the
+    checkpoint (epoch, step, and whatever else the stage saved)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise BadData(f"--resume: cannot read {path} ({exc}); rerun without --resume to start over") from None
+    changed = [k for k in keys if saved.get(k, getattr(type(cfg), k, None)) != getattr(cfg, k)]
+    if changed:
+        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
+                         "rerun without --resume to start over")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise BadData(f"--resume: {path} does not fit this model ({exc}); rerun without --resume") from None
+    return ckpt

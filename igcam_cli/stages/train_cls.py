@@ -241,15 +241,8 @@ _FINETUNE_KEYS = ("relabel", "finetune_lr_mult", "finetune_epochs")  # no effect
 
 
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt["config"]
     keys = _RESUME_KEYS if cfg.round > 1 else [k for k in _RESUME_KEYS if k not in _FINETUNE_KEYS]
-    changed = [k for k in keys if saved.get(k, getattr(TrainClsConfig, k, None)) != getattr(cfg, k)]
-    if changed:
-        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
-                         "rerun without --resume to start over")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt = training.restore(path, cfg, keys, model, optimizer)
     return ckpt["epoch"], ckpt["step"]
 
 

@@ -258,17 +258,10 @@ _RESUME_KEYS = ("arch", "pretrained", "labels", "split", "epochs", "batch_size",
 
 
 def _restore(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer) -> tuple[int, int]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt["config"]
-    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
-                         "rerun without --resume to start over")
+    ckpt = training.restore(path, cfg, _RESUME_KEYS, model, optimizer)
     if ckpt.get("inputs", {}) != inputs:
-        raise UsageError(f"--resume: the pseudo-labels changed since {path} was written (crf ran again); "
-                         "rerun without --resume to start over")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+        raise UsageError(f"--resume: the pseudo-labels or the backbone they start from changed since {path} was "
+                         "written (crf or train-cls ran again); rerun without --resume to start over")
     return ckpt["epoch"], ckpt["step"]
 
 
