@@ -33,6 +33,7 @@ from igcam_cli.store import MapStore
 SCORES_NAME = "scores.csv"
 SCORE_COLUMNS = ("id", "labels", "loss", "self_influence", "atypicality", "weight", "suggested")
 RELABELLED_NAME = "relabelled.csv"
+EIGEN_NAME = "eigen.pt"
 
 
 def stats_path(directory: Path, phase: str, rank: int, count: int) -> Path:

@@ -136,8 +136,7 @@ class MapStore:
     def _read_group(group: h5py.Group) -> MapRecord:
         maps = group["maps"][()].astype(np.float32)
         classes = group["classes"][()].astype(np.uint8)
-        attrs = {k: _plain(v) for k, v in group.attrs.items()}
-        return MapRecord(maps=maps, classes=classes, attrs=attrs)
+        return MapRecord(maps=maps, classes=classes, attrs={k: _plain(v) for k, v in group.attrs.items()})
 
     def read(self, image_id: str) -> MapRecord:
         """The record of one image; KeyError if no complete part holds it."""
@@ -152,6 +151,15 @@ class MapStore:
 
         Raises KeyError before reading anything if an id is absent.
         """
+        for image_id, group in self._groups(ids):
+            yield image_id, self._read_group(group)
+
+    def iter_attrs(self, ids: Iterable[str]) -> Iterator[tuple[str, dict]]:
+        """Like `iter_records`, the attrs only: no map is read or decompressed."""
+        for image_id, group in self._groups(ids):
+            yield image_id, {k: _plain(v) for k, v in group.attrs.items()}
+
+    def _groups(self, ids: Iterable[str]) -> Iterator[tuple[str, h5py.Group]]:
         index = self._refresh()
         by_part: dict[str, list[str]] = {}
         for image_id in dict.fromkeys(ids):
@@ -161,7 +169,7 @@ class MapStore:
         for name in sorted(by_part):
             with h5py.File(self.directory / name, "r", locking=False) as f:
                 for image_id in by_part[name]:
-                    yield image_id, self._read_group(f[image_id])
+                    yield image_id, f[image_id]
 
     @property
     def attrs(self) -> dict:

@@ -61,6 +61,9 @@ def test_round_trip_values_and_attrs(tmp_path):
         store.read("missing")
     with pytest.raises(KeyError):
         list(store.iter_records(["img_0.x-0", "missing"]))
+    assert dict(store.iter_attrs(data)) == {i: r.attrs for i, r in got.items()}
+    with pytest.raises(KeyError):
+        list(store.iter_attrs(["missing"]))
     assert "missing" not in store
 
 

@@ -47,8 +47,10 @@ from igcam_cli.workspace import Workspace, classifier_key
 
 STAGE = "compute-influence"
 WAIT_POLL_S = 5.0
-# Settings that only shape scores.csv (sample weights, label suggestions), which every complete run rewrites.
-SCORE_KEYS = ("w_min", "w_max", "w_threshold", "w_temperature", "relabel_threshold", "relabel_confidence")
+# Settings the statistics and parts do not depend on: workers, batch size, and what only shapes
+# scores.csv (sample weights, label suggestions), which every complete run rewrites.
+NOT_IN_RESULTS = ("workers", "batch_size", "w_min", "w_max", "w_threshold", "w_temperature", "relabel_threshold",
+                  "relabel_confidence")
 
 
 @dataclass
@@ -115,7 +117,7 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     if force:
         _clear(directory, store, shard)
     ws.check_resumable(STAGE, cfg.split, to_dict(cfg), has_output=len(store) > 0,
-                       ignore=("workers", "batch_size", *SCORE_KEYS))
+                       ignore=NOT_IN_RESULTS)
     old = store.attrs.get("model_sha256")
     if len(store) and old and old != model_sha:
         raise UsageError(f"influence/{cfg.split} was computed with another classifier; pass --force to redo it")
@@ -213,7 +215,7 @@ def _lambda_pass(ctx: _Context, eigen: inf.KroneckerEigen, ids: list[str]) -> in
 
 def _eigen(ctx: _Context, states: list[dict]) -> inf.KroneckerEigen:
     """The summed factors' eigendecompositions, computed once and kept in eigen.pt."""
-    path = ctx.directory / "eigen.pt"
+    path = ctx.directory / io.EIGEN_NAME
     saved = io.load_state(path, ctx.key)
     if saved is not None:
         return inf.KroneckerEigen.from_state(saved["eigen"])
@@ -225,11 +227,8 @@ def _eigen(ctx: _Context, states: list[dict]) -> inf.KroneckerEigen:
 
 
 def _preconditioner(ctx: _Context, eigen, eigenvalues) -> inf.Preconditioner:
-    cfg = ctx.cfg
-    try:
-        return inf.fit_preconditioner(cfg.hessian, eigen, eigenvalues, damping=cfg.damping, damping_mode=cfg.damping_mode)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    cfg = ctx.cfg  # _resolve checked every value fit_preconditioner refuses
+    return inf.fit_preconditioner(cfg.hessian, eigen, eigenvalues, damping=cfg.damping, damping_mode=cfg.damping_mode)
 
 
 def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_Item], writer) -> None:
@@ -254,7 +253,7 @@ def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_I
 
 def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
     cfg = ctx.cfg
-    attrs = {i: record.attrs for i, record in store.iter_records(ids)}  # not the maps: the whole split's would not fit
+    attrs = dict(store.iter_attrs(ids))
     self_inf = torch.tensor([float(attrs[i]["self_influence"]) for i in ids], dtype=torch.float64)
     atyp = inf.atypicality(self_inf)
     labels = torch.zeros(len(ids), ctx.dataset.num_classes, dtype=torch.bool)
@@ -313,11 +312,11 @@ def _waiting(ctx: _Context, phase: str) -> dict:
 def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
     """--force: this shard's parts and statistics, and what is fitted from everyone's statistics."""
     store.clear(rank=None if shard.count == 1 else shard.index)
-    names = [f"stats-{p}-r{shard.index}-of-{shard.count}.pt" for p in ("factors", "lambda")]
+    paths = [io.stats_path(directory, phase, shard.index, shard.count) for phase in ("factors", "lambda")]
     if shard.count == 1:
-        names += [p.name for p in directory.glob("stats-*.pt")]
-    for name in names + ["eigen.pt", io.SCORES_NAME]:
-        (directory / name).unlink(missing_ok=True)
+        paths += directory.glob("stats-*.pt")
+    for path in [*paths, directory / io.EIGEN_NAME, directory / io.SCORES_NAME]:
+        path.unlink(missing_ok=True)
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def _scope(text: str):
 
 
 def _key(cfg: ComputeInfluenceConfig, model_sha: str, ids: list[str], query_ids: list[str], count: int) -> str:
-    relevant = {k: v for k, v in to_dict(cfg).items() if k not in ("workers", "batch_size", *SCORE_KEYS)}
+    relevant = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_RESULTS}
     text = json.dumps({"cfg": relevant, "model": model_sha, "ids": ids, "queries": query_ids, "shards": count},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
