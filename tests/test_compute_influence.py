@@ -268,6 +268,7 @@ def test_fusion_math():
     heat = influence_heat(infl, (8, 8))
     assert float(heat[0].max()) == pytest.approx(1.0) and float(heat[0].min()) == 0.0
     assert float(heat[1].abs().max()) == 0.0  # nothing helps class 2: no heat
+    torch.testing.assert_close(influence_heat(infl * 1e-9, (8, 8)), heat)  # the scale does not matter
     assert fuse(cams, infl, 0.0) is cams
     torch.testing.assert_close(fuse(cams, infl, 1.0)[0], heat[0])
     torch.testing.assert_close(fuse(cams, infl, 0.3)[1], cams[1])  # 0.7 cam renormalised = cam

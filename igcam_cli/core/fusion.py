@@ -15,7 +15,10 @@ def influence_heat(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     pos = maps.float().clamp_min(0)[None]
     if pos.shape[-2:] != tuple(size):
         pos = F.interpolate(pos, size=tuple(size), mode="bilinear", align_corners=False)
-    return normalize_cams(pos[0])
+    # Not normalize_cams: its absolute floor would wipe maps whose whole scale is small (influence
+    # values can be 1e-6 and less); any positive peak counts.
+    peak = pos[0].flatten(-2).amax(-1)[..., None, None]
+    return torch.where(peak > 0, pos[0] / peak.clamp_min(torch.finfo(pos.dtype).tiny), torch.zeros_like(pos[0]))
 
 
 def fuse(cams: torch.Tensor, influence: torch.Tensor, lam: float) -> torch.Tensor:
