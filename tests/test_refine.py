@@ -75,6 +75,19 @@ def test_oracle_guidance_is_marked_through_crf_and_evaluate(chain_ws):
     assert json.loads((chain_ws / "eval" / "refined-train.json").read_text())["oracle"] is True
 
 
+def test_crf_background_power_follows_the_maps_guidance(chain_ws):
+    def crf_alpha(*args) -> float:
+        ok("crf", "-w", chain_ws, "--split", "train", "--workers", "0", "--force", "--quiet", *args)
+        return json.loads((chain_ws / "manifest.json").read_text())["runs"][-1]["bg_alpha"]
+
+    assert crf_alpha("--source", "cams") == 4  # peaked CAMs: (1 - max)^4
+    ok("refine", "-w", chain_ws, *REFINE, "--quiet")
+    assert crf_alpha("--source", "refined") == 1  # instance guidance filled the objects: (1 - max)^1
+    ok("refine", "-w", chain_ws, *REFINE, "--guidance", "none", "--force", "--quiet")
+    assert crf_alpha("--source", "refined") == 4
+    assert crf_alpha("--source", "refined", "--bg-alpha", "2") == 2
+
+
 def test_gt_guidance_beats_the_cams(chain_ws):
     """With GT regions the refined maps must score far above the raw CAMs (a sanity bound on the wiring)."""
     ok("refine", "-w", chain_ws, *REFINE, "--guidance", "gt", "--no-boundary", "--quiet")

@@ -44,10 +44,11 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
 
     source_record = ws.latest(PRODUCER[cfg.source], cfg.split)
     oracle = bool(maps.attrs.get("oracle", False) or (source_record or {}).get("oracle", False))
+    alpha = cfg.bg_alpha if cfg.bg_alpha is not None else FILLED_ALPHA if maps.attrs.get("guided") else PEAKED_ALPHA
     record = ws.start("crf", to_dict(cfg), split=cfg.split, shard=str(shard), oracle=oracle,
+                      **({"bg_alpha": alpha} if cfg.bg_mode == "power" else {}),
                       inputs={input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {})
     params = PRESETS[cfg.preset]
-    alpha = cfg.bg_alpha if cfg.bg_alpha is not None else FILLED_ALPHA if maps.attrs.get("guided") else PEAKED_ALPHA
     background = f"(1 - max)^{alpha}" if cfg.bg_mode == "power" else f"constant {cfg.bg_tau}"
     log(f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {background}) shard {shard}: "
         f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
