@@ -142,3 +142,14 @@ def test_each_shard_runs_its_own_chain_and_the_union_equals_the_unsharded_run(tr
     for image_id in whole:
         assert np.allclose(sharded[image_id].maps, whole[image_id].maps, atol=2e-3)
         assert np.array_equal(sharded_labels[image_id], labels.read(image_id))
+
+
+def test_crf_on_a_process_pool_equals_crf_inline(chain_ws):
+    from igcam_cli.store import LabelStore
+
+    ok("crf", "-w", chain_ws, "--split", "train", "--source", "cams", "--workers", "2", "--force", "--quiet")
+    pooled = LabelStore(chain_ws / "pseudo" / "train")
+    pooled = {i: pooled.read(i) for i in sorted(pooled.ids())}
+    ok("crf", "-w", chain_ws, "--split", "train", "--source", "cams", "--workers", "0", "--force", "--quiet")
+    inline = LabelStore(chain_ws / "pseudo" / "train")
+    assert len(pooled) == 12 and all(np.array_equal(inline.read(i), label) for i, label in pooled.items())

@@ -10,7 +10,7 @@ from igcam_cli.config import CrfConfig, RunOptions, to_dict
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.runtime.distributed import Shard
-from igcam_cli.runtime.pool import process_pool
+from igcam_cli.runtime.pool import map_ordered, process_pool
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
 
@@ -54,8 +54,8 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
         f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
     with record:
         jobs = _jobs(dataset, maps, todo, params, cfg, alpha)
-        with process_pool(cfg.workers) as pool:
-            results = pool.imap(_crf_job, jobs, chunksize=1) if pool else map(_crf_job, jobs)
+        with process_pool(cfg.workers) as pool:  # images are read here, a few ahead of the workers
+            results = map_ordered(pool, _crf_job, jobs, ahead=2 * max(1, cfg.workers))
             for image_id, label in log.track(results, len(todo), "crf"):
                 labels.write(image_id, label)
         record.finish(outputs=[str(labels.directory)], metrics={"images": len(labels.ids() & set(split_ids))})
@@ -69,11 +69,9 @@ def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig, alph
         if image.shape[:2] != record.maps.shape[1:]:
             raise BadData(f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
                           f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force")
-        yield image_id, image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence
+        yield image_id, (image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence)
 
 
-def _crf_job(job: tuple) -> tuple[str, np.ndarray]:
-    image_id, image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence = job
-    label = crf_labels(image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha,
-                       confidence=confidence or None)
-    return image_id, label
+def _crf_job(image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence) -> np.ndarray:
+    return crf_labels(image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha,
+                      confidence=confidence or None)
