@@ -215,9 +215,10 @@ class Workspace:
             return []
         return json.loads(self.manifest_path.read_text())["runs"]
 
-    def latest(self, stage: str, split: str | None = None) -> dict[str, Any] | None:
-        """The most recently started record of a stage (and split), whatever its status."""
-        matches = [r for r in self.records() if r["stage"] == stage and (split is None or r.get("split") == split)]
+    def latest(self, stage: str, split: str | None = None, done: bool = False) -> dict[str, Any] | None:
+        """The most recently started record of a stage (and split), whatever its status unless `done`."""
+        matches = [r for r in self.records() if r["stage"] == stage and (split is None or r.get("split") == split)
+                   and (not done or r["status"] == "done")]
         return matches[-1] if matches else None
 
     def start(self, stage: str, config: dict[str, Any], split: str | None = None,

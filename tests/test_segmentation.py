@@ -285,6 +285,12 @@ def test_predict_split_writes_one_png_per_image_and_evaluate_reports_it(seg_ws):
     ok("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val", "--quiet")
     assert json.loads((seg_ws / "eval" / "seg-val.json").read_text())["crf"] is True
 
+    # A later train-seg that failed wrote no model.pt: predictions still name the run that did.
+    trained = ws.latest("train-seg")["id"]
+    ws.start("train-seg", {}).fail("KeyboardInterrupt: ")
+    ok("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf", "--force")
+    assert ws.latest("predict", "val")["inputs"] == {"train-seg": trained}
+
 
 def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
     """JPEG and PNG files of different sizes and modes; id -> (width, height)."""

@@ -86,7 +86,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
         for image_id in mine:
             store.path(image_id).unlink(missing_ok=True)
             _overlay_path(store, image_id).unlink(missing_ok=True)
-    seg_record = ws.latest("train-seg")
+    seg_record = ws.latest("train-seg", done=True)  # the run that wrote model.pt, not a later failed one
     seg_id = seg_record["id"] if seg_record else None
     _check_resumable(ws, name, to_dict(cfg), seg_id, has_output=len(store) > 0)
     done = store.ids()
@@ -104,7 +104,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
         f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
         + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else ""))
     with record:
-        loader = _loader(make_images(todo), cfg, device)
+        loader = image_loader(make_images(todo), cfg.batch_size, cfg.workers, device)
         with process_pool(cfg.workers if cfg.crf else 0) as pool, torch.no_grad():
             predictions = _probabilities(loader, model, cfg, device)
             for item, label in log.track(_labels(predictions, cfg, pool), len(todo), "predict"):
@@ -170,10 +170,6 @@ def _check_resumable(ws: Workspace, name: str, config: dict, seg_id: str | None,
 
 def _overlay_path(store: LabelStore, image_id: str) -> Path:
     return store.directory / OVERLAYS / f"{image_id}.jpg"
-
-
-def _loader(images: TorchDataset, cfg: PredictConfig, device: torch.device) -> DataLoader:
-    return image_loader(images, cfg.batch_size, cfg.workers, device)
 
 
 def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,
