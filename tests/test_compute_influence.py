@@ -523,3 +523,14 @@ def test_damaged_scores_relabelled_and_truth_files_are_one_line_errors(influence
     assert_error(igcam("influence-report", "-w", ws.root, "--truth", truth), 4, "cannot read the list of corrupted ids")
     truth.write_text("val_00000\n")
     assert_error(igcam("influence-report", "-w", ws.root, "--truth", truth), 4, "names none of the 8 images")
+
+
+@pytest.mark.parametrize("full_layer4", [False, True])
+def test_influence_logits_split_the_forward_pass_without_changing_it(full_layer4):
+    from igcam_cli.models.classifier import CamClassifier
+
+    model = CamClassifier("resnet18", 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        split = compute_influence.influence_logits(model, torch.device("cpu"), full_layer4)(x)
+        torch.testing.assert_close(split, model(x)[0])

@@ -40,9 +40,17 @@ class CamClassifier(nn.Module):
         self.bn_frozen = False
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.trunk(x, 0), 0)
+
+    def trunk(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        """Stem and stages 1-3, then every block of stage 4 but its last `tail_blocks` (0: all of it)."""
         b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        x = b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))
+        return b.layer4[: len(b.layer4) - tail_blocks](x)
+
+    def tail(self, h: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        """The last `tail_blocks` blocks of stage 4 (0: none): `tail(trunk(x, k), k) == features(x)`."""
+        return self.backbone.layer4[len(self.backbone.layer4) - tail_blocks:](h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits B x C, raw class maps B x C x h x w before ReLU)."""

@@ -386,16 +386,13 @@ def _logits_fn(ctx: _Context):
 
 
 def influence_logits(model: CamClassifier, device: torch.device, full_layer4: bool = False):
-    """Trunk under autocast (bf16 on CUDA), layer4 (or its last block) and the head in float32."""
+    """The trunk under autocast (bf16 on CUDA); the tracked part (layer4 or its last block) and the
+    head in float32, so the per-sample gradients and curvature are not bf16."""
+    tail_blocks = len(model.backbone.layer4) if full_layer4 else 1
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        b = model.backbone
         with autocast(device):
-            h = b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))
-            if not full_layer4:
-                h = b.layer4[:-1](h)
-        h = h.float()
-        h = b.layer4(h) if full_layer4 else b.layer4[-1](h)
-        return model.head(h).mean(dim=(2, 3))
+            h = model.trunk(x, tail_blocks)
+        return model.head(model.tail(h.float(), tail_blocks)).mean(dim=(2, 3))
 
     return logits
