@@ -466,36 +466,6 @@ def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
     assert len(Workspace.open(ws).dataset().ids("train")) == 20
 
 
-def test_self_influence_is_the_same_by_either_rotation_route():
-    """score_batch rotates a and delta instead of G when that is cheaper (few locations, as here)."""
-    from torch import nn
-
-    from igcam_cli.core import influence as inf
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.trunk = nn.Conv2d(3, 8, 3, padding=1)
-            self.conv_a = nn.Conv2d(8, 16, 3, padding=1)
-            self.head = nn.Conv2d(16, 3, 1, bias=False)
-
-        def forward(self, x):
-            f = torch.relu(self.conv_a(F.avg_pool2d(torch.relu(self.trunk(x)), 4)))  # 2 x 2 locations
-            return self.head(f).mean((2, 3)), None
-
-    torch.manual_seed(0)
-    model = Tiny().eval()
-    layers = inf.tracked_layers(model, ["conv_a", "head"])
-    x, y = torch.randn(6, 3, 8, 8), (torch.rand(6, 3) < 0.5).float()
-    assert inf._rotation_route(8 * 9 + 1, 16, 4, 1) == "factors"
-    eigen = inf.covariance_stats(model, layers, x, y).finalize()
-    pre = inf.fit_preconditioner("ekfac", eigen, inf.eigenvalue_stats(model, layers, eigen, x, y).finalize())
-    queries = pre.precondition(inf.query_stats(model, layers, x, y).finalize())
-    out = inf.score_batch(model, layers, pre, queries, x, y, maps="none")
-    expected = pre.self_influence(inf.per_sample_gradients(model, layers, x, y))
-    torch.testing.assert_close(out.self_influence, expected, rtol=1e-4, atol=0)
-
-
 def test_damaged_scores_relabelled_and_truth_files_are_one_line_errors(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     path = ws.influence_dir("train") / influence_io.SCORES_NAME

@@ -415,7 +415,8 @@ def test_sharded_statistics_equal_unsharded(trained_small):
                                            for h in halves)
     q_full = inf.query_stats(model, layers, qx, qy)
     q_shards = sum(roundtrip(inf.query_stats(model, layers, qx[h], qy[h])) for h in halves)
-    torch.testing.assert_close(q_shards.class_counts(), qy.sum(0).double())
+    name = q_shards.layers("grad")[0]
+    torch.testing.assert_close(q_shards.counts[f"grad/{name}"], qy.sum(0).double())
     scores = []
     for lam, q in ((lam_full, q_full), (lam_shards, q_shards)):
         pre = inf.Preconditioner.from_state(inf.fit_preconditioner("ekfac", eigen, lam.finalize()).to_state())
@@ -495,3 +496,29 @@ def test_suggest_labels_swaps_only_confident_contradictions_of_atypical_images()
     assert bool(out.any(dim=1).all())  # never an empty label set
     # At confidence 0.5 the unsure class 1 of image 4 (p 0.4) is dropped.
     assert inf.suggest_labels(labels, probs, score, confidence=0.5)[3].tolist() == [False, True, True]
+
+
+def test_self_influence_is_the_same_by_either_rotation_route():
+    """score_batch rotates a and delta instead of G when that is cheaper (few locations, as here)."""
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv_a = nn.Conv2d(8, 16, 3, padding=1)
+            self.head = nn.Conv2d(16, 3, 1, bias=False)
+
+        def forward(self, x):
+            f = torch.relu(self.conv_a(F.avg_pool2d(torch.relu(self.trunk(x)), 4)))  # 2 x 2 locations
+            return self.head(f).mean((2, 3)), None
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    layers = inf.tracked_layers(model, ["conv_a", "head"])
+    x, y = torch.randn(6, 3, 8, 8), (torch.rand(6, 3) < 0.5).float()
+    assert inf._rotation_route(8 * 9 + 1, 16, 4, 1) == "factors"
+    eigen = inf.covariance_stats(model, layers, x, y).finalize()
+    pre = inf.fit_preconditioner("ekfac", eigen, inf.eigenvalue_stats(model, layers, eigen, x, y).finalize())
+    queries = pre.precondition(inf.query_stats(model, layers, x, y).finalize())
+    out = inf.score_batch(model, layers, pre, queries, x, y, maps="none")
+    expected = pre.self_influence(inf.per_sample_gradients(model, layers, x, y))
+    torch.testing.assert_close(out.self_influence, expected, rtol=1e-4, atol=0)

@@ -343,11 +343,6 @@ def _outer(delta: Tensor, a: Tensor) -> Tensor:
     return torch.bmm(delta, a.transpose(1, 2))
 
 
-@torch.no_grad()
-def _no_grad_outer(delta: Tensor, a: Tensor) -> Tensor:
-    return _outer(delta, a)
-
-
 def per_sample_gradients(model: nn.Module, layers: Layers, images: Tensor, labels: Tensor,
                          weights: Tensor | None = None, logits_fn: LogitsFn | None = None) -> dict[str, Tensor]:
     """Per-sample gradients of ``L_i = w_i (1/C) sum_c BCE(z_ic, y_ic)`` for each tracked layer.
@@ -359,7 +354,8 @@ def per_sample_gradients(model: nn.Module, layers: Layers, images: Tensor, label
     dz = _loss_grad(cap.logits.detach(), _as_labels(labels, cap.logits), _as_weights(weights, cap.logits))
     deltas = cap.output_grads(dz, retain_graph=False)
     acts = cap.activations(layers)
-    return {n: _no_grad_outer(deltas[n], acts[n]) for n in layers}
+    with torch.no_grad():
+        return {n: _outer(deltas[n], acts[n]) for n in layers}
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -508,10 +504,6 @@ class QueryStats(_Sums):
             out[name] = total.to(dtype)
         return out
 
-    def class_counts(self) -> Tensor:
-        name = self.layers("grad")[0]
-        return self.counts[f"grad/{name}"]
-
 
 # ---------------------------------------------------------------------------------------------
 # Passes over the data (one batch each; the stage loops, shards and adds the results)
@@ -653,15 +645,26 @@ class Preconditioner:
             out[n] = q_s @ ((q_s.T @ g @ q_a) / denom) @ q_a.T
         return out
 
-    def self_influence(self, grads: Mapping[str, Tensor]) -> Tensor:
-        """sum_l <precond(G_l), G_l> for per-sample gradients name -> B x d_out x d_in; returns (B,)."""
+    def self_influence(self, grads: Mapping[str, Tensor], acts: Mapping[str, Tensor] | None = None,
+                       deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+        """sum_l <precond(G_l), G_l> for per-sample gradients name -> B x d_out x d_in; returns (B,).
+
+        Given the layer inputs ``acts`` and output gradients ``deltas`` (B x d x T) that formed
+        G, each rotation Q_S^T G Q_A takes the cheaper route (``_rotation_route``): rotating a and
+        delta beats rotating G when there are few locations (small images), e.g. 8x fewer
+        multiply-adds for a ResNet conv at 8 x 8 outputs."""
         total = None
         for n, g in grads.items():
             if self.kind == "none":
                 term = g.square().sum((1, 2))
             else:
                 q_a, q_s, denom = (t.to(g.device, g.dtype) for t in (self.q_a[n], self.q_s[n], self.denom[n]))
-                term = ((q_s.T @ g @ q_a).square() / denom).sum((1, 2))
+                a = acts[n] if acts is not None else None
+                if a is not None and _rotation_route(a.shape[1], deltas[n].shape[1], a.shape[2], 1) == "factors":
+                    rotated = _rotate(_prepare_rotation(a, q_a, "factors"), deltas[n], q_a, q_s, "factors")
+                else:
+                    rotated = q_s.T @ g @ q_a
+                term = (rotated.square() / denom).sum((1, 2))
             total = term if total is None else total + term
         return total
 
@@ -761,7 +764,7 @@ def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner
     acts = cap.activations(layers)
     with torch.no_grad():
         grads = {n: _outer(deltas[n], acts[n]) for n in layers}
-        self_inf = _self_influence(preconditioner, grads, acts, deltas)
+        self_inf = preconditioner.self_influence(grads, acts, deltas)
         per_class = sum(torch.einsum("boi,coi->bc", grads[n], queries[n].to(grads[n].device, grads[n].dtype))
                         for n in layers)
         spatial = None
@@ -769,25 +772,6 @@ def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner
             spatial = _spatial_maps(acts, deltas, queries, cap.grids(), labels > 0.5 if maps == "labelled" else None)
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
     return BatchInfluence(self_inf, per_class, spatial, loss, torch.sigmoid(logits))
-
-
-def _self_influence(pre: Preconditioner, grads: Mapping[str, Tensor], acts: Mapping[str, Tensor],
-                    deltas: Mapping[str, Tensor]) -> Tensor:
-    """``pre.self_influence(grads)``, with each layer's rotation Q_S^T G Q_A taken by the cheaper
-    route (``_rotation_route``): rotating a and delta beats rotating G when there are few
-    locations (small images), e.g. 8x fewer multiply-adds for a ResNet conv at 8 x 8 outputs."""
-    if pre.kind == "none":
-        return pre.self_influence(grads)
-    total = None
-    for n, g in grads.items():
-        a, delta = acts[n], deltas[n]
-        q_a, q_s, denom = (t.to(g.device, g.dtype) for t in (pre.q_a[n], pre.q_s[n], pre.denom[n]))
-        route = _rotation_route(a.shape[1], delta.shape[1], a.shape[2], 1)
-        rotated = _rotate(_prepare_rotation(a, q_a, route), delta, q_a, q_s, route) if route == "factors" \
-            else q_s.T @ g @ q_a
-        term = (rotated.square() / denom).sum((1, 2))
-        total = term if total is None else total + term
-    return total
 
 
 def _spatial_maps(acts: Mapping[str, Tensor], deltas: Mapping[str, Tensor], queries: Mapping[str, Tensor],
