@@ -128,7 +128,8 @@ def synth(
     if label_noise > 0:
         from igcam_cli.data.noise import CORRUPTED_NAME, write_noisy_labels
 
-        bad = write_noisy_labels(out, dataset.classes, dataset.ids("train"), label_noise, seed)
+        train = {i: dataset.labels(i) for i in dataset.ids("train")}
+        bad = write_noisy_labels(out, dataset.classes, train, label_noise, seed)
         typer.echo(f"corrupted the labels of {len(bad)} train images (listed in {out / CORRUPTED_NAME})")
 
 

@@ -9,10 +9,12 @@ labels can still be scored against the real objects.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 
+from igcam_cli.data.folder import read_labels_csv
 from igcam_cli.errors import BadData, UsageError
 
 CORRUPTED_NAME = "corrupted.csv"
@@ -44,25 +46,21 @@ def corrupt_labels(labels: dict[str, np.ndarray], num_classes: int, fraction: fl
     return out
 
 
-def write_noisy_labels(root: Path, classes: list[str], split_ids: list[str], fraction: float, seed: int) -> list[str]:
-    """Rewrite `root/labels.csv` with `fraction` of `split_ids` corrupted and write `root/corrupted.csv`.
+def write_noisy_labels(root: Path, classes: list[str], labels: dict[str, np.ndarray], fraction: float,
+                       seed: int) -> list[str]:
+    """Corrupt `fraction` of the images in `labels` (their true class indices) in `root/labels.csv`
+    (rewritten whole, then renamed over the old file) and list them in `root/corrupted.csv`.
     Returns the corrupted ids."""
     path = Path(root) / "labels.csv"
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise BadData(f"cannot read {path}: {exc}") from None
-    index = {name: k + 1 for k, name in enumerate(classes)}
-    header, body = rows[0], rows[1:]
-    wanted = set(split_ids)
-    labels = {row[0]: np.array(sorted(index[n] for n in row[1].split()), dtype=np.int64) for row in body if row[0] in wanted}
+    rows = read_labels_csv(path)
     noisy = corrupt_labels(labels, len(classes), fraction, seed)
     names = lambda ks: " ".join(classes[k - 1] for k in ks)  # noqa: E731
-    with open(path, "w", newline="") as fh:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows([row[0], names(noisy[row[0]])] if row[0] in noisy else row for row in body)
+        writer.writerow(("id", "labels"))
+        writer.writerows((i, names(noisy[i]) if i in noisy else " ".join(row.names)) for i, row in rows.items())
+    os.replace(tmp, path)
     with open(Path(root) / CORRUPTED_NAME, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(("id", "true_labels", "noisy_labels"))
