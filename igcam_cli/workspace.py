@@ -195,15 +195,19 @@ class Workspace:
         return store
 
     def check_resumable(self, stage: str, split: str, config: dict[str, Any], has_output: bool,
-                        ignore: tuple[str, ...] = ("workers", "batch_size")) -> None:
-        """Refuse to add to a split's output that an earlier run made with other settings."""
+                        ignore: tuple[str, ...] = ("workers", "batch_size"), inputs: dict[str, str | None] | None = None,
+                        what: str | None = None, remedy: str = "pass --force to redo it") -> None:
+        """Refuse to add to a split's output that an earlier run made with other settings (or, for
+        each of `inputs` (input key -> run id now), from another run of that input)."""
         previous = self.latest(stage, split)
         if not has_output or previous is None:
             return
         changed = sorted(k for k in config if k not in ignore and previous["config"].get(k) != config[k])
+        changed += [f"{key.partition(':')[0]} ran again" for key, run in (inputs or {}).items()
+                    if previous.get("inputs", {}).get(key) != run]
         if changed:
-            raise UsageError(f"{stage} output for split '{split}' was made with other settings "
-                             f"({', '.join(changed)}); pass --force to redo it")
+            raise UsageError(f"{what or f'{stage} output for split {split!r}'} was made with other settings "
+                             f"({', '.join(changed)}); {remedy}")
 
     # ---- manifest -------------------------------------------------------------------------
     @property

@@ -290,6 +290,9 @@ def test_predict_split_writes_one_png_per_image_and_evaluate_reports_it(seg_ws):
     ws.start("train-seg", {}).fail("KeyboardInterrupt: ")
     ok("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf", "--force")
     assert ws.latest("predict", "val")["inputs"] == {"train-seg": trained}
+    ws.start("train-seg", {}).finish()  # a newer model: adding to the old predictions is refused
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf"), 2, "pred/val",
+                 "train-seg ran again", "--out NAME")
 
 
 def _write_images(folder: Path) -> dict[str, tuple[int, int]]:

@@ -88,7 +88,9 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
             _overlay_path(store, image_id).unlink(missing_ok=True)
     seg_record = ws.latest("train-seg", done=True)  # the run that wrote model.pt, not a later failed one
     seg_id = seg_record["id"] if seg_record else None
-    _check_resumable(ws, name, to_dict(cfg), seg_id, has_output=len(store) > 0)
+    ws.check_resumable("predict", name, to_dict(cfg), has_output=len(store) > 0,
+                       ignore=("workers", "batch_size", "overlays"), inputs={input_key("train-seg"): seg_id},
+                       what=f"pred/{name}", remedy="pass --force to redo it, or --out NAME to write elsewhere")
     done = store.ids()
     todo = [i for i in mine if i not in done]
 
@@ -152,20 +154,6 @@ def _out_name(name: str) -> str:
         return check_id(name)
     except ValueError:
         raise UsageError(f"--out '{name}' cannot name a folder under pred/ (no '/', not empty)") from None
-
-
-def _check_resumable(ws: Workspace, name: str, config: dict, seg_id: str | None, has_output: bool) -> None:
-    """Refuse to add to pred/<name> made from other images, settings or model weights."""
-    previous = ws.latest("predict", name)
-    if not has_output or previous is None:
-        return
-    changed = sorted(k for k in config if k not in ("workers", "batch_size", "overlays")
-                     and previous["config"].get(k) != config[k])
-    if previous.get("inputs", {}).get(input_key("train-seg")) != seg_id:
-        changed.append("model (train-seg ran again)")
-    if changed:
-        raise UsageError(f"pred/{name} was made with other settings ({', '.join(changed)}); "
-                         "pass --force to redo it, or --out NAME to write elsewhere")
 
 
 def _overlay_path(store: LabelStore, image_id: str) -> Path:
