@@ -15,7 +15,7 @@ GT masks. Like the demo and the ablation it drives the stage modules; stages nev
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from rich.console import Console
@@ -67,7 +67,7 @@ def run(ws: Workspace, opts: RunOptions, until: str | None = None, start: str | 
         position = STAGES.index(step.stage)
         if position < first or position > last:
             continue
-        reason = "--from" if start and position >= first else why_stale(ws, step, opts)
+        reason = "--from" if start else why_stale(ws, step, opts)
         if reason is None:
             console.print(f"[green]{step.label}: fresh, skipped[/]")
             result = _read_evaluation(ws, step) if step.stage == "evaluate" else None
@@ -123,7 +123,7 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
         val_ids = dataset.ids(val_split)
         steps.append(Step("predict", val_split, pred_cfg, lambda: _covers(ws.predictions(val_split).ids(), val_ids),
                           lambda force: predict.run(pred_cfg, ws, opts, force=force)))
-    quiet = RunOptions(device=opts.device, seed=opts.seed, quiet=True)
+    quiet = replace(opts, quiet=True)
     evaluations = [(artifact, split) for artifact in ("cams", "refined", "crf")]
     if val_split:
         evaluations.append(("seg", val_split))
