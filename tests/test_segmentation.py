@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,25 @@ def test_pretrained_cls_needs_the_workspace_classifier(fresh_ws):
 def test_train_seg_usage_errors(fresh_ws):
     assert_error(igcam("train-seg", "-w", fresh_ws, "--labels", "masks", *SEG), 2, "--labels")
     assert_error(igcam("train-seg", "-w", fresh_ws, "--arch", "unet", *SEG), 2, "unknown --arch 'unet'")
+
+
+def test_train_seg_and_predict_bad_files(fresh_ws, seg_ws, tmp_path):
+    ws = Workspace.open(fresh_ws)
+    write_pseudo(ws)
+    first = ws.dataset().ids("train")[0]
+    ws.pseudo("train").write(first, np.zeros((10, 12), np.uint8))  # not the image's size
+    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG), 4, "is 12x10 but image", first)
+    write_pseudo(ws)
+    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG, "--init-from", tmp_path / "none.pt"), 4, "file not found")
+    # A segmenter of another class count can neither start this one nor predict for this dataset.
+    checkpoint = torch.load(Path(seg_ws) / "seg" / "model.pt", weights_only=True)
+    checkpoint.update(num_classes=3, model=Segmenter(checkpoint["arch"], 3).state_dict())
+    torch.save(checkpoint, tmp_path / "three.pt")
+    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG, "--init-from", tmp_path / "three.pt"), 4, "--init-from",
+                 "3 outputs")
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--out", "a/b", *PREDICT), 2, "--out 'a/b'")
+    shutil.copy(tmp_path / "three.pt", Path(seg_ws) / "seg" / "model.pt")
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", *PREDICT), 4, "predicts 3 labels")
 
 
 # ---- predict and evaluate -----------------------------------------------------------------------------
