@@ -104,7 +104,7 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
     cams_cfg = config("make-cams", split=split)
     refine_cfg = config("refine", split=split)
     crf_cfg = config("crf", split=split)
-    seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split else {}))
+    seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split is not None else {}))
     steps = [
         Step("train-cls", None, cls_cfg, lambda: (ws.cls_round_dir(cls_cfg.round) / "model.pt").is_file(),
              lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force)),
