@@ -1,0 +1,27 @@
+"""`igcam demo` end to end on a tiny synthetic set: the table's rows, the pictures, and a rerun that skips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import ok
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_demo_runs_the_chain_draws_the_pictures_and_reruns_for_free(tmp_path):
+    ws = tmp_path / "demo"
+    args = ("demo", "-w", ws, "--n-train", 8, "--n-val", 4, "--epochs", 1, "--workers", 0, "--device", "cpu")
+    shown = ok(*args).stdout
+    for row in ("cams", "refined", "crf", "seg"):
+        report = json.loads((ws / "eval" / f"{row}-{'val' if row == 'seg' else 'train'}.json").read_text())
+        assert 0 <= report["miou"] <= 1 and report["crf"] == (row in ("crf", "seg"))
+        assert row in shown
+    for picture in ("demo.png", "demo-val.png"):
+        assert (ws / "report" / picture).stat().st_size > 1000
+    runs = len(json.loads((ws / "manifest.json").read_text())["runs"])
+    again = ok(*args).stdout
+    assert "fresh, skipped" in again and "running" not in again
+    assert len(json.loads((ws / "manifest.json").read_text())["runs"]) == runs  # nothing ran again
