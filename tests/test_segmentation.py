@@ -267,6 +267,7 @@ def test_train_seg_and_predict_bad_files(fresh_ws, seg_ws, tmp_path):
     assert_error(igcam("train-seg", "-w", fresh_ws, *SEG, "--init-from", tmp_path / "three.pt"), 4, "--init-from",
                  "3 outputs")
     assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--out", "a/b", *PREDICT), 2, "--out 'a/b'")
+    (Path(seg_ws) / "seg" / "model.pt").unlink()  # hard-linked to the shared template: replace, never overwrite
     shutil.copy(tmp_path / "three.pt", Path(seg_ws) / "seg" / "model.pt")
     assert_error(igcam("predict", "-w", seg_ws, "--split", "val", *PREDICT), 4, "predicts 3 labels")
 
