@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli.config import STAGE_CONFIGS, RunOptions, build, to_dict
@@ -69,11 +70,11 @@ def run(ws: Workspace, opts: RunOptions, until: str | None = None, start: str | 
             continue
         reason = "--from" if start else why_stale(ws, step, opts)
         if reason is None:
-            console.print(f"[green]{step.label}: fresh, skipped[/]")
+            console.print(f"[green]{escape(step.label)}: fresh, skipped[/]")
             result = _read_evaluation(ws, step) if step.stage == "evaluate" else None
             action = "skipped"
         else:
-            console.print(f"[cyan]{step.label}: {reason}; running[/]")
+            console.print(f"[cyan]{escape(f'{step.label}: {reason}')}; running[/]")
             result = step.execute(reason != "incomplete")
             action = "resumed" if reason == "incomplete" else "ran"
         if step.stage == "evaluate":
@@ -188,5 +189,5 @@ def _print_summary(console: Console, steps: list[dict]) -> None:
         table.add_column(column)
     style = {"skipped": "green", "ran": "cyan", "resumed": "yellow"}
     for s in steps:
-        table.add_row(s["step"], f"[{style[s['action']]}]{s['action']}[/]", s["reason"])
+        table.add_row(escape(s["step"]), f"[{style[s['action']]}]{s['action']}[/]", escape(s["reason"]))
     console.print(table)

@@ -22,7 +22,7 @@ app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", pretty_exceptio
                   help="Weakly supervised semantic segmentation: image-level labels in, pixel labels out.")
 
 # ---- shared options ------------------------------------------------------------------------
-WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory [default: $IGCAM_WORKSPACE or .]")]
+WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory \\[default: $IGCAM_WORKSPACE or .]")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results")]
@@ -149,8 +149,8 @@ def train_cls(
     workers: WorkersOpt = None,
     round: Annotated[Optional[int], typer.Option("--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/")] = None,
     sample_weights: Annotated[Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")] = None,
-    relabel: Annotated[Optional[bool], typer.Option("--relabel/--no-relabel", help="With --sample-weights influence: train on compute-influence's suggested labels [default: relabel]")] = None,
-    finetune_lr_mult: Annotated[Optional[float], typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) [default: 0.2]")] = None,
+    relabel: Annotated[Optional[bool], typer.Option("--relabel/--no-relabel", help="With --sample-weights influence: train on compute-influence's suggested labels \\[default: relabel]")] = None,
+    finetune_lr_mult: Annotated[Optional[float], typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) \\[default: 0.2]")] = None,
     finetune_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
@@ -178,12 +178,12 @@ def train_cls(
 def make_cams(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales [default: 1.0,0.5,1.5,2.0]")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales \\[default: 1.0,0.5,1.5,2.0]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    label_source: Annotated[Optional[str], typer.Option(help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) [default: auto]")] = None,
+    label_source: Annotated[Optional[str], typer.Option(help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) \\[default: auto]")] = None,
     influence_fusion: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)")] = None,
-    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round [default: the latest]")] = None,
+    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None, force: ForceOpt = False,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
@@ -203,7 +203,7 @@ def make_cams(
 def compute_influence(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    query_split: Annotated[Optional[str], typer.Option(help="Query images, aggregated per class [default: val, else the split]")] = None,
+    query_split: Annotated[Optional[str], typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")] = None,
     hessian: Annotated[Optional[str], typer.Option(help="ekfac, kfac or none (gradient dot products)")] = None,
     damping: Annotated[Optional[float], typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")] = None,
     damping_mode: Annotated[Optional[str], typer.Option(help="relative or absolute")] = None,
@@ -211,7 +211,7 @@ def compute_influence(
     scope: Annotated[Optional[str], typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")] = None,
     maps: Annotated[Optional[str], typer.Option(help="Spatial maps for labelled classes, all classes or none")] = None,
     size: Annotated[Optional[int], typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
-    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round [default: the latest]")] = None,
+    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the other shards' statistics (default under torchrun)")] = False,
@@ -222,7 +222,7 @@ def compute_influence(
 
     scores.csv also suggests labels for atypical images whose classifier confidently sees a class
     they are not labelled with (`relabel_threshold`, `relabel_confidence` and the sample-weight
-    `w_*` settings are in [compute-influence] of igcam.toml). Influence is always measured against
+    `w_*` settings are in \\[compute-influence] of igcam.toml). Influence is always measured against
     the labels as given.
 
     Sharded: each `--shard i/n` writes its curvature sums; once all n are there, every shard fits the
@@ -265,7 +265,7 @@ def refine(
     split: SplitOpt = None,
     guidance: Annotated[Optional[str], typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")] = None,
     boundary: Annotated[Optional[bool], typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")] = None,
-    scales: Annotated[Optional[str], typer.Option(help="Boundary scales, coarse to fine [default: 0.25,0.5,1.0]")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Boundary scales, coarse to fine \\[default: 0.25,0.5,1.0]")] = None,
     iterations: Annotated[Optional[int], typer.Option(min=0, help="Propagation steps per scale")] = None,
     fill_gain: Annotated[Optional[float], typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")] = None,
     outside_damping: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")] = None,
@@ -279,7 +279,7 @@ def refine(
     """Instance guidance + multi-scale boundary enhancement of CAMs (refined/<split>/part-*.h5).
 
     More parameters (anchor_threshold, select_threshold, min_share, dilations, sigma_rgb, sigma_xy)
-    are set in the [refine] table of igcam.toml.
+    are set in the \\[refine] table of igcam.toml.
     """
     from igcam_cli.stages import refine as stage
 
@@ -348,8 +348,8 @@ def predict(
     workspace: WorkspaceOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Predict a dataset split ...")] = None,
     images: Annotated[Optional[Path], typer.Option(help="... or every JPEG/PNG file of a folder (ids = file stems)")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output name: pred/<out>/ [default: the split's or folder's name]")] = None,
-    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales [default: 1.0,0.75,1.25]")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales \\[default: 1.0,0.75,1.25]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     crf: Annotated[Optional[bool], typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")] = None,
     preset: Annotated[Optional[str], typer.Option(help="CRF preset: deeplab, psa, irn or toco")] = None,
@@ -418,7 +418,7 @@ def status(workspace: WorkspaceOpt = None):
 @app.command()
 @handles_errors
 def demo(
-    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace [default: ./igcam-demo]")] = None,
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")] = None,
     n_train: Annotated[int, typer.Option(min=8)] = 320,
     n_val: Annotated[int, typer.Option(min=4)] = 80,
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
@@ -439,9 +439,9 @@ def run_chain(
     workspace: WorkspaceOpt = None,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage")] = None,
     start: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one from scratch")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Pseudo-label split [default: train-seg's split]")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Pseudo-label split \\[default: train-seg's split]")] = None,
     val_split: Annotated[Optional[str], typer.Option(help="Split to predict and evaluate the model on ('' for none) "
-                                                         "[default: train-seg's val_split]")] = None,
+                                                         "\\[default: train-seg's val_split]")] = None,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
 ):
     """The whole chain (train-cls, make-cams, refine, crf, train-seg, predict, evaluate), skipping fresh stages.

@@ -209,3 +209,36 @@ def test_console_script_prints_one_error_line_and_exits_3(fresh_ws):
     assert not (fresh_ws / "pseudo").exists()
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("igcam ")
+
+
+# ---- help -------------------------------------------------------------------------------------------
+
+
+def test_help_keeps_every_bracketed_default_and_table_name():
+    """Rich markup would silently eat `[default: 0.2]` or `[refine]` from a help text unless escaped."""
+    import re
+
+    import typer.main
+
+    from cli_helpers import RUNNER
+    from igcam_cli.cli import app
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for name, command in root.commands.items():
+        texts = [command.help or ""] + [param.help or "" for param in command.params if hasattr(param, "help")]
+        fragments = [m.replace("\\[", "[") for text in texts for m in re.findall(r"\\?\[[^\]\n]*\]", text)]
+        result = RUNNER.invoke(app, [name, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        assert result.exit_code == 0, result.output
+        shown = " ".join(result.output.replace("│", " ").split())
+        for fragment in fragments:
+            assert " ".join(fragment.split()) in shown, f"igcam {name} --help lost {fragment!r}"
+            checked += 1
+    assert checked >= 15
+
+
+def test_status_shows_a_workspace_path_with_brackets(tmp_path):
+    ws = tmp_path / "runs[lr=0.1]"
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 4, "--n-val", 2, "--image-size", 32)
+    result = ok("status", "-w", ws)
+    assert "runs[lr=0.1]" in result.output

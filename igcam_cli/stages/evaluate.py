@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli.config import EvaluateConfig, RunOptions, to_dict
@@ -209,12 +210,12 @@ def print_result(result: dict) -> None:
     if result.get("upper_bound"):
         console.print("[bold white on blue] UPPER BOUND: the model was trained on ground-truth masks; "
                       "not weakly supervised [/]")
-    table = Table(title=f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %",
-                  caption=describe(result))
+    table = Table(title=escape(f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %"),
+                  caption=escape(describe(result)))
     for column in ("class", "IoU %", "precision %", "recall %"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, iou in result["per_class"].items():
-        table.add_row(name, _pct(iou), _pct(result["precision"][name]), _pct(result["recall"][name]))
+        table.add_row(escape(name), _pct(iou), _pct(result["precision"][name]), _pct(result["recall"][name]))
     console.print(table)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli import influence_io, report
@@ -162,7 +163,7 @@ def _print(result: dict) -> None:
             + (("mislabelled",) if known else ()):
         table.add_column(column, justify="right" if column not in ("id", "labels", "suggested") else "left")
     for r in result["rows"]:
-        table.add_row(str(r["rank"]), r["id"], " ".join(r["labels"]), " ".join(r["suggested"]), f"{r['atypicality']:.2f}",
+        table.add_row(str(r["rank"]), escape(r["id"]), escape(" ".join(r["labels"])), escape(" ".join(r["suggested"])), f"{r['atypicality']:.2f}",
                       f"{r['self_influence']:.3g}", f"{r['weight']:.2f}",
                       *(("yes" if r["mislabelled"] else "",) if known else ()))
     Console(width=max(120, Console().width)).print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli.workspace import Workspace
@@ -21,7 +22,7 @@ def run(ws: Workspace) -> list[dict]:
         if state == "done" and ws.is_stale(record):
             state = "stale"
         rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
-    table = Table(title=f"igcam workspace {ws.root}")
+    table = Table(title=escape(f"igcam workspace {ws.root}"))
     for column in ("stage", "split", "shard", "status", "ended", "metrics"):
         table.add_column(column, no_wrap=column != "metrics")
     style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red"}
@@ -30,8 +31,8 @@ def run(ws: Workspace) -> list[dict]:
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
         ended = (record.get("ended") or "-")[:16].replace("T", " ")
         table.add_row(row["stage"], row["split"] or "-", row["shard"] or "-",
-                      f"[{style[row['state']]}]{row['state']}[/]", ended, metrics or record.get("error", ""))
-    Console(width=max(120, Console().width)).print(table if rows else f"workspace {ws.root}: no stage has run yet")
+                      f"[{style[row['state']]}]{row['state']}[/]", ended, escape(metrics or record.get("error", "")))
+    Console(width=max(120, Console().width)).print(table if rows else escape(f"workspace {ws.root}: no stage has run yet"))
     return rows
 
 
