@@ -19,7 +19,10 @@ from igcam_cli.runtime.distributed import parse_shard
 from igcam_cli.workspace import Workspace, default_workspace
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
-                  help="Weakly supervised semantic segmentation: image-level labels in, pixel labels out.")
+                  help="Weakly supervised semantic segmentation: image-level labels in, pixel labels out.\n\n"
+                       "Every stage takes its settings from its table in the workspace's igcam.toml (\\[train-cls], "
+                       "\\[make-cams], ...; written by `igcam init`); an option given on the command line overrides "
+                       "that value for this run, and manifest.json records what each run used.")
 
 # ---- shared options ------------------------------------------------------------------------
 WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory \\[default: $IGCAM_WORKSPACE or .]")]

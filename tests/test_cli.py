@@ -225,10 +225,10 @@ def test_help_keeps_every_bracketed_default_and_table_name():
 
     root = typer.main.get_command(app)
     checked = 0
-    for name, command in root.commands.items():
+    for name, command in [("", root), *root.commands.items()]:
         texts = [command.help or ""] + [param.help or "" for param in command.params if hasattr(param, "help")]
         fragments = [m.replace("\\[", "[") for text in texts for m in re.findall(r"\\?\[[^\]\n]*\]", text)]
-        result = RUNNER.invoke(app, [name, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        result = RUNNER.invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
         assert result.exit_code == 0, result.output
         shown = " ".join(result.output.replace("│", " ").split())
         for fragment in fragments:
