@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -39,6 +40,12 @@ class DatasetFormat(str, Enum):
     voc = "voc"
     folder = "folder"
     synthetic = "synthetic"
+
+
+class Preset(str, Enum):
+    auto = "auto"
+    synthetic = "synthetic"
+    standard = "standard"
 
 
 def handles_errors(fn):
@@ -101,15 +108,20 @@ def init(
     n_train: Annotated[int, typer.Option(min=1, help="Synthetic: training images")] = 320,
     n_val: Annotated[int, typer.Option(min=1, help="Synthetic: validation images")] = 80,
     image_size: Annotated[int, typer.Option(min=32, help="Synthetic: image side in pixels")] = 128,
+    preset: Annotated[Preset, typer.Option(help="Stage settings: synthetic (small images, ResNet-18 from scratch, "
+                                             "CPU-sized), standard (ImageNet ResNet-50, the IRN recipe), or auto: "
+                                             "synthetic for the synthetic dataset and folders written by `igcam synth`")] = Preset.auto,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing igcam.toml")] = False,
 ):
     """Create a workspace for a dataset (writes igcam.toml)."""
     from igcam_cli.stages import init as init_stage
 
     path = workspace if workspace is not None else default_workspace()
-    ws = init_stage.run(path, dataset.value, root, classes, dict(n_train=n_train, n_val=n_val, size=image_size), force)
+    chosen = init_stage.choose_preset(dataset.value, root, preset.value)
+    ws = init_stage.run(path, dataset.value, root, classes, dict(n_train=n_train, n_val=n_val, size=image_size), force,
+                        preset=chosen)
     typer.echo(f"workspace {ws.root} ready: {ws.dataset().name} dataset, {ws.dataset().num_classes} classes, "
-               f"splits {', '.join(ws.dataset().splits())}")
+               f"splits {', '.join(ws.dataset().splits())}; {chosen} settings in {ws.toml_path}")
 
 
 @app.command()
@@ -123,10 +135,13 @@ def synth(
     seed: SeedOpt = 0,
 ):
     """Write the synthetic dataset to disk in the `folder` layout (images/, masks/, labels.csv, splits/)."""
-    from igcam_cli.data.synthetic import SyntheticDataset, write_folder
+    from igcam_cli.data.synthetic import SYNTH_MARKER, SyntheticDataset, write_folder
 
     dataset = SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed)
     write_folder(dataset, out)
+    (out / SYNTH_MARKER).write_text(json.dumps({"written_by": f"igcam {__version__} synth", "n_train": n_train,
+                                                "n_val": n_val, "image_size": image_size, "seed": seed,
+                                                "label_noise": label_noise}, indent=1) + "\n")
     typer.echo(f"wrote {n_train + n_val} images to {out}")
     if label_noise > 0:
         from igcam_cli.data.noise import CORRUPTED_NAME, write_noisy_labels

@@ -273,8 +273,11 @@ def test_voc_chain_with_custom_classes_and_mixed_image_sizes(voc_template, tmp_p
 def test_synth_folder_chain(tmp_path):
     out, ws = tmp_path / "data", tmp_path / "ws"
     assert "wrote 16 images" in ok("synth", out, "--n-train", 12, "--n-val", 4, "--image-size", 64).stdout
-    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "images", "labels.csv", "masks", "splits"]
-    ok("init", "-w", ws, "--dataset", "folder", "--root", out)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "igcam-synth.json", "images", "labels.csv",
+                                                     "masks", "splits"]
+    assert json.loads((out / "igcam-synth.json").read_text())["image_size"] == 64
+    assert "synthetic settings" in ok("init", "-w", ws, "--dataset", "folder", "--root", out).stdout
+    assert Workspace.open(ws).stage_table("train-cls")["backbone"] == "resnet18"  # written by synth: its settings
     ok("train-cls", "-w", ws, *TRAIN, "--quiet")
     ok("make-cams", "-w", ws, "--split", "train", *CAMS, "--quiet")
     ok("crf", "-w", ws, "--split", "train", *CRF, "--quiet")
@@ -283,3 +286,26 @@ def test_synth_folder_chain(tmp_path):
     assert (result["dataset"], result["gt_source"], result["n_images"]) == ("folder", "masks/", 12)
     assert list(result["per_class"]) == ["background", "ambra", "brio", "cobal", "dune", "ember"]
     assert len(list((ws / "pseudo" / "train").glob("*.png"))) == 12
+
+
+def test_init_presets(tmp_path):
+    from igcam_cli.config import SYNTHETIC_DEFAULTS
+
+    data = tmp_path / "data"
+    ok("synth", data, "--n-train", 4, "--n-val", 2, "--image-size", 32)
+
+    def tables(name, *args) -> dict:
+        result = ok("init", "-w", tmp_path / name, *args)
+        return {k: v for k, v in Workspace.open(tmp_path / name).toml.items() if k != "dataset"}, result.stdout
+
+    synthetic = {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
+    auto, said = tables("auto", "--dataset", "folder", "--root", data)
+    assert auto == synthetic and "synthetic settings" in said
+    standard, said = tables("std", "--dataset", "folder", "--root", data, "--preset", "standard")
+    assert standard == {} and "standard settings" in said
+    assert tables("syn", "--preset", "synthetic", "--dataset", "folder", "--root", data)[0] == synthetic
+    assert tables("embedded-std", "--dataset", "synthetic", "--preset", "standard")[0] == {}
+    (data / "igcam-synth.json").unlink()  # a folder dataset of one's own: the standard recipe
+    assert tables("own", "--dataset", "folder", "--root", data)[0] == {}
+    bad = RUNNER.invoke(app, ["init", "-w", str(tmp_path / "bad"), "--preset", "tiny"])
+    assert bad.exit_code == 2 and "'tiny' is not one of" in bad.output and not (tmp_path / "bad").exists()

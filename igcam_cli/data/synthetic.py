@@ -192,6 +192,9 @@ def _head_mask(head: _Head, size: int, shrink: float = 0.0) -> np.ndarray:
 
 _PLACEMENT_TRIES = 60
 
+# `igcam synth` leaves this in the folder it writes; `igcam init --preset auto` picks the synthetic settings for it.
+SYNTH_MARKER = "igcam-synth.json"
+
 
 def _sample_body(rng: np.random.Generator, size: int, scale: float) -> _Body:
     semi = rng.uniform(0.10, 0.225) * size * scale

@@ -13,6 +13,7 @@ from rich.text import Text
 from rich.progress import BarColumn, ProgressColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
+LOG_INTERVAL_S = 30.0  # progress lines in a log file: at most one per this many seconds, but the last
 console = Console(stderr=True)
 
 
@@ -32,8 +33,10 @@ class StageLog:
         if not self.quiet:
             console.print(message, highlight=False, markup=False, soft_wrap=True)  # one line per message, never wrapped
 
-    def track(self, items: Iterable[T], total: int, description: str, unit: str = "img") -> Iterator[T]:
-        """Iterate with a rich bar on a TTY, or a log line every ~10 % otherwise."""
+    def track(self, items: Iterable[T], total: int, description: str, unit: str = "img",
+              min_interval: float = LOG_INTERVAL_S) -> Iterator[T]:
+        """Iterate with a rich bar on a TTY; otherwise (a cluster's log file) a line at each ~10 % of
+        the way that comes at least `min_interval` seconds after the last one, and one at the end."""
         if self.quiet or total == 0:
             yield from items
             return
@@ -45,12 +48,14 @@ class StageLog:
                     bar.advance(task)
             return
         start, step, done = time.time(), max(1, total // 10), 0
+        last = start
         for item in items:
             yield item
             done += 1
-            if done % step == 0 or done == total:
-                rate = done / max(time.time() - start, 1e-9)
-                self(f"{description}: {done}/{total} ({rate:.1f} {unit}/s)")
+            now = time.time()
+            if done == total or (done % step == 0 and now - last >= min_interval):
+                last = now
+                self(f"{description}: {done}/{total} ({done / max(now - start, 1e-9):.1f} {unit}/s)")
 
 
 @contextmanager

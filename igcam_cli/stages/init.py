@@ -7,12 +7,28 @@ from typing import Any
 
 from igcam_cli.config import SYNTHETIC_DEFAULTS
 from igcam_cli.data import open_dataset, parse_class_list
+from igcam_cli.data.synthetic import SYNTH_MARKER
 from igcam_cli.errors import UsageError
 from igcam_cli.workspace import Workspace
 
 
+PRESETS = ("auto", "synthetic", "standard")
+
+
+def choose_preset(fmt: str, root: Path | None, preset: str = "auto") -> str:
+    """The stage settings `init` writes: `synthetic` (small images, ResNet-18 from scratch, CPU-sized)
+    or `standard` (the built-in defaults: ImageNet ResNet-50, the IRN recipe). `auto` takes
+    synthetic for the synthetic dataset and for a folder written by `igcam synth`."""
+    if preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+    if preset != "auto":
+        return preset
+    from_synth = root is not None and (root.expanduser() / SYNTH_MARKER).is_file()
+    return "synthetic" if fmt == "synthetic" or from_synth else "standard"
+
+
 def run(path: Path, fmt: str, root: Path | None, classes: str | None, synthetic: dict[str, Any],
-        force: bool = False) -> Workspace:
+        force: bool = False, preset: str = "auto") -> Workspace:
     spec: dict[str, Any] = {"format": fmt}
     if fmt == "synthetic":
         if root is not None:
@@ -29,7 +45,7 @@ def run(path: Path, fmt: str, root: Path | None, classes: str | None, synthetic:
     dataset = open_dataset(spec)  # fails here, with the file named, rather than in a later stage
     if fmt != "synthetic":
         _check_labels(dataset)
-    return Workspace.create(path, spec, _stage_defaults(fmt, dataset), overwrite=force)
+    return Workspace.create(path, spec, _stage_defaults(choose_preset(fmt, root, preset), dataset), overwrite=force)
 
 
 def _check_labels(dataset) -> None:
@@ -40,8 +56,8 @@ def _check_labels(dataset) -> None:
             dataset.labels(image_id)
 
 
-def _stage_defaults(fmt: str, dataset) -> dict[str, dict[str, Any]]:
-    if fmt == "synthetic":
+def _stage_defaults(preset: str, dataset) -> dict[str, dict[str, Any]]:
+    if preset == "synthetic":
         return {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
     splits = dataset.splits()
     defaults: dict[str, dict[str, Any]] = {}

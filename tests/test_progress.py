@@ -1,0 +1,24 @@
+"""Progress in a log file (no TTY): a line every ~10 % unless they would come too often, always the last."""
+
+from __future__ import annotations
+
+from igcam_cli.runtime.progress import StageLog
+
+
+def _track(tmp_path, min_interval: float) -> tuple[list[int], list[str]]:
+    log = StageLog(tmp_path / "stage.log", quiet=False)
+    seen = list(log.track(iter(range(20)), total=20, description="pass", min_interval=min_interval))
+    return seen, [line.split(" ", 2)[2] for line in (tmp_path / "stage.log").read_text().splitlines()]
+
+
+def test_every_tenth_when_lines_may_come_often(tmp_path):
+    seen, lines = _track(tmp_path, min_interval=0.0)
+    assert seen == list(range(20))
+    assert [line.split(" (")[0] for line in lines] == [f"pass: {k}/20" for k in range(2, 21, 2)]
+    assert all(line.endswith(" img/s)") for line in lines)
+
+
+def test_only_the_last_line_when_the_pass_is_quick(tmp_path):
+    seen, lines = _track(tmp_path, min_interval=3600.0)
+    assert seen == list(range(20))
+    assert [line.split(" (")[0] for line in lines] == ["pass: 20/20"]
