@@ -29,10 +29,6 @@ from igcam_cli.workspace import Workspace
 
 STAGES = ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "evaluate")
 
-# Settings that change how fast a stage runs, not what it writes.
-_INFERENCE_ONLY = ("workers", "batch_size")
-_IGNORED = {"train-cls": ("workers",), "train-seg": ("workers",), "predict": (*_INFERENCE_ONLY, "overlays"),
-            "evaluate": ()}
 
 
 @dataclass
@@ -142,9 +138,9 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
     record = _latest(ws, step)
     if record is None:
         return "not run yet"
-    ignored = _IGNORED.get(step.stage, _INFERENCE_ONLY)
     now = to_dict(step.config)
-    changed = sorted(k for k in now if k not in ignored and _value(record, k, step.config) != now[k])
+    changed = sorted(k for k in now
+                     if k not in step.config.NOT_IN_RESULTS and _value(record, k, step.config) != now[k])
     if changed:
         return f"settings changed ({', '.join(changed)})"
     if "seed" in record and record["seed"] != opts.seed:

@@ -11,13 +11,15 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tomli_w
 
 from igcam_cli.errors import BadData, UsageError
 
 TOML_NAME = "igcam.toml"
+# Each stage config's NOT_IN_RESULTS: settings that change how fast a stage runs or what else it
+# writes, never its results; a resume or `igcam run` does not count them as changed settings.
 
 
 @dataclass
@@ -31,6 +33,8 @@ class RunOptions:
 
 @dataclass
 class TrainClsConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+
     backbone: str = "resnet50"
     pretrained: str = "imagenet"  # imagenet | none | PATH to a state dict
     split: str = "train"
@@ -55,6 +59,8 @@ class TrainClsConfig:
 
 @dataclass
 class MakeCamsConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size")
+
     split: str = "train"
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
@@ -71,6 +77,10 @@ class MakeCamsConfig:
 
 @dataclass
 class ComputeInfluenceConfig:
+    # sample weights and label suggestions only shape scores.csv, which every complete run rewrites
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size", "w_min", "w_max", "w_threshold", "w_temperature",
+                                                 "relabel_threshold", "relabel_confidence")
+
     split: str = "train"
     query_split: str | None = None  # None: 'val' when the dataset has it (and it is not `split`), else `split`
     hessian: str = "ekfac"  # ekfac | kfac | none (plain gradient dot products)
@@ -93,6 +103,8 @@ class ComputeInfluenceConfig:
 
 @dataclass
 class InfluenceReportConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ()
+
     split: str = "train"
     top_k: int = 24
     truth: str | None = None  # list of truly mislabelled ids (default: corrupted.csv in the dataset root, if any)
@@ -100,6 +112,8 @@ class InfluenceReportConfig:
 
 @dataclass
 class RefineConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size")
+
     split: str = "train"
     guidance: str = "proposals"  # proposals (label-free) | gt (ORACLE: GT masks as regions) | none
     boundary: bool = True
@@ -127,6 +141,8 @@ class RefineConfig:
 
 @dataclass
 class CrfConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+
     split: str = "train"
     source: str = "refined"  # refined | cams
     preset: str = "psa"
@@ -139,6 +155,8 @@ class CrfConfig:
 
 @dataclass
 class TrainSegConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+
     arch: str = "deeplabv3_resnet101"  # deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_resnet18 | deeplabv3plus_resnet18 (small, CPU)
     pretrained: str = "imagenet"  # imagenet | none | cls (this workspace's classifier backbone) | PATH (ResNet,
     #                               igcam classifier or segmenter weights)
@@ -159,6 +177,8 @@ class TrainSegConfig:
 
 @dataclass
 class PredictConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size", "overlays")
+
     split: str | None = None  # a dataset split ...
     images: str | None = None  # ... or a folder of JPEG/PNG files
     out: str | None = None  # pred/<out>/; default: the split's or the folder's name
@@ -173,6 +193,8 @@ class PredictConfig:
 
 @dataclass
 class EvaluateConfig:
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ()
+
     artifact: str = "cams"  # cams | refined | crf | seg
     split: str = "train"
     tau_min: float = 0.05

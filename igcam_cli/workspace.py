@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from igcam_cli import __version__
-from igcam_cli.config import TOML_NAME, read_toml, write_toml
+from igcam_cli.config import TOML_NAME, read_toml, to_dict, write_toml
 from igcam_cli.errors import MissingArtifact, UsageError
 from igcam_cli.store import LabelStore, MapStore
 
@@ -194,15 +194,17 @@ class Workspace:
             raise MissingArtifact(f"{kind} for split '{split}' {state}: run `{self.command(PRODUCER[kind], split)}` first")
         return store
 
-    def check_resumable(self, stage: str, split: str, config: dict[str, Any], has_output: bool,
-                        ignore: tuple[str, ...] = ("workers", "batch_size"), inputs: dict[str, str | None] | None = None,
-                        what: str | None = None, remedy: str = "pass --force to redo it") -> None:
-        """Refuse to add to a split's output that an earlier run made with other settings (or, for
-        each of `inputs` (input key -> run id now), from another run of that input)."""
+    def check_resumable(self, stage: str, split: str, cfg: Any, has_output: bool,
+                        inputs: dict[str, str | None] | None = None, what: str | None = None,
+                        remedy: str = "pass --force to redo it") -> None:
+        """Refuse to add to a split's output that an earlier run made with other settings (those of
+        the stage config `cfg`, less its NOT_IN_RESULTS) or, for each of `inputs` (input key -> run
+        id now), from another run of that input."""
         previous = self.latest(stage, split)
         if not has_output or previous is None:
             return
-        changed = sorted(k for k in config if k not in ignore and previous["config"].get(k) != config[k])
+        config = to_dict(cfg)
+        changed = sorted(k for k in config if k not in cfg.NOT_IN_RESULTS and previous["config"].get(k) != config[k])
         changed += [f"{key.partition(':')[0]} ran again" for key, run in (inputs or {}).items()
                     if previous.get("inputs", {}).get(key) != run]
         if changed:

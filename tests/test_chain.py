@@ -158,3 +158,14 @@ def test_plan_on_a_dataset_without_a_val_split(tmp_path):
         chain.plan(ws, RunOptions(), None, "val")  # asked for, so it must exist
     steps_ = chain.plan(ws, RunOptions(), None, "train")  # --val-split reaches train-seg's validation too
     assert next(s for s in steps_ if s.stage == "train-seg").config.val_split == "train"
+
+
+def test_settings_outside_results_are_real_fields_of_their_stage():
+    from dataclasses import fields
+
+    from igcam_cli.config import STAGE_CONFIGS
+
+    for stage, config_cls in STAGE_CONFIGS.items():
+        names = {f.name for f in fields(config_cls)}
+        assert set(config_cls.NOT_IN_RESULTS) <= names, stage
+        assert "NOT_IN_RESULTS" not in names  # a class constant, never written to igcam.toml or the manifest

@@ -47,10 +47,6 @@ from igcam_cli.workspace import Workspace, classifier_key
 
 STAGE = "compute-influence"
 WAIT_POLL_S = 5.0
-# Settings the statistics and parts do not depend on: workers, batch size, and what only shapes
-# scores.csv (sample weights, label suggestions), which every complete run rewrites.
-NOT_IN_RESULTS = ("workers", "batch_size", "w_min", "w_max", "w_threshold", "w_temperature", "relabel_threshold",
-                  "relabel_confidence")
 
 
 @dataclass
@@ -116,8 +112,7 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     store = MapStore(directory)
     if force:
         _clear(directory, store, shard)
-    ws.check_resumable(STAGE, cfg.split, to_dict(cfg), has_output=len(store) > 0,
-                       ignore=NOT_IN_RESULTS)
+    ws.check_resumable(STAGE, cfg.split, cfg, has_output=len(store) > 0)
     old = store.attrs.get("model_sha256")
     if len(store) and old and old != model_sha:
         raise UsageError(f"influence/{cfg.split} was computed with another classifier; pass --force to redo it")
@@ -347,7 +342,7 @@ def _scope(text: str):
 
 
 def _key(cfg: ComputeInfluenceConfig, model_sha: str, ids: list[str], query_ids: list[str], count: int) -> str:
-    relevant = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_RESULTS}
+    relevant = {k: v for k, v in to_dict(cfg).items() if k not in cfg.NOT_IN_RESULTS}
     text = json.dumps({"cfg": relevant, "model": model_sha, "ids": ids, "queries": query_ids, "shards": count},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

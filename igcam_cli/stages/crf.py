@@ -38,7 +38,7 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     if force:
         for image_id in mine:
             labels.path(image_id).unlink(missing_ok=True)
-    ws.check_resumable("crf", cfg.split, to_dict(cfg), has_output=len(labels) > 0)
+    ws.check_resumable("crf", cfg.split, cfg, has_output=len(labels) > 0)
     done = labels.ids()
     todo = [i for i in mine if i not in done]
 

@@ -74,7 +74,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     store = ws.maps("cams", cfg.split)
     if force:
         store.clear(rank=None if shard.count == 1 else shard.index)
-    ws.check_resumable("make-cams", cfg.split, to_dict(cfg), has_output=len(store) > 0)
+    ws.check_resumable("make-cams", cfg.split, cfg, has_output=len(store) > 0)
     cls_record = ws.classifier_run(round_)
     classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id")}
     previous = (ws.latest("make-cams", cfg.split) or {}).get("classifier")

@@ -88,8 +88,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
             _overlay_path(store, image_id).unlink(missing_ok=True)
     seg_record = ws.latest("train-seg", done=True)  # the run that wrote model.pt, not a later failed one
     seg_id = seg_record["id"] if seg_record else None
-    ws.check_resumable("predict", name, to_dict(cfg), has_output=len(store) > 0,
-                       ignore=("workers", "batch_size", "overlays"), inputs={input_key("train-seg"): seg_id},
+    ws.check_resumable("predict", name, cfg, has_output=len(store) > 0, inputs={input_key("train-seg"): seg_id},
                        what=f"pred/{name}", remedy="pass --force to redo it, or --out NAME to write elsewhere")
     done = store.ids()
     todo = [i for i in mine if i not in done]

@@ -99,7 +99,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     store = ws.maps("refined", cfg.split)
     if force:
         store.clear(rank=None if shard.count == 1 else shard.index)
-    ws.check_resumable("refine", cfg.split, to_dict(cfg), has_output=len(store) > 0)
+    ws.check_resumable("refine", cfg.split, cfg, has_output=len(store) > 0)
     store.remove_temporaries(rank=shard.index)
     done = store.ids()
     todo = [i for i in shard.select(split_ids) if i not in done]
