@@ -371,3 +371,15 @@ def test_evaluate_refuses_a_folder_prediction_named_like_the_split(seg_ws, tmp_p
     ok("predict", "-w", seg_ws, "--images", tmp_path / "val", *PREDICT)
     assert_error(igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"), 4,
                  "pred/val holds predictions of", "--force")
+
+
+@pytest.mark.parametrize("crf", ["--no-crf", "--crf"])
+def test_predict_labels_do_not_depend_on_the_batch(seg_ws, crf):
+    args = ["--split", "val", "--workers", "0", "--scales", "1.0,0.75", crf, "--no-overlays", "--quiet"]
+    ok("predict", "-w", seg_ws, *args, "--batch-size", "1", "--out", "one")
+    ok("predict", "-w", seg_ws, *args, "--batch-size", "4", "--out", "four")
+    ids = Workspace.open(seg_ws).dataset().ids("val")
+    for image_id in ids:
+        one, four = (np.asarray(Image.open(seg_ws / "pred" / name / f"{image_id}.png")) for name in ("one", "four"))
+        np.testing.assert_array_equal(one, four)
+    assert len(ids) == 4

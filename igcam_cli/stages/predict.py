@@ -160,8 +160,8 @@ def _overlay_path(store: LabelStore, image_id: str) -> Path:
 
 
 def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,
-                   device: torch.device) -> Iterator[tuple[_Item, torch.Tensor]]:
-    """(item, L x H x W probabilities averaged over scales and flips), batching images of one size."""
+                   device: torch.device) -> Iterator[tuple[list[_Item], torch.Tensor]]:
+    """(items, B x L x H x W probabilities averaged over scales and flips), batching images of one size."""
     passes = len(cfg.scales) * (2 if cfg.flip else 1)
 
     def probs_fn(x: torch.Tensor) -> torch.Tensor:
@@ -171,23 +171,23 @@ def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,
 
     for batch in same_size_batches(loader, cfg.batch_size, lambda item: tuple(item.x.shape)):
         x = torch.stack([item.x for item in batch]).to(device, memory_format=memory_format(device))
-        probs = multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
-        for item, p in zip(batch, probs):
-            yield item, p
+        yield batch, multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
 
 
-def _labels(predictions: Iterator[tuple[_Item, torch.Tensor]], cfg: PredictConfig,
+def _labels(predictions: Iterator[tuple[list[_Item], torch.Tensor]], cfg: PredictConfig,
             pool) -> Iterator[tuple[_Item, np.ndarray]]:
     """(item, H x W uint8 label map): the arg-max, or the CRF over the classes that win some pixel."""
     if not cfg.crf:
-        for item, probs in predictions:
-            yield item, probs.argmax(0).to(torch.uint8).cpu().numpy()
+        for batch, probs in predictions:
+            yield from zip(batch, probs.argmax(1).to(torch.uint8).cpu().numpy())  # one transfer per batch
         return
     params = PRESETS[cfg.preset]
 
     def jobs():
-        for item, probs in predictions:
-            present = torch.unique(probs.argmax(0))
-            yield item, (item.image, probs[present].cpu().numpy(), present.cpu().numpy(), params)
+        for batch, probs in predictions:
+            winners = probs.argmax(1)
+            for item, p, w in zip(batch, probs, winners):
+                present = torch.unique(w)
+                yield item, (item.image, p[present].cpu().numpy(), present.cpu().numpy(), params)
 
     yield from map_ordered(pool, crf_refine, jobs(), ahead=2 * max(1, cfg.workers))
