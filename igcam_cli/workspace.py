@@ -142,9 +142,7 @@ class Workspace:
 
     def classifier_run(self, round: int, done: bool = True) -> dict[str, Any] | None:
         """The latest train-cls record of classifier round `round` (only finished ones if `done`)."""
-        matches = [r for r in self.records() if r["stage"] == "train-cls" and int(r.get("round") or 1) == round
-                   and (not done or r["status"] == "done")]
-        return matches[-1] if matches else None
+        return _newest(self.records(), "train-cls", done=done, round_=round)
 
     def influence_dir(self, split: str) -> Path:
         """`influence/<split>/`: compute-influence's statistics, HDF5 parts and weights."""
@@ -223,9 +221,7 @@ class Workspace:
 
     def latest(self, stage: str, split: str | None = None, done: bool = False) -> dict[str, Any] | None:
         """The most recently started record of a stage (and split), whatever its status unless `done`."""
-        matches = [r for r in self.records() if r["stage"] == stage and (split is None or r.get("split") == split)
-                   and (not done or r["status"] == "done")]
-        return matches[-1] if matches else None
+        return _newest(self.records(), stage, split, done)
 
     def start(self, stage: str, config: dict[str, Any], split: str | None = None,
               inputs: dict[str, str] | None = None, **extra) -> StageRun:
@@ -271,9 +267,8 @@ class Workspace:
 
         def latest_id(stage: str, split: str | None) -> str | None:
             stage, _, round_ = stage.partition("@")  # "train-cls@2": the latest run of classifier round 2
-            matches = [r["id"] for r in runs if r["stage"] == stage and (split is None or r.get("split") == split)
-                       and (not round_ or int(r.get("round") or 1) == int(round_))]
-            return matches[-1] if matches else None
+            newest = _newest(runs, stage, split, round_=int(round_) if round_ else None)
+            return newest["id"] if newest else None
 
         def stale(rec: dict[str, Any]) -> bool:
             for stage_split, run_id in rec.get("inputs", {}).items():
@@ -283,6 +278,16 @@ class Workspace:
             return False
 
         return stale(record)
+
+
+def _newest(runs: list[dict[str, Any]], stage: str, split: str | None = None, done: bool = False,
+            round_: int | None = None) -> dict[str, Any] | None:
+    """The most recently started of `runs` of a stage (and split, classifier round; finished if `done`)."""
+    for r in reversed(runs):
+        if (r["stage"] == stage and (split is None or r.get("split") == split) and (not done or r["status"] == "done")
+                and (round_ is None or int(r.get("round") or 1) == round_)):
+            return r
+    return None
 
 
 def input_key(stage: str, split: str | None = None) -> str:
