@@ -374,6 +374,8 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     assert ws.latest("make-cams", "train")["relabelled"] == 1
     result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)
     assert result["relabelled"] == 1 and "1 images with labels suggested by compute-influence" in evaluate.describe(result)
+    assert (result["classifier_round"], result["stale"]) == (2, False)
+    assert "CAMs of classifier round 2" in evaluate.describe(result) and "STALE" not in evaluate.describe(result)
     refine.run(build(RefineConfig, None, {"workers": 0, "scales": [1.0], "iterations": 2}), ws, OPTS)
     crf.run(build(CrfConfig, None, {"workers": 0}), ws, OPTS)
     for artifact in ("refined", "crf"):  # descendants of those CAMs say so too
@@ -386,6 +388,8 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     train_cls.run(_train_cfg(ws, round=2, sample_weights="influence", relabel=False), ws, OPTS,
                   train_cls.TrainOptions())
     assert not (ws.cls_round_dir(2) / influence_io.RELABELLED_NAME).exists()
+    result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)
+    assert result["stale"] and "STALE" in evaluate.describe(result)  # made by the round-2 run before this one
     make_cams.run(_cams_cfg(ws), ws, OPTS, force=True)
     assert MapStore(ws.path("cams") / "train").read(target).classes.tolist() == sorted(own)
 

@@ -78,7 +78,13 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
         threshold = {"tau": None, "tuned_on": None, "curve": None}
 
     result = _result(cfg, scores(conf, names), names, threshold, len(ids), dataset, oracle, source_record)
-    result["relabelled"] = _relabelled(ws, source_record)
+    cams_record = _cams_record(ws, source_record) or {}
+    result["relabelled"] = int(cams_record.get("relabelled", 0))
+    result["classifier_round"] = (cams_record.get("classifier") or {}).get("round")
+    result["stale"] = bool(source_record and ws.is_stale(source_record))
+    if result["stale"]:
+        log(f"note: {cfg.artifact} of '{cfg.split}' is stale: a stage it was made from ran again since "
+            f"(`igcam status -w {ws.root}` shows which); this evaluates them as they are")
     json_path, md_path = _write(ws, cfg, result, conf)
     seg_flags = {"upper_bound": result["upper_bound"]} if cfg.artifact == "seg" else {}
     ws.start("evaluate", to_dict(cfg), split=cfg.split, oracle=oracle, **seg_flags,
@@ -144,20 +150,20 @@ def _result(cfg, s: dict, names: list[str], threshold: dict, n_images: int, data
     }
 
 
-def _relabelled(ws: Workspace, record: dict | None) -> int:
-    """Images whose CAMs were drawn for influence-suggested labels (make-cams --label-source auto
-    after train-cls relabelled), found by following the artifact's inputs back to make-cams.
-    Not an oracle (no GT is involved), but a reader should know the labels were changed."""
+def _cams_record(ws: Workspace, record: dict | None) -> dict | None:
+    """The make-cams run an artifact descends from, following its inputs back. Its record says
+    which classifier round drew the CAMs and for how many images it used influence-suggested
+    labels (not an oracle: no GT is involved, but a reader should know the labels were changed)."""
     by_id = {r["id"]: r for r in ws.records()}
     seen = set()
     while record is not None and record["id"] not in seen:
         seen.add(record["id"])
         if record["stage"] == "make-cams":
-            return int(record.get("relabelled", 0))
+            return record
         parents = [by_id.get(run) for key, run in record.get("inputs", {}).items()
                    if key.split(":")[0] in ("make-cams", "refine", "crf", "train-seg", "predict")]
         record = next((r for r in parents if r is not None), None)
-    return 0
+    return None
 
 
 def _used_crf(artifact: str, source_record: dict | None) -> bool:
@@ -184,10 +190,15 @@ def describe(result: dict) -> str:
     oracle = "ORACLE (GT-guided, not weakly supervised)" if result["oracle"] else "weakly supervised"
     if result.get("upper_bound"):
         oracle = "UPPER BOUND (model trained on GT masks, fully supervised)"
-    relabelled = (f", {result['relabelled']} images with labels suggested by compute-influence"
-                  if result.get("relabelled") else "")
+    extra = ""
+    if result.get("classifier_round"):
+        extra += f", CAMs of classifier round {result['classifier_round']}"
+    if result.get("relabelled"):
+        extra += f", {result['relabelled']} images with labels suggested by compute-influence"
+    if result.get("stale"):
+        extra += ", STALE (a stage it was made from ran again since)"
     return (f"{result['artifact']} on split '{result['split']}' ({result['n_images']} images), GT {result['gt_source']}, "
-            f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}{relabelled}")
+            f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}{extra}")
 
 
 def markdown(result: dict) -> str:
