@@ -273,7 +273,9 @@ def influence_report(
 
     ws = _ws(workspace)
     cfg = _config(ws, "influence-report", split=split, top_k=top_k, truth=str(truth) if truth else None)
-    stage.run(cfg, ws, _opts(device, seed, quiet))
+    result = stage.run(cfg, ws, _opts(device, seed, quiet))
+    if quiet:  # the result, in one line
+        typer.echo(stage.summary(result))
 
 
 @app.command()
@@ -404,10 +406,14 @@ def evaluate(
         from igcam_cli.stages import influence_report
 
         report_cfg = _config(ws, "influence-report", split=split)
-        influence_report.run(report_cfg, ws, _opts(device, seed, quiet))
+        result = influence_report.run(report_cfg, ws, _opts(device, seed, quiet))
+        if quiet:
+            typer.echo(influence_report.summary(result))
         return
     cfg = _config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
-    stage.run(cfg, ws, _opts(device, seed, quiet))
+    result = stage.run(cfg, ws, _opts(device, seed, quiet))
+    if quiet:  # the result, in one line
+        typer.echo(stage.summary(result))
 
 
 @app.command()

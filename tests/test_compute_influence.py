@@ -421,7 +421,13 @@ def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path
     assert "AUROC" in (ws.path("eval") / "influence-train.md").read_text()
     assert ws.latest("influence-report", "train")["metrics"]["auroc"] == pytest.approx(result["auroc"])
     (ws.path("eval") / "influence-train.json").unlink()
-    ok("evaluate", "-w", ws.root, "--artifact", "influence", "--split", "train", "--quiet")  # the same report
+    # The same report; --quiet says what it found in one line (no --truth here, so no AUROC).
+    said = ok("evaluate", "-w", ws.root, "--artifact", "influence", "--split", "train", "--quiet").stdout
+    assert said == f"influence / train: {result['n_suggested']} images with suggested labels\n"
+    assert influence_report.summary(result) == (
+        f"influence / train: {result['n_suggested']} images with suggested labels, {result['suggested_mislabelled']} "
+        f"of them known mislabelled; AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}) "
+        f"against {result['n_mislabelled']} known mislabelled")
     assert (ws.path("eval") / "influence-train.json").is_file()
 
 

@@ -281,8 +281,10 @@ def test_synth_folder_chain(tmp_path):
     ok("train-cls", "-w", ws, *TRAIN, "--quiet")
     ok("make-cams", "-w", ws, "--split", "train", *CAMS, "--quiet")
     ok("crf", "-w", ws, "--split", "train", *CRF, "--quiet")
-    ok("evaluate", "-w", ws, "--artifact", "crf", "--split", "train", "--quiet")
+    said = ok("evaluate", "-w", ws, "--artifact", "crf", "--split", "train", "--quiet").stdout
     result = json.loads((ws / "eval" / "crf-train.json").read_text())
+    assert said == f"crf / train: mIoU {result['miou'] * 100:.2f} % (crf on split 'train' (12 images), GT masks/, " \
+                   "with CRF, as labelled, weakly supervised, CAMs of classifier round 1)\n"  # --quiet: one line
     assert (result["dataset"], result["gt_source"], result["n_images"]) == ("folder", "masks/", 12)
     assert list(result["per_class"]) == ["background", "ambra", "brio", "cobal", "dune", "ember"]
     assert len(list((ws / "pseudo" / "train").glob("*.png"))) == 12

@@ -201,6 +201,11 @@ def describe(result: dict) -> str:
             f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}{extra}")
 
 
+def summary(result: dict) -> str:
+    """One line for --quiet: the mIoU and what it was measured on."""
+    return f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} % ({describe(result)})"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# {result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %", "", describe(result), ""]
     if result["oracle"]:

@@ -128,6 +128,15 @@ def _sheet(dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
     return report.contact_sheet(sheet_rows, titles, path, cell=CELL)
 
 
+def summary(result: dict) -> str:
+    """One line for --quiet: what the report found."""
+    line = f"influence / {result['split']}: {result['n_suggested']} images with suggested labels"
+    if "auroc" in result:
+        line += (f", {result['suggested_mislabelled']} of them known mislabelled; AUROC {result['auroc']:.3f} "
+                 f"(per-image loss: {result['auroc_loss']:.3f}) against {result['n_mislabelled']} known mislabelled")
+    return line
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Possibly mislabelled images of '{result['split']}' ({result['n_images']} images)", "",
              "Ranked by atypicality: robust z-score of log self-influence (compute-influence). "
