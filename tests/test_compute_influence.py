@@ -141,7 +141,7 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
     probs = torch.tensor(np.stack([stored[i][2]["probs"] for i in ids]))
     cfg = _influence_cfg(ws)
     expected = inf.suggest_labels(labels, probs, torch.tensor([scores[i].atypicality for i in ids]),
-                                  cfg.relabel_threshold, cfg.relabel_confidence)
+                                  cfg.relabel_threshold, cfg.relabel_confidence, cfg.relabel_drop_below)
     assert [scores[i].suggested for i in ids] == [" ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten())
                                                   for row in expected]
 
@@ -172,6 +172,8 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     assert compute_influence.run(_influence_cfg(ws, w_threshold=5.0), ws, OPTS)["scored"] == 0
     ids = ws.dataset().ids("train")
     assert all(s.weight == 1.0 for s in influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5).values())
+    # The same classifier named by its round rather than as the latest: the same run, nothing to redo.
+    assert compute_influence.run(_influence_cfg(ws, round=1), ws, OPTS)["scored"] == 0
     out = compute_influence.run(_influence_cfg(ws, damping=0.5), ws, OPTS, force=True)
     assert out["scored"] == 8
     assert {p.name for p in MapStore(ws.influence_dir("train")).parts()} == before  # same names, new content

@@ -498,6 +498,19 @@ def test_suggest_labels_swaps_only_confident_contradictions_of_atypical_images()
     assert inf.suggest_labels(labels, probs, score, confidence=0.5)[3].tolist() == [False, True, True]
 
 
+def test_suggest_labels_drops_a_ruled_out_label_only_when_asked():
+    labels = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    probs = torch.tensor([[0.9, 0.05, 0.1],   # atypical, class 2 ruled out: dropped at drop_below 0.1
+                          [0.9, 0.05, 0.1],   # the same but typical: kept
+                          [0.02, 0.1, 0.1],   # its only label ruled out: kept (never empty)
+                          [0.3, 0.01, 0.02]])  # both labels ruled out: the likelier one (3) stays
+    score = torch.tensor([3.0, 0.5, 3.0, 3.0])
+    assert torch.equal(inf.suggest_labels(labels, probs, score), labels)  # default: no drop without an addition
+    out = inf.suggest_labels(labels, probs, score, drop_below=0.1)
+    expected = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(out, expected)
+
+
 def test_self_influence_is_the_same_by_either_rotation_route():
     """score_batch rotates a and delta instead of G when that is cheaper (few locations, as here)."""
     class Tiny(nn.Module):

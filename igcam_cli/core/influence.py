@@ -859,19 +859,27 @@ def sample_weights(score: Tensor, w_min: float = 0.2, w_max: float = 2.0, thresh
 
 
 def suggest_labels(labels: Tensor, probs: Tensor, score: Tensor, threshold: float = 1.0,
-                   confidence: float = 0.5) -> Tensor:
+                   confidence: float = 0.5, drop_below: float = 0.0) -> Tensor:
     """Suggested image labels (N x C bool) for the images that look mislabelled.
 
     An image is a suspect when its atypicality ``score`` exceeds ``threshold``. A suspect is
-    relabelled only when the classifier confidently sees a class it is not labelled with
+    relabelled when the classifier confidently sees a class it is not labelled with
     (``p > confidence``): those classes are added and its labelled classes scoring
-    ``p < 1 - confidence`` are dropped. Atypical images whose labels the classifier does not
-    contradict (hard but correctly labelled ones) keep their labels, and so does every image
-    below the threshold; a suggestion is never empty.
+    ``p < 1 - confidence`` are dropped. Without an addition, a suspect's labelled class is dropped
+    only when the classifier all but rules it out (``p < drop_below``; 0: never), which is
+    rarer: the classifier was trained to score its labels high. Atypical images whose labels the
+    classifier does not contradict (hard but correctly labelled ones) keep their labels, and so
+    does every image below the threshold. A suggestion is never empty: an image it would leave
+    without labels keeps its labelled class that scores highest.
     """
     labels = labels > 0.5
     suspect = (score > threshold).reshape(-1, 1)
     add = ~labels & (probs > confidence) & suspect
     relabel = add.any(dim=1, keepdim=True)
-    drop = labels & (probs < 1 - confidence) & relabel
-    return (labels & ~drop) | add
+    drop = labels & suspect & (((probs < 1 - confidence) & relabel) | (probs < drop_below))
+    out = (labels & ~drop) | add
+    emptied = ~out.any(dim=1) & labels.any(dim=1)
+    if emptied.any():
+        best = probs.masked_fill(~labels, -1.0).argmax(dim=1)
+        out[emptied, best[emptied]] = True
+    return out

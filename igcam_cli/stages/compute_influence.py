@@ -256,7 +256,8 @@ def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
         labels[k, torch.as_tensor(np.atleast_1d(attrs[i]["labels"]).astype(np.int64) - 1)] = True
     if all("probs" in attrs[i] for i in ids):
         probs = torch.tensor(np.stack([np.asarray(attrs[i]["probs"], dtype=np.float64) for i in ids]))
-        suggested = inf.suggest_labels(labels, probs, atyp, cfg.relabel_threshold, cfg.relabel_confidence)
+        suggested = inf.suggest_labels(labels, probs, atyp, cfg.relabel_threshold, cfg.relabel_confidence,
+                                       cfg.relabel_drop_below)
     else:
         ctx.log("note: these influence parts predate label suggestions (no classifier scores stored); "
                 "rerun with --force for them")
@@ -328,6 +329,8 @@ def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceC
         raise UsageError("sample weights need w_min <= 1 <= w_max and w_temperature > 0")
     if not 0.5 <= cfg.relabel_confidence < 1:
         raise UsageError(f"relabel_confidence must be in [0.5, 1), got {cfg.relabel_confidence}")
+    if not 0 <= cfg.relabel_drop_below < 1 - cfg.relabel_confidence + 1e-9:
+        raise UsageError(f"relabel_drop_below must be in [0, 1 - relabel_confidence], got {cfg.relabel_drop_below}")
     for split in (cfg.split, cfg.query_split):
         if split is not None and split not in dataset.splits():
             raise BadData(f"dataset has no split '{split}' (splits: {', '.join(dataset.splits())})")
