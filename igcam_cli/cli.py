@@ -42,6 +42,12 @@ class DatasetFormat(str, Enum):
     synthetic = "synthetic"
 
 
+class NoiseKind(str, Enum):
+    swap = "swap"
+    add = "add"
+    drop = "drop"
+
+
 class Preset(str, Enum):
     auto = "auto"
     synthetic = "synthetic"
@@ -132,6 +138,7 @@ def synth(
     n_val: Annotated[int, typer.Option(min=1)] = 80,
     image_size: Annotated[int, typer.Option(min=32)] = 128,
     label_noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Corrupt this fraction of the train labels (listed in corrupted.csv)")] = 0.0,
+    noise_kind: Annotated[NoiseKind, typer.Option(help="swap a class for a wrong one, add a wrong one, or drop one of two or more")] = NoiseKind.swap,
     seed: SeedOpt = 0,
 ):
     """Write the synthetic dataset to disk in the `folder` layout (images/, masks/, labels.csv, splits/)."""
@@ -141,14 +148,15 @@ def synth(
     write_folder(dataset, out)
     (out / SYNTH_MARKER).write_text(json.dumps({"written_by": f"igcam {__version__} synth", "n_train": n_train,
                                                 "n_val": n_val, "image_size": image_size, "seed": seed,
-                                                "label_noise": label_noise}, indent=1) + "\n")
+                                                "label_noise": label_noise, "noise_kind": noise_kind.value},
+                                               indent=1) + "\n")
     typer.echo(f"wrote {n_train + n_val} images to {out}")
     if label_noise > 0:
         from igcam_cli.data.noise import CORRUPTED_NAME, write_noisy_labels
 
         train = {i: dataset.labels(i) for i in dataset.ids("train")}
-        bad = write_noisy_labels(out, dataset.classes, train, label_noise, seed)
-        typer.echo(f"corrupted the labels of {len(bad)} train images (listed in {out / CORRUPTED_NAME})")
+        bad = write_noisy_labels(out, dataset.classes, train, label_noise, seed, noise_kind.value)
+        typer.echo(f"corrupted the labels of {len(bad)} train images ({noise_kind.value}; listed in {out / CORRUPTED_NAME})")
 
 
 @app.command("train-cls")
@@ -239,7 +247,7 @@ def compute_influence(
     """Influence of each training image: self-influence, per-class scores, spatial maps, sample weights (influence/<split>/).
 
     scores.csv also suggests labels for atypical images whose classifier confidently sees a class
-    they are not labelled with (`relabel_threshold`, `relabel_confidence` and the sample-weight
+    they are not labelled with (`relabel_threshold`, `relabel_confidence`, `relabel_drop_below` and the sample-weight
     `w_*` settings are in \\[compute-influence] of igcam.toml). Influence is always measured against
     the labels as given.
 

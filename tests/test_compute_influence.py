@@ -463,6 +463,22 @@ def test_corrupt_labels_is_seeded_and_changes_one_class():
         assert len(new) == len(old) and len(set(new) - set(old)) == 1 and len(set(old) - set(new)) == 1
 
 
+def test_corrupt_labels_adds_or_drops_one_class():
+    labels = {f"i{k:02d}": np.array(sorted({1 + k % 5, 1 + (k * 3) % 5}), dtype=np.int64) for k in range(40)}
+    added = corrupt_labels(labels, 5, 0.1, seed=3, kind="add")
+    assert len(added) == 4
+    for i, new in added.items():
+        assert set(labels[i]) < set(new) and len(new) == len(labels[i]) + 1
+    dropped = corrupt_labels(labels, 5, 0.1, seed=3, kind="drop")
+    assert len(dropped) == 4
+    for i, new in dropped.items():
+        assert set(new) < set(labels[i]) and len(new) == len(labels[i]) - 1 >= 1
+    singles = {i: v[:1] for i, v in labels.items()}
+    assert corrupt_labels(singles, 5, 0.5, seed=3, kind="drop") == {}  # nothing to drop without losing the only class
+    with pytest.raises(UsageError, match="--noise-kind"):
+        corrupt_labels(labels, 5, 0.1, seed=3, kind="shuffle")
+
+
 def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
     out = tmp_path / "data"
     ok("synth", out, "--n-train", 20, "--n-val", 2, "--image-size", 32, "--label-noise", 0.1, "--seed", 1)
@@ -476,6 +492,12 @@ def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
     ws = tmp_path / "ws"
     ok("init", "-w", ws, "--dataset", "folder", "--root", out)
     assert len(Workspace.open(ws).dataset().ids("train")) == 20
+    said = ok("synth", tmp_path / "added", "--n-train", 20, "--n-val", 2, "--image-size", 32, "--label-noise", 0.1,
+              "--noise-kind", "add").stdout
+    assert "corrupted the labels of 2 train images (add;" in said
+    with open(tmp_path / "added" / "corrupted.csv") as fh:
+        for r in csv.DictReader(fh):
+            assert set(r["true_labels"].split()) < set(r["noisy_labels"].split())
 
 
 def test_damaged_scores_relabelled_and_truth_files_are_one_line_errors(influenced, tmp_path):
