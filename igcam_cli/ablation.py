@@ -13,6 +13,7 @@ import os
 import shutil
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli.config import STAGE_CONFIGS, RunOptions, build
@@ -87,12 +88,12 @@ def markdown(rows: list[dict], split: str) -> str:
 
 
 def print_table(rows: list[dict], split: str) -> None:
-    table = Table(title=f"ablation on '{split}' (mIoU %)", caption="maps: best background threshold tuned on "
-                  f"'{split}'; + CRF: dense-CRF pseudo-labels; no oracle")
+    table = Table(title=escape(f"ablation on '{split}' (mIoU %)"), caption=escape(
+        f"maps: best background threshold tuned on '{split}'; + CRF: dense-CRF pseudo-labels; no oracle"))
     for column in ("variant", "maps", "threshold", "+ CRF"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
         m, c = row["maps"], row["crf"]
-        table.add_row(row["variant"], f"{m['miou'] * 100:.1f}", f"{m['threshold']:.2f}", f"{c['miou'] * 100:.1f}")
+        table.add_row(escape(row["variant"]), f"{m['miou'] * 100:.1f}", f"{m['threshold']:.2f}", f"{c['miou'] * 100:.1f}")
     Console().print(table)
 

@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli import chain, report
@@ -39,8 +40,8 @@ def run(path: Path, opts: RunOptions, n_train: int = 320, n_val: int = 80, epoch
     results = chain.run(ws, opts, console=console)["evaluations"]
     sheets = [_pictures(ws, "train"), _predictions(ws, "val")]
     _print_table(console, results, time.time() - start)
-    console.print(f"pictures: {', '.join(map(str, sheets))}\n"
-                  f"workspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)")
+    console.print(escape(f"pictures: {', '.join(map(str, sheets))}\n"
+                         f"workspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)"))
     return results
 
 

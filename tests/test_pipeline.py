@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import (CAMS, CRF, RUNNER, TRAIN, VOC_CLASSES, VOC_IMAGES, VOC_SPLITS, copy_workspace, ok,
+from cli_helpers import (CAMS, CRF, RUNNER, TRAIN, VOC_CLASSES, VOC_IMAGES, VOC_SPLITS, build_voc, copy_workspace, ok,
                          pseudo_mtimes)
 from igcam_cli.cli import app
 from igcam_cli.stages import status as status_stage
@@ -311,3 +311,14 @@ def test_init_presets(tmp_path):
     assert tables("own", "--dataset", "folder", "--root", data)[0] == {}
     bad = RUNNER.invoke(app, ["init", "-w", str(tmp_path / "bad"), "--preset", "tiny"])
     assert bad.exit_code == 2 and "'tiny' is not one of" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):
+    splits = {**VOC_SPLITS, "train_aug": VOC_SPLITS["train"]}
+    root = build_voc(tmp_path / "VOC2012", splits=splits, classes=VOC_CLASSES)
+    for preset in ("standard", "synthetic"):
+        ws = tmp_path / preset
+        ok("init", "-w", ws, "--dataset", "voc", "--root", root, "--classes", ",".join(VOC_CLASSES), "--preset", preset)
+        toml = Workspace.open(ws).toml
+        assert toml["train-cls"]["split"] == toml["train-seg"]["split"] == "train_aug"
+        assert (toml["train-cls"].get("backbone") == "resnet18") == (preset == "synthetic")

@@ -22,3 +22,10 @@ def test_only_the_last_line_when_the_pass_is_quick(tmp_path):
     seen, lines = _track(tmp_path, min_interval=3600.0)
     assert seen == list(range(20))
     assert [line.split(" (")[0] for line in lines] == ["pass: 20/20"]
+
+
+def test_the_last_line_gives_the_real_count_when_the_total_was_an_estimate(tmp_path):
+    log = StageLog(tmp_path / "stage.log", quiet=False)
+    assert len(list(log.track(iter(range(15)), total=10, description="pass", min_interval=0.0))) == 15
+    lines = [line.split(" ", 2)[2].split(" (")[0] for line in (tmp_path / "stage.log").read_text().splitlines()]
+    assert lines == [f"pass: {k}/10" for k in range(1, 10)] + ["pass: 15/15"]

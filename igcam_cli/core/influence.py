@@ -869,8 +869,8 @@ def suggest_labels(labels: Tensor, probs: Tensor, score: Tensor, threshold: floa
     only when the classifier all but rules it out (``p < drop_below``; 0: never), which is
     rarer: the classifier was trained to score its labels high. Atypical images whose labels the
     classifier does not contradict (hard but correctly labelled ones) keep their labels, and so
-    does every image below the threshold. A suggestion is never empty: an image it would leave
-    without labels keeps its labelled class that scores highest.
+    does every image below the threshold. A suggestion never empties a label set: an image it would
+    leave without labels keeps its labelled class that scores highest.
     """
     labels = labels > 0.5
     suspect = (score > threshold).reshape(-1, 1)

@@ -36,7 +36,8 @@ class StageLog:
     def track(self, items: Iterable[T], total: int, description: str, unit: str = "img",
               min_interval: float = LOG_INTERVAL_S) -> Iterator[T]:
         """Iterate with a rich bar on a TTY; otherwise (a cluster's log file) a line at each ~10 % of
-        the way that comes at least `min_interval` seconds after the last one, and one at the end."""
+        the way that comes at least `min_interval` seconds after the last one, and one at the end.
+        `total` may be an estimate (batches of same-size images): the last line gives the real count."""
         if self.quiet or total == 0:
             yield from items
             return
@@ -47,15 +48,21 @@ class StageLog:
                     yield item
                     bar.advance(task)
             return
-        start, step, done = time.time(), max(1, total // 10), 0
+        start, step, done, shown = time.time(), max(1, total // 10), 0, 0
         last = start
+
+        def line(now: float) -> str:
+            return f"{description}: {done}/{max(total, done)} ({done / max(now - start, 1e-9):.1f} {unit}/s)"
+
         for item in items:
             yield item
             done += 1
             now = time.time()
-            if done == total or (done % step == 0 and now - last >= min_interval):
-                last = now
-                self(f"{description}: {done}/{total} ({done / max(now - start, 1e-9):.1f} {unit}/s)")
+            if done % step == 0 and now - last >= min_interval and done < total:
+                last, shown = now, done
+                self(line(now))
+        if done > shown:
+            self(line(time.time()))
 
 
 @contextmanager

@@ -330,7 +330,8 @@ def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceC
     if not 0.5 <= cfg.relabel_confidence < 1:
         raise UsageError(f"relabel_confidence must be in [0.5, 1), got {cfg.relabel_confidence}")
     if not 0 <= cfg.relabel_drop_below < 1 - cfg.relabel_confidence + 1e-9:
-        raise UsageError(f"relabel_drop_below must be in [0, 1 - relabel_confidence], got {cfg.relabel_drop_below}")
+        raise UsageError(f"relabel_drop_below must be in [0, {1 - cfg.relabel_confidence:g}] (1 - relabel_confidence), "
+                         f"got {cfg.relabel_drop_below}")
     for split in (cfg.split, cfg.query_split):
         if split is not None and split not in dataset.splits():
             raise BadData(f"dataset has no split '{split}' (splits: {', '.join(dataset.splits())})")

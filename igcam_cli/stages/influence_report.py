@@ -167,7 +167,7 @@ def _print(result: dict) -> None:
     if known:
         caption = (f"AUROC {result['auroc']:.3f} against {result['n_mislabelled']} known mislabelled images "
                    f"(loss: {result['auroc_loss']:.3f})")
-    table = Table(title=f"possibly mislabelled images of '{result['split']}'", caption=caption)
+    table = Table(title=escape(f"possibly mislabelled images of '{result['split']}'"), caption=caption)
     for column in ("rank", "id", "labels", "suggested", "atypicality", "self-influence", "weight") \
             + (("mislabelled",) if known else ()):
         table.add_column(column, justify="right" if column not in ("id", "labels", "suggested") else "left")

@@ -57,11 +57,10 @@ def _check_labels(dataset) -> None:
 
 
 def _stage_defaults(preset: str, dataset) -> dict[str, dict[str, Any]]:
-    if preset == "synthetic":
-        return {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
-    splits = dataset.splits()
     defaults: dict[str, dict[str, Any]] = {}
-    if "train_aug" in splits:  # the usual VOC recipe: classifier and segmenter on train_aug (10,582 images)
-        defaults["train-cls"] = {"split": "train_aug"}
-        defaults["train-seg"] = {"split": "train_aug"}  # `igcam run` makes its pseudo-labels there too
+    if preset == "synthetic":
+        defaults = {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
+    if "train_aug" in dataset.splits():  # the usual VOC recipe: classifier and segmenter on train_aug (10,582 images)
+        defaults.setdefault("train-cls", {})["split"] = "train_aug"
+        defaults.setdefault("train-seg", {})["split"] = "train_aug"  # `igcam run` makes its pseudo-labels there too
     return defaults
