@@ -33,7 +33,7 @@ class RunOptions:
 
 @dataclass
 class TrainClsConfig:
-    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "val_split")  # val_split: only the logged val mAP
 
     backbone: str = "resnet50"
     pretrained: str = "imagenet"  # imagenet | none | PATH to a state dict
@@ -157,7 +157,7 @@ class CrfConfig:
 
 @dataclass
 class TrainSegConfig:
-    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "val_split")  # val_split: only the logged val mIoU
 
     arch: str = "deeplabv3_resnet101"  # deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_resnet18 | deeplabv3plus_resnet18 (small, CPU)
     pretrained: str = "imagenet"  # imagenet | none | cls (this workspace's classifier backbone) | PATH (ResNet,

@@ -90,6 +90,11 @@ def test_workers_do_not_make_a_stage_stale(ran_ws):
     assert set(steps(ran_ws).values()) == {"skipped"}
 
 
+def test_a_validation_split_for_the_logs_does_not_retrain(ran_ws):
+    Workspace.open(ran_ws).set_stage_options("train-cls", {"val_split": "train"})
+    assert set(steps(ran_ws).values()) == {"skipped"}
+
+
 def test_until_and_from(ran_ws):
     cams_runs = runs_of(ran_ws, "make-cams")
     actions = steps(ran_ws, ("start", "refine"), ("until", "crf"))

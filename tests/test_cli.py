@@ -190,6 +190,16 @@ def test_resume_with_changed_epochs_is_refused(trained_ws):
     assert [r["stage"] for r in runs] == ["train-cls"]  # no record for the refused run
 
 
+def test_resume_checks_every_setting_of_the_results(trained_ws):
+    from igcam_cli.workspace import Workspace
+
+    Workspace.open(trained_ws).set_stage_options("train-cls", {"momentum": 0.5})
+    before = snapshot(trained_ws)
+    result = igcam("train-cls", "-w", trained_ws, *TRAIN, "--resume")
+    assert_error(result, 2, "was trained with different momentum", "rerun without --resume")
+    assert_intact(before, trained_ws)
+
+
 def test_unknown_evaluate_artifact(chain_ws):
     assert_error(igcam("evaluate", "-w", chain_ws, "--artifact", "masks"), 2, "unknown artifact 'masks'")
 

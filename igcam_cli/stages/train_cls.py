@@ -8,7 +8,7 @@ run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,13 +235,13 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
     return model
 
 
-_RESUME_KEYS = ("backbone", "pretrained", "split", "epochs", "batch_size", "crop", "lr", "head_lr_mult", "freeze_bn",
-                "sample_weights", "relabel", "finetune_lr_mult", "finetune_epochs")
 _FINETUNE_KEYS = ("relabel", "finetune_lr_mult", "finetune_epochs")  # no effect in round 1
 
 
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
-    keys = _RESUME_KEYS if cfg.round > 1 else [k for k in _RESUME_KEYS if k not in _FINETUNE_KEYS]
+    # Every setting of the results must match (`round` picks the checkpoint itself).
+    keys = [f.name for f in fields(cfg) if f.name not in (*cfg.NOT_IN_RESULTS, "round")
+            and (cfg.round > 1 or f.name not in _FINETUNE_KEYS)]
     ckpt = training.restore(path, cfg, keys, model, optimizer)
     return ckpt["epoch"], ckpt["step"]
 

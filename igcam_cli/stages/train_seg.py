@@ -13,7 +13,7 @@ checkpoint, predictions and every evaluation of them say `upper_bound: true`.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -253,12 +253,11 @@ def _initial_model(cfg: TrainSegConfig, num_classes: int, pretrained: str,
     return model, f"weights from {path}"
 
 
-_RESUME_KEYS = ("arch", "pretrained", "labels", "split", "epochs", "batch_size", "crop", "scale_min", "scale_max",
-                "lr", "head_lr_mult", "momentum", "weight_decay")
 
 
 def _restore(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer) -> tuple[int, int]:
-    ckpt = training.restore(path, cfg, _RESUME_KEYS, model, optimizer)
+    keys = [f.name for f in fields(cfg) if f.name not in cfg.NOT_IN_RESULTS]  # every setting of the results
+    ckpt = training.restore(path, cfg, keys, model, optimizer)
     if ckpt.get("inputs", {}) != inputs:
         raise UsageError(f"--resume: the pseudo-labels or the backbone they start from changed since {path} was "
                          "written (crf or train-cls ran again); rerun without --resume to start over")
