@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from igcam_cli.errors import BadData, UsageError
+from igcam_cli.runtime import distributed as ddp
 
 POLY_POWER = 0.9
 
@@ -37,6 +39,16 @@ def train_loader(data: TorchDataset, indices: list[int], batch_size: int, worker
     return DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size, shuffle=False,
                       num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers else None)
+
+
+def epoch_batches(data: TorchDataset, epoch: int, epochs: int, seed: int, batch_size: int, workers: int,
+                  device: torch.device, log) -> Iterable:
+    """One epoch's training batches: this rank's share of a permutation seeded by (seed, epoch), so a
+    resumed run sees the same order; `data.epoch` seeds its augmentation. Tracked in the stage log."""
+    data.epoch = epoch
+    order = np.random.default_rng([seed, epoch]).permutation(len(data)).tolist()
+    loader = train_loader(data, ddp.shard_indices(order), batch_size, workers, device)
+    return log.track(loader, len(loader), f"epoch {epoch + 1}/{epochs}", unit="batch")
 
 
 def atomic_save(obj, path: Path) -> None:

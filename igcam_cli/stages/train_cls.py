@@ -126,11 +126,9 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     try:
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, schedule.epochs):
-                train_data.epoch = epoch
-                order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
-                loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
+                batches = training.epoch_batches(train_data, epoch, schedule.epochs, opts.seed, cfg.batch_size,
+                                                 cfg.workers, device, log)
                 net.train()
-                batches = log.track(loader, len(loader), f"epoch {epoch + 1}/{schedule.epochs}", unit="batch")
                 loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
                 metrics = {"epoch": epoch + 1, "train_loss": loss}
                 if val_ids and ddp.is_main():

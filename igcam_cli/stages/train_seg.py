@@ -143,12 +143,10 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     try:
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, cfg.epochs):
-                train_data.epoch = epoch
                 torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
-                order = np.random.default_rng([opts.seed, epoch]).permutation(len(ids)).tolist()
-                loader = training.train_loader(train_data, ddp.shard_indices(order), cfg.batch_size, cfg.workers, device)
+                batches = training.epoch_batches(train_data, epoch, cfg.epochs, opts.seed, cfg.batch_size,
+                                                 cfg.workers, device, log)
                 net.train()
-                batches = log.track(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
                 loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
                 metrics = {"epoch": epoch + 1, "train_loss": loss}
                 if val_ids and ddp.is_main():
