@@ -182,6 +182,19 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     assert b["train_00000"].self_influence < a["train_00000"].self_influence  # more damping, smaller H^-1
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"relabel_confidence": 0.4}, "relabel_confidence must be in [0.5, 1), got 0.4"),
+    ({"relabel_drop_below": 0.6}, "relabel_drop_below must be in [0, 0.5] (1 - relabel_confidence), got 0.6"),
+    ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below must be in [0, 0.2]"),
+])
+def test_bad_suggestion_settings_are_refused_before_any_work(trained, settings, message):
+    ws = Workspace.open(trained)
+    with pytest.raises(UsageError) as raised:
+        compute_influence.run(_influence_cfg(ws, **settings), ws, OPTS)
+    assert message in str(raised.value)
+    assert not ws.influence_dir("train").exists()
+
+
 def test_refuses_files_of_another_run_and_wait_gives_up(influenced, trained, tmp_path):
     ws = _copy(influenced, tmp_path / "stats")
     own = ws.influence_dir("train") / "stats-factors-r0-of-1.pt"

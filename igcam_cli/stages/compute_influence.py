@@ -135,7 +135,7 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     with record:
         result = _passes(ctx, ids, query_ids, store, model_sha, wait, wait_timeout_s)
         coverage = len(store.ids() & set(ids))
-        if coverage == len(ids) and (result["phase"] == "done"):
+        if coverage == len(ids) and result["phase"] == "done":
             _write_scores(ctx, store, ids)
         record.finish(outputs=[str(directory)], metrics={"images": coverage, "split_images": len(ids),
                                                          "phase": result["phase"]})
