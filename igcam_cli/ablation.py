@@ -29,12 +29,14 @@ VARIANTS: dict[str, dict | None] = {
 }
 
 
-def run(ws: Workspace, split: str, opts: RunOptions, workers: int | None = None) -> list[dict]:
+def run(ws: Workspace, split: str, opts: RunOptions, workers: int | None = None,
+        variants: tuple[str, ...] = tuple(VARIANTS)) -> list[dict]:
     dataset_ids = ws.dataset().ids(split)
     ws.complete_maps("cams", split, dataset_ids)  # "run make-cams first" before any work
     quiet = RunOptions(device=opts.device, seed=opts.seed, quiet=True)
     rows = []
-    for name, settings in VARIANTS.items():
+    for name in variants:
+        settings = VARIANTS[name]
         sub = _sub_workspace(ws, name)
         source = "cams" if settings is None else "refined"
         if settings is not None:
@@ -43,7 +45,8 @@ def run(ws: Workspace, split: str, opts: RunOptions, workers: int | None = None)
         maps = evaluate.run(_config(ws, "evaluate", artifact=source, split=split), sub, quiet)
         labels = evaluate.run(_config(ws, "evaluate", artifact="crf", split=split), sub, quiet)
         rows.append({"variant": name, "refine": settings, "maps": _summary(maps), "crf": _summary(labels)})
-    _write(ws, split, rows)
+    if len(rows) == len(VARIANTS):
+        _write(ws, split, rows)
     print_table(rows, split)
     return rows
 

@@ -48,6 +48,12 @@ class NoiseKind(str, Enum):
     drop = "drop"
 
 
+SynthStyle = Enum("SynthStyle", {name: name for name in ("heads", "textured", "shapes", "lookalike", "scales", "clutter")},
+                  type=str)
+StyleOpt = Annotated[SynthStyle, typer.Option(help="Synthetic look: heads (the demo's), or a harder one: textured, "
+                                                   "shapes, lookalike, scales, clutter (docs in data/styles.py)")]
+
+
 class Preset(str, Enum):
     auto = "auto"
     synthetic = "synthetic"
@@ -114,6 +120,7 @@ def init(
     n_train: Annotated[int, typer.Option(min=1, help="Synthetic: training images")] = 320,
     n_val: Annotated[int, typer.Option(min=1, help="Synthetic: validation images")] = 80,
     image_size: Annotated[int, typer.Option(min=32, help="Synthetic: image side in pixels")] = 128,
+    style: StyleOpt = SynthStyle.heads,
     preset: Annotated[Preset, typer.Option(help="Stage settings: synthetic (small images, ResNet-18 from scratch, "
                                              "CPU-sized), standard (ImageNet ResNet-50, the IRN recipe), or auto: "
                                              "synthetic for the synthetic dataset and folders written by `igcam synth`")] = Preset.auto,
@@ -124,7 +131,8 @@ def init(
 
     path = workspace if workspace is not None else default_workspace()
     chosen = init_stage.choose_preset(dataset.value, root, preset.value)
-    ws = init_stage.run(path, dataset.value, root, classes, dict(n_train=n_train, n_val=n_val, size=image_size), force,
+    synthetic = dict(n_train=n_train, n_val=n_val, size=image_size) | ({"style": style.value} if style.value != "heads" else {})
+    ws = init_stage.run(path, dataset.value, root, classes, synthetic, force,
                         preset=chosen)
     typer.echo(f"workspace {ws.root} ready: {ws.dataset().name} dataset, {ws.dataset().num_classes} classes, "
                f"splits {', '.join(ws.dataset().splits())}; {chosen} settings in {ws.toml_path}")
@@ -139,15 +147,16 @@ def synth(
     image_size: Annotated[int, typer.Option(min=32)] = 128,
     label_noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Corrupt this fraction of the train labels (listed in corrupted.csv)")] = 0.0,
     noise_kind: Annotated[NoiseKind, typer.Option(help="swap a class for a wrong one, add a wrong one, or drop one of two or more")] = NoiseKind.swap,
+    style: StyleOpt = SynthStyle.heads,
     seed: SeedOpt = 0,
 ):
     """Write the synthetic dataset to disk in the `folder` layout (images/, masks/, labels.csv, splits/)."""
     from igcam_cli.data.synthetic import SYNTH_MARKER, SyntheticDataset, write_folder
 
-    dataset = SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed)
+    dataset = SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed, style=style.value)
     write_folder(dataset, out)
     (out / SYNTH_MARKER).write_text(json.dumps({"written_by": f"igcam {__version__} synth", "n_train": n_train,
-                                                "n_val": n_val, "image_size": image_size, "seed": seed,
+                                                "n_val": n_val, "image_size": image_size, "style": style.value, "seed": seed,
                                                 "label_noise": label_noise, "noise_kind": noise_kind.value},
                                                indent=1) + "\n")
     typer.echo(f"wrote {n_train + n_val} images to {out}")

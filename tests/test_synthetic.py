@@ -187,3 +187,92 @@ def test_write_folder_round_trips(tmp_path: Path):
             assert im.mode == "P"
             assert im.getpalette()[3:6] == [128, 0, 0]  # VOC colour of class 1
             assert np.array_equal(np.asarray(im), s.mask)
+
+
+# --------------------------------------------------------------------------- the harder styles
+
+from igcam_cli.data import styles  # noqa: E402
+from igcam_cli.data.synthetic import _layout_mask  # noqa: E402
+
+HARD_STYLES = [s for s in styles.STYLES if s != "heads"]
+
+
+@pytest.mark.parametrize("style", HARD_STYLES)
+def test_styles_are_deterministic_with_exact_masks(style):
+    a, b = SyntheticDataset(style=style, seed=2), SyntheticDataset(style=style, seed=2)
+    for image_id in a.ids("train")[:6] + a.ids("val")[:2]:
+        first, again = a.load(image_id), b.load(image_id)
+        assert np.array_equal(first.image, again.image) and np.array_equal(first.mask, again.mask)
+        assert first.image.shape == (128, 128, 3) and first.image.dtype == np.uint8
+        assert first.mask.dtype == np.uint8 and set(np.unique(first.mask)) <= set(range(6))
+        # the mask needs the layout stream alone (labels() never paints), and the labels are the mask's classes
+        split_index, index = a._parse(image_id)
+        assert np.array_equal(_layout_mask(2, split_index, index, 128, 5, 3, style), first.mask)
+        assert np.array_equal(b.labels(image_id), first.labels)
+        assert np.array_equal(first.labels, np.setdiff1d(np.unique(first.mask), [0]))
+        assert len(first.labels) >= 1
+
+
+@pytest.mark.parametrize("style", HARD_STYLES)
+def test_each_style_has_its_own_scenes(style):
+    heads = SyntheticDataset(seed=0).load("train_00003")
+    other = SyntheticDataset(seed=0, style=style).load("train_00003")
+    assert not np.array_equal(heads.mask, other.mask)
+
+
+def test_heads_style_is_the_demo_generator_unchanged():
+    import hashlib
+
+    image = SyntheticDataset(seed=0).load("train_00004").image  # fixed before the styles existed
+    assert hashlib.md5(image.tobytes()).hexdigest() == "4cf7dd3bdcd5407d97f013b2fbc570b0"
+
+
+def test_shapes_style_paints_each_class_in_its_own_outline():
+    """A class's objects fill the same fraction of their rotated bounding box (its shape), whatever the object."""
+    from dataclasses import replace
+
+    lay_rng = np.random.default_rng(0)
+    spec = replace(styles.STYLE_SPECS["shapes"], max_objects=1)
+    fill: dict[int, list[float]] = {}
+    for _ in range(100):
+        lay = styles.layout(spec, lay_rng, 128, 5, 1)
+        if len(lay.classes) != 1:
+            continue
+        px = lay.owner == 0
+        ys, xs = np.nonzero(px)
+        if ys.min() == 0 or xs.min() == 0 or ys.max() == 127 or xs.max() == 127:
+            continue  # cut by the image border
+        fill.setdefault(lay.classes[0], []).append(px.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+    means = {c: np.mean(v) for c, v in fill.items() if len(v) >= 3}
+    assert len(means) >= 3 and np.ptp(list(means.values())) > 0.1  # the classes' outlines differ
+
+
+def test_clutter_occluders_hide_objects_and_leave_each_half_visible():
+    spec = styles.STYLE_SPECS["clutter"]
+    rng = np.random.default_rng(1)
+    seen = 0
+    for _ in range(30):
+        lay = styles.layout(spec, rng, 128, 5, 3)
+        for o in lay.occluders:
+            bar = styles._bar(o, 128)
+            assert (lay.owner[bar] == -1).all() and not lay.head[bar].any()
+            seen += 1
+    assert seen > 10
+
+
+def test_lookalike_classes_come_in_twins():
+    twins = styles._LOOKALIKE_HEADS
+    for k in range(0, len(twins), 2):
+        assert twins[k].color == twins[k + 1].color and twins[k].accent == twins[k + 1].accent
+        assert twins[k] != twins[k + 1]
+
+
+def test_unknown_style_is_a_usage_error():
+    with pytest.raises(UsageError, match="style"):
+        SyntheticDataset(style="nosuch")
+
+
+def test_textures_come_from_the_installed_scikit_image():
+    patch = styles.texture_patch(np.random.default_rng(0), 64, vivid=True)
+    assert patch.shape == (64, 64, 3) and patch.dtype == np.float32
+    assert patch.std() > 5  # a real texture, not a flat colour

@@ -420,9 +420,13 @@ def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- generation
 
 
-def _streams(seed: int, split_index: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """Layout and paint generators of one image, from `default_rng([seed, split_index, index])`."""
-    layout_rng, paint_rng = np.random.default_rng([seed, split_index, index]).spawn(2)
+def _streams(seed: int, split_index: int, index: int, style: str = "heads") -> tuple[np.random.Generator, np.random.Generator]:
+    """Layout and paint generators of one image, from `default_rng([seed, split_index, index])`
+    (other styles than heads append their index, so that each style has its own scenes)."""
+    from igcam_cli.data.styles import STYLES
+
+    key = [seed, split_index, index] + ([STYLES.index(style)] if style != "heads" else [])
+    layout_rng, paint_rng = np.random.default_rng(key).spawn(2)
     return layout_rng, paint_rng
 
 
@@ -432,9 +436,12 @@ def _make_layout(seed: int, split_index: int, index: int, size: int, num_classes
 
 
 def _render(
-    seed: int, split_index: int, index: int, size: int = 128, num_classes: int = 5, max_objects: int = 3
+    seed: int, split_index: int, index: int, size: int = 128, num_classes: int = 5, max_objects: int = 3,
+    style: str = "heads",
 ) -> _Scene:
     """Generate one image with its GT mask and its per-object / head bookkeeping."""
+    if style != "heads":
+        return _render_styled(seed, split_index, index, size, num_classes, max_objects, style)
     layout_rng, paint_rng = _streams(seed, split_index, index)
     layout = _layout(layout_rng, size, num_classes, max_objects)
     img = _paint_background(paint_rng, size)
@@ -451,6 +458,30 @@ def _render(
     )
 
 
+def _render_styled(seed: int, split_index: int, index: int, size: int, num_classes: int, max_objects: int,
+                   style: str) -> _Scene:
+    from igcam_cli.data import styles
+
+    spec = styles.STYLE_SPECS[style]
+    layout_rng, paint_rng = _streams(seed, split_index, index, style)
+    lay = styles.layout(spec, layout_rng, size, num_classes, max_objects)
+    mask = styles.class_mask(lay)
+    img = styles.paint(spec, paint_rng, lay, size)
+    return _Scene(image=_finish(paint_rng, img), mask=mask, owner=lay.owner, head=lay.head, classes=lay.classes,
+                  labels=_labels_of(mask))
+
+
+def _layout_mask(seed: int, split_index: int, index: int, size: int, num_classes: int, max_objects: int,
+                 style: str) -> np.ndarray:
+    """The GT mask from the layout stream alone (no painting)."""
+    if style == "heads":
+        return _class_mask(_make_layout(seed, split_index, index, size, num_classes, max_objects))
+    from igcam_cli.data import styles
+
+    layout_rng, _ = _streams(seed, split_index, index, style)
+    return styles.class_mask(styles.layout(styles.STYLE_SPECS[style], layout_rng, size, num_classes, max_objects))
+
+
 def _labels_of(mask: np.ndarray) -> np.ndarray:
     values = np.unique(mask)
     return values[(values > 0) & (values != 255)].astype(np.int64)
@@ -460,7 +491,8 @@ def _labels_of(mask: np.ndarray) -> np.ndarray:
 
 
 class SyntheticDataset(Dataset):
-    """Heads-and-bodies toy dataset (see the module docstring), splits `train` and `val`."""
+    """Heads-and-bodies toy dataset (see the module docstring), splits `train` and `val`; `style`
+    picks the demo's look (`heads`) or one of the harder ones in data/styles.py."""
 
     name = "synthetic"
 
@@ -472,7 +504,12 @@ class SyntheticDataset(Dataset):
         seed: int = 0,
         num_classes: int = 5,
         max_objects: int = 3,
+        style: str = "heads",
     ):
+        from igcam_cli.data.styles import STYLES
+
+        if style not in STYLES:
+            raise UsageError(f"synthetic dataset: unknown style '{style}' (choose from {', '.join(STYLES)})")
         if not 1 <= num_classes <= len(CLASS_NAMES):
             raise UsageError(f"synthetic dataset: num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
         if size < 32:
@@ -485,6 +522,7 @@ class SyntheticDataset(Dataset):
         self.size = int(size)
         self.seed = int(seed)
         self.max_objects = int(max_objects)
+        self.style = style
         self.classes = list(CLASS_NAMES[:num_classes])
         self._labels: dict[str, np.ndarray] = {}
 
@@ -505,13 +543,13 @@ class SyntheticDataset(Dataset):
     def labels(self, image_id: str) -> np.ndarray:
         if image_id not in self._labels:
             split_index, index = self._parse(image_id)
-            layout = _make_layout(self.seed, split_index, index, self.size, self.num_classes, self.max_objects)
-            self._labels[image_id] = _labels_of(_class_mask(layout))
+            self._labels[image_id] = _labels_of(_layout_mask(self.seed, split_index, index, self.size,
+                                                             self.num_classes, self.max_objects, self.style))
         return self._labels[image_id].copy()
 
     def load(self, image_id: str, with_mask: bool = True) -> Sample:
         split_index, index = self._parse(image_id)
-        scene = _render(self.seed, split_index, index, self.size, self.num_classes, self.max_objects)
+        scene = _render(self.seed, split_index, index, self.size, self.num_classes, self.max_objects, self.style)
         self._labels.setdefault(image_id, scene.labels)
         return Sample(image_id, scene.image, scene.labels.copy(), scene.mask if with_mask else None)
 
