@@ -258,7 +258,8 @@ def compute_influence(
     scores.csv also suggests labels for atypical images whose classifier confidently sees a class
     they are not labelled with (`relabel_threshold`, `relabel_confidence`, `relabel_drop_below` and the sample-weight
     `w_*` settings are in \\[compute-influence] of igcam.toml). Influence is always measured against
-    the labels as given.
+    the labels as given. A classifier that has not learned its labels (learned fraction below
+    `learned_high`, 0.7) suggests none, and its weights are pulled towards 1 (all 1 at `learned_low`, 0.3).
 
     Sharded: each `--shard i/n` writes its curvature sums; once all n are there, every shard fits the
     same preconditioner from their total and scores its images. Without --wait a shard stops after

@@ -80,7 +80,8 @@ class ComputeInfluenceConfig:
     # sample weights and label suggestions only shape scores.csv, which every complete run rewrites; the
     # classifier is compared by its checksum, so `round` (None: the latest) may name it either way
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size", "round", "w_min", "w_max", "w_threshold", "w_temperature",
-                                                 "relabel_threshold", "relabel_confidence", "relabel_drop_below")
+                                                 "relabel_threshold", "relabel_confidence", "relabel_drop_below",
+                                                 "learned_low", "learned_high")
 
     split: str = "train"
     query_split: str | None = None  # None: 'val' when the dataset has it (and it is not `split`), else `split`
@@ -99,6 +100,10 @@ class ComputeInfluenceConfig:
     relabel_threshold: float = 1.0  # label suggestions (core/influence.py suggest_labels): atypicality above this
     relabel_confidence: float = 0.5  # ... and the classifier sees an unlabelled class with p above this
     relabel_drop_below: float = 0.0  # ... or scores a labelled class below this (0: never drop without an addition)
+    # The guard (stages/compute_influence.py _fit): g = median over images of 1 - loss / class-prior loss;
+    # weights are all 1 at g <= learned_low, at full strength from learned_high, where suggestions start
+    learned_low: float = 0.3
+    learned_high: float = 0.7
     batch_size: int = 8
     workers: int = 2
 

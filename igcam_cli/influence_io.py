@@ -9,6 +9,8 @@
                                    grid), classes, attrs self_influence, loss, per_class (C), labels
     scores.csv                     every image of the split: self-influence, atypicality, loss,
                                    weight, suggested labels (written when the last shard finishes)
+    fit.json                       how well the classifier fits the split's labels and what the guard did
+                                   (stages/compute_influence.py; written with scores.csv)
 
 train-cls --sample-weights influence writes cls/round<k>/relabelled.csv (id, labels, trained_labels):
 the images it trained on suggested labels instead of their own; make-cams --label-source auto reads it.
@@ -20,6 +22,7 @@ count); a file with another key is never used.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,8 @@ SCORES_NAME = "scores.csv"
 SCORE_COLUMNS = ("id", "labels", "loss", "self_influence", "atypicality", "weight", "suggested")
 RELABELLED_NAME = "relabelled.csv"
 EIGEN_NAME = "eigen.pt"
+FIT_NAME = "fit.json"
+FIT_NUMBERS = ("learned_fraction", "prior_loss", "mean_loss", "trust", "learned_low", "learned_high", "suggestions_withheld")
 
 
 def stats_path(directory: Path, phase: str, rank: int, count: int) -> Path:
@@ -202,3 +207,41 @@ def read_relabelled(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     """id -> the class indices a classifier round trained on, from its relabelled.csv."""
     return {r["id"]: class_list(r["trained_labels"], num_classes, f"{path}, line {line}")
             for line, r in _rows(path, ("id", "trained_labels"))}
+
+
+def write_fit(directory: Path, fit: dict) -> Path:
+    path = Path(directory) / FIT_NAME
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(fit, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_fit(directory: Path) -> dict | None:
+    """compute-influence's fit.json, or None when scores.csv was written before it existed."""
+    path = Path(directory) / FIT_NAME
+    if not path.is_file():
+        return None
+    try:
+        fit = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadData(f"cannot read {path}: {exc}; rerun compute-influence") from None
+    if (not isinstance(fit, dict) or not all(isinstance(fit.get(k), (int, float)) for k in FIT_NUMBERS)
+            or not isinstance(fit.get("suggestions_suppressed"), bool)):
+        raise BadData(f"{path}: not the file compute-influence wrote (needs {', '.join(FIT_NUMBERS)}); "
+                      "rerun compute-influence")
+    return fit
+
+
+def describe_fit(fit: dict, split: str) -> str:
+    """One line: how well the classifier fits the split's labels and what compute-influence did about it."""
+    ok = not fit["suggestions_suppressed"]
+    line = (f"classifier fit on '{split}': learned fraction {fit['learned_fraction']:.2f} {'>=' if ok else '<'} "
+            f"{fit['learned_high']:g} (median over images of 1 - loss / class-prior loss; mean loss "
+            f"{fit['mean_loss']:.3f}, class-prior loss {fit['prior_loss']:.3f} from the labels alone)")
+    if ok:
+        return line + ": weights and label suggestions as computed"
+    weights = ("sample weights all 1" if fit["trust"] <= 0 else
+               f"sample weights pulled towards 1 (trust {fit['trust']:.2f})")
+    return (line + f": the classifier has not learned enough for influence to find mislabelled images; {weights}, "
+            f"no label suggestions ({fit['suggestions_withheld']} withheld)")

@@ -4,6 +4,8 @@ progressive training (round 2 with influence weights), the mislabel report and l
 from __future__ import annotations
 
 import csv
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from igcam_cli.config import (ComputeInfluenceConfig, CrfConfig, EvaluateConfig,
                               RefineConfig, RunOptions, TrainClsConfig, build)
 from igcam_cli.core import influence as inf
 from igcam_cli.core.fusion import fuse, influence_heat
-from igcam_cli.core.metrics import auroc
+from igcam_cli.core.metrics import auroc, class_prior_loss, learned_fractions
 from igcam_cli.data.noise import corrupt_labels
 from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
@@ -42,8 +44,15 @@ def _train_cfg(ws: Workspace, **overrides) -> TrainClsConfig:
     return build(TrainClsConfig, ws.stage_table("train-cls"), values)
 
 
+# The 1-epoch classifier of these workspaces has not learned (its loss is above the class-prior
+# loss), so the guard would flatten every weight and withhold every suggestion: off, except in the
+# guard's own tests.
+GUARD_OFF = {"learned_low": -math.inf, "learned_high": -math.inf}
+DEFAULT_GUARD = {"learned_low": ComputeInfluenceConfig.learned_low, "learned_high": ComputeInfluenceConfig.learned_high}
+
+
 def _influence_cfg(ws: Workspace, **overrides) -> ComputeInfluenceConfig:
-    values = {"scope": "head", "batch_size": 3, "workers": 0, "w_threshold": 0.0}  # 8 images: weigh above the median
+    values = {"scope": "head", "batch_size": 3, "workers": 0, "w_threshold": 0.0, **GUARD_OFF}  # 8 images: weigh above the median
     values.update(overrides)
     return build(ComputeInfluenceConfig, ws.stage_table("compute-influence"), values)
 
@@ -407,6 +416,88 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     assert result["stale"] and "STALE" in evaluate.describe(result)  # made by the round-2 run before this one
     make_cams.run(_cams_cfg(ws), ws, OPTS, force=True)
     assert MapStore(ws.path("cams") / "train").read(target).classes.tolist() == sorted(own)
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard: no suggestions and flat weights from a classifier that has not learned
+# ---------------------------------------------------------------------------------------------
+
+def _scores_and_fit(ws: Workspace, **overrides) -> tuple[dict, dict]:
+    """Rerun compute-influence with other weight / suggestion settings (nothing is recomputed but scores.csv)."""
+    cfg = _influence_cfg(ws, relabel_threshold=-100.0, relabel_drop_below=0.5, **overrides)
+    assert compute_influence.run(cfg, ws, OPTS)["scored"] == 0
+    scores = influence_io.read_scores(ws.influence_dir("train"), ws.dataset().ids("train"), "x", 5)
+    return scores, influence_io.read_fit(ws.influence_dir("train"))
+
+
+def test_guard_withholds_suggestions_and_flattens_weights_unless_the_classifier_has_learned(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    ids = ws.dataset().ids("train")
+    # Every image a suspect (relabel_threshold -100) and every labelled class below 0.5 dropped: suggestions.
+    today, fit = _scores_and_fit(ws)
+    suggested = sum(s.relabelled for s in today.values())
+    assert suggested > 0 and min(s.weight for s in today.values()) < 1
+    labels = np.zeros((len(ids), 5))
+    for k, i in enumerate(ids):
+        labels[k, ws.dataset().labels(i) - 1] = 1
+    losses = np.array([today[i].loss for i in ids])
+    assert fit["prior_loss"] == pytest.approx(class_prior_loss(labels), rel=1e-12)
+    assert fit["mean_loss"] == pytest.approx(losses.mean(), rel=1e-12)
+    g = fit["learned_fraction"]
+    assert g == pytest.approx(np.median(learned_fractions(losses, labels)), rel=1e-12)
+    assert g < DEFAULT_GUARD["learned_low"]  # 1 epoch: not learned
+    assert (fit["trust"], fit["suggestions_suppressed"], fit["suggestions_withheld"]) == (1.0, False, 0)
+
+    # The defaults: no weights, no suggestions.
+    guarded, fit = _scores_and_fit(ws, **DEFAULT_GUARD)
+    assert not any(s.relabelled for s in guarded.values()) and all(s.weight == 1.0 for s in guarded.values())
+    assert [guarded[i].atypicality for i in ids] == [today[i].atypicality for i in ids]  # the ranking stays
+    assert (fit["trust"], fit["suggestions_suppressed"], fit["suggestions_withheld"]) == (0.0, True, suggested)
+    assert fit["learned_fraction"] == pytest.approx(g)
+    record = ws.latest("compute-influence", "train")
+    assert record["metrics"]["fit"] == fit
+    line = [x for x in ws.log_path("compute-influence").read_text().splitlines() if "classifier fit on 'train'" in x][-1]
+    assert (f"learned fraction {g:.2f} < {DEFAULT_GUARD['learned_high']:g} (median" in line
+            and "): the classifier has not learned enough" in line
+            and f"sample weights all 1, no label suggestions ({suggested} withheld)" in line)
+
+    # Half-way up the ramp: weights half-way to 1, still no suggestions.
+    half, fit = _scores_and_fit(ws, learned_low=g - 1.0, learned_high=g + 1.0)
+    assert fit["trust"] == pytest.approx(0.5) and fit["suggestions_suppressed"]
+    for i in ids:
+        assert half[i].weight == pytest.approx(1 + 0.5 * (today[i].weight - 1), rel=1e-12)
+        assert not half[i].relabelled
+    # A classifier that counts as learned (g at learned_high): as without the guard.
+    learned, fit = _scores_and_fit(ws, learned_low=g - 1.0, learned_high=g)
+    assert (fit["trust"], fit["suggestions_suppressed"]) == (1.0, False)
+    assert {i: (s.weight, s.suggested) for i, s in learned.items()} == {i: (s.weight, s.suggested) for i, s in today.items()}
+
+
+def test_influence_report_says_when_suggestions_were_withheld(influenced, tmp_path):
+    ws = _copy(influenced, tmp_path / "ws")
+    _, fit = _scores_and_fit(ws, **DEFAULT_GUARD)
+    printed = ok("influence-report", "-w", ws.root, "--split", "train", "--top-k", "2").stdout
+    assert "warning: classifier fit on 'train'" in printed and "no label suggestions" in printed
+    result = json.loads((ws.path("eval") / "influence-train.json").read_text())
+    assert result["classifier_fit"] == fit and result["n_suggested"] == 0
+    markdown = (ws.path("eval") / "influence-train.md").read_text()
+    assert "**Warning:** classifier fit on 'train'" in markdown and "read this ranking as noise" in markdown
+    assert ws.latest("influence-report", "train")["metrics"] == {"learned_fraction": fit["learned_fraction"],
+                                                                 "suggestions_suppressed": True}
+    said = ok("influence-report", "-w", ws.root, "--split", "train", "--quiet").stdout
+    assert said == (f"influence / train: 0 images with suggested labels (suggestions suppressed: the classifier "
+                    f"has not learned, learned fraction {fit['learned_fraction']:.2f} < {fit['learned_high']:g})\n")
+    # A learned one: no warning.
+    _scores_and_fit(ws, learned_low=fit["learned_fraction"], learned_high=fit["learned_fraction"])
+    printed = ok("influence-report", "-w", ws.root, "--split", "train", "--top-k", "2").stdout
+    assert "warning" not in printed and "weights and label suggestions as computed" in printed
+    # scores.csv from before the guard: the report says it does not know; a damaged fit.json is one line.
+    fit_path = ws.influence_dir("train") / influence_io.FIT_NAME
+    fit_path.unlink()
+    result = influence_report.run(build(InfluenceReportConfig, None, {"top_k": 2}), ws, OPTS)
+    assert result["classifier_fit"] is None and "classifier fit: not recorded" in influence_report.markdown(result)
+    fit_path.write_text("{not json")
+    assert_error(igcam("influence-report", "-w", ws.root, "--split", "train"), 4, str(fit_path))
 
 
 # ---------------------------------------------------------------------------------------------

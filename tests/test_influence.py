@@ -535,3 +535,17 @@ def test_self_influence_is_the_same_by_either_rotation_route():
     out = inf.score_batch(model, layers, pre, queries, x, y, maps="none")
     expected = pre.self_influence(inf.per_sample_gradients(model, layers, x, y))
     torch.testing.assert_close(out.self_influence, expected, rtol=1e-4, atol=0)
+
+
+def test_fit_trust_ramps_from_low_to_high_and_damped_weights_keep_their_mean():
+    assert [inf.fit_trust(g, 0.2, 0.5) for g in (-3.0, 0.2, 0.35, 0.5, 0.9)] == pytest.approx([0, 0, 0.5, 1, 1])
+    assert (inf.fit_trust(0.3, 0.4, 0.4), inf.fit_trust(0.4, 0.4, 0.4)) == (0.0, 1.0)  # a step
+    with pytest.raises(ValueError):
+        inf.fit_trust(0.3, 0.5, 0.2)
+    w = inf.sample_weights(torch.tensor([-1.0, 0.0, 0.5, 2.0, 4.0]), threshold=0.0).double()
+    assert torch.equal(inf.damp_weights(w, 1.0), w)
+    assert torch.equal(inf.damp_weights(w, 0.0), torch.ones_like(w))
+    half = inf.damp_weights(w, 0.5)
+    assert torch.allclose(half, (w + 1) / 2) and float(half.mean()) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        inf.damp_weights(w, 1.5)

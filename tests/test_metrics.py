@@ -5,9 +5,15 @@ import math
 import numpy as np
 import pytest
 
+import torch
+import torch.nn.functional as F
+
 from igcam_cli.core.metrics import (
     best_threshold,
+    class_prior_loss,
     confusion_matrix,
+    image_prior_losses,
+    learned_fractions,
     scores,
     threshold_confusions,
 )
@@ -148,3 +154,62 @@ def test_threshold_confusions_rejects_mismatches():
         threshold_confusions(gt, np.zeros((2, 4, 4)), np.array([1]), [0.5], 3)
     with pytest.raises(ValueError):
         threshold_confusions(gt, np.zeros((1, 4, 4)), np.array([3]), [0.5], 3)
+
+
+# ---------------------------------------------------------------------------- class-prior loss
+
+LABELS = np.array([[1, 0, 1],
+                   [0, 0, 1],
+                   [1, 1, 1],
+                   [0, 0, 1],
+                   [1, 0, 0]], dtype=np.float64)  # frequencies 3/5, 1/5, 4/5
+
+
+def _constant_predictor_loss(targets: np.ndarray, weights: np.ndarray, p: np.ndarray) -> float:
+    """torch's loss of the predictor that gives every image the logits of p, each image's loss
+    times its weight, averaged over the images (as train-cls weighs a batch)."""
+    y = torch.tensor(targets)
+    logits = torch.logit(torch.tensor(p)).expand_as(y)
+    per_image = F.multilabel_soft_margin_loss(logits, y, reduction="none")
+    return float((per_image * torch.tensor(weights)).mean())
+
+
+@pytest.mark.parametrize("weights", [None, np.array([0.5, 2.0, 1.0, 0.25, 1.25])])
+def test_class_prior_loss_is_the_loss_of_the_best_constant_predictor(weights):
+    w = np.ones(len(LABELS)) if weights is None else weights
+    p = (w[:, None] * LABELS).sum(0) / w.sum()
+    prior = class_prior_loss(LABELS, weights)
+    assert prior == pytest.approx(_constant_predictor_loss(LABELS, w, p), rel=1e-12)
+    if weights is None:  # by hand: mean of the binary entropies of 3/5, 1/5, 4/5 (nats)
+        h = lambda q: -q * math.log(q) - (1 - q) * math.log(1 - q)
+        assert prior == pytest.approx((h(0.6) + h(0.2) + h(0.8)) / 3, rel=1e-12)
+    # the best one: any other constant does worse
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        other = np.clip(p + rng.normal(0, 0.1, p.shape), 0.01, 0.99)
+        assert _constant_predictor_loss(LABELS, w, other) > prior
+
+
+def test_class_prior_loss_of_a_class_every_or_no_image_has_is_zero():
+    labels = np.array([[1, 0, 1], [1, 0, 0]], dtype=np.float64)  # class 1 always, class 2 never
+    assert class_prior_loss(labels) == pytest.approx(math.log(2) / 3, rel=1e-12)
+    assert class_prior_loss(labels[:, :2]) == 0.0
+    with pytest.raises(ValueError):
+        class_prior_loss(np.zeros((0, 3)))
+    with pytest.raises(ValueError):
+        class_prior_loss(labels, np.array([1.0, -1.0]))
+
+
+def test_learned_fractions_per_image():
+    prior = image_prior_losses(LABELS)
+    p = LABELS.mean(0)
+    by_hand = [-np.mean([math.log(p[c]) if LABELS[i, c] else math.log(1 - p[c]) for c in range(3)]) for i in range(5)]
+    np.testing.assert_allclose(prior, by_hand, rtol=1e-12)
+    assert prior.mean() == pytest.approx(class_prior_loss(LABELS), rel=1e-12)
+    np.testing.assert_allclose(learned_fractions(prior, LABELS), 0.0, atol=1e-12)  # the prior predictor itself
+    np.testing.assert_allclose(learned_fractions(np.zeros(5), LABELS), 1.0)  # a perfect fit
+    np.testing.assert_allclose(learned_fractions(prior * [0.25, 1, 2, 0.5, 0], LABELS), [0.75, 0, -1, 0.5, 1])
+    constant = np.array([[1, 0], [1, 0]], dtype=np.float64)  # nothing to learn
+    assert learned_fractions(np.array([0.3, 0.0]), constant).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        learned_fractions(np.zeros(4), LABELS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from igcam_cli.config import RunOptions, TrainClsConfig, build
-from igcam_cli.core.metrics import average_precision, mean_average_precision
+from igcam_cli.core.metrics import average_precision, class_prior_loss, mean_average_precision
 from igcam_cli.data.transforms import eval_view, normalize, resize_long, train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
@@ -137,7 +137,56 @@ def test_loss_decreases_on_synthetic_data(tmp_path):
     assert len(per_epoch) == 4
     assert all(math.isfinite(v) for v in per_epoch)
     assert per_epoch[-1] < per_epoch[0], per_epoch
-    assert ws.latest("train-cls")["metrics"]["train_loss"] == pytest.approx(per_epoch[-1], abs=1e-4)
+    metrics = ws.latest("train-cls")["metrics"]
+    assert metrics["train_loss"] == pytest.approx(per_epoch[-1], abs=1e-4)
+    labels = np.zeros((16, 5))
+    for k, image_id in enumerate(ws.dataset().ids("train")):
+        labels[k, ws.dataset().labels(image_id) - 1] = 1
+    assert metrics["prior_loss"] == pytest.approx(class_prior_loss(labels), rel=1e-9)
+
+
+def test_no_warning_when_the_classifier_learns(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=8, n_val=0)
+    train_cls.run(tiny_config(ws, epochs=6), ws, OPTS, train_cls.TrainOptions())
+    metrics = ws.latest("train-cls")["metrics"]
+    # 2 steps an epoch: only the last epoch is checked (the early check waits for 50 steps)
+    assert metrics["train_loss"] <= 0.75 * metrics["prior_loss"], metrics  # clear of the 0.85 margin
+    assert metrics["learned"] is True and "warning:" not in ws.log_path("train-cls").read_text()
+
+
+def test_warns_when_the_loss_does_not_fall_below_the_class_prior(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    train_cls.run(tiny_config(ws, epochs=1, lr=1e-9), ws, OPTS, train_cls.TrainOptions())
+    metrics = ws.latest("train-cls")["metrics"]
+    assert metrics["learned"] is False and metrics["train_loss"] > train_cls.LEARNED_MARGIN * metrics["prior_loss"]
+    [warning] = [line for line in ws.log_path("train-cls").read_text().splitlines() if "warning:" in line]
+    assert (f"training loss {metrics['train_loss']:.3f} after 1 epochs is not clearly below the class-prior loss "
+            f"{metrics['prior_loss']:.3f}") in warning and "has not learned" in warning
+
+
+def _batchnorm_state(model: CamClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()
+            if k.split(".")[-1] in ("running_mean", "running_var", "weight", "bias") and "bn" in k}
+
+
+def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    torch.manual_seed(0)
+    random_bn = _batchnorm_state(CamClassifier("resnet18", 5))
+    assert random_bn and all(float(v.abs().max()) in (0.0, 1.0) for v in random_bn.values())  # the initialisation
+    model = train_cls.run(tiny_config(ws, epochs=1, pretrained="none", freeze_bn=True), ws, OPTS,
+                          train_cls.TrainOptions())
+    trained = _batchnorm_state(model)
+    moved = [k for k in random_bn if not torch.equal(random_bn[k], trained[k])]
+    assert len(moved) == len(random_bn), sorted(set(random_bn) - set(moved))  # statistics and affine parameters
+    assert "BatchNorm layers are trained" in ws.log_path("train-cls").read_text()
+    # From trained weights (here --init-from) freeze_bn holds BN where it was.
+    path = tmp_path / "start.pt"
+    torch.save({"backbone": "resnet18", "num_classes": 5, "classes": ws.dataset().classes,
+                "model": model.state_dict()}, path)
+    again = train_cls.run(tiny_config(ws, epochs=1, freeze_bn=True), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
+    assert all(torch.equal(trained[k], v) for k, v in _batchnorm_state(again).items())
+    assert not torch.equal(again.head.weight, model.head.weight)
 
 
 # ---------------------------------------------------------------------------- --init-from

@@ -883,3 +883,25 @@ def suggest_labels(labels: Tensor, probs: Tensor, score: Tensor, threshold: floa
         best = probs.masked_fill(~labels, -1.0).argmax(dim=1)
         out[emptied, best[emptied]] = True
     return out
+
+
+def fit_trust(learned: float, low: float, high: float) -> float:
+    """How far to act on influence scores, from the classifier's learned fraction g (e.g. the
+    median of ``core.metrics.learned_fractions``): 0 at or below ``low``, 1 at or above ``high``, linear
+    between (a step at ``low == high``). Atypicality is a statement about a model; a model that
+    explains little of its labels ranks images by noise."""
+    if not low <= high:
+        raise ValueError(f"need low <= high, got {low}, {high}")
+    if learned >= high:
+        return 1.0
+    if learned <= low:
+        return 0.0
+    return (learned - low) / (high - low)
+
+
+def damp_weights(weights: Tensor, trust: float) -> Tensor:
+    """``1 + trust (w - 1)``: the weights pulled towards 1 (trust 0: all 1, trust 1: as they are).
+    Keeps their mean at 1 and their range within [min(w), max(w)] and 1."""
+    if not 0.0 <= trust <= 1.0:
+        raise ValueError(f"trust must be in [0, 1], got {trust}")
+    return 1.0 + trust * (weights - 1.0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import xlogy
 
-__all__ = ["confusion_matrix", "threshold_confusions", "scores", "best_threshold"]
+__all__ = ["confusion_matrix", "threshold_confusions", "scores", "best_threshold", "class_prior_loss",
+           "image_prior_losses", "learned_fractions"]
 
 
 def _check_labels(name: str, values: np.ndarray, num_labels: int) -> None:
@@ -197,3 +199,48 @@ def auroc(scores_: np.ndarray, positives: np.ndarray) -> float:
         ranks[order[start:stop]] = 0.5 * (start + stop - 1) + 1
         start = stop
     return float((ranks[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """H(p) = -p ln p - (1 - p) ln(1 - p) in nats, 0 at p = 0 and p = 1."""
+    p = np.asarray(p, dtype=np.float64)
+    return -(xlogy(p, p) + xlogy(1 - p, 1 - p))
+
+
+def class_prior_loss(targets: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The multi-label soft-margin loss (mean over classes, then over images, each image's loss
+    times its weight) of the best constant predictor, which knows only the labels' frequencies:
+    ``mean(w) * mean_c H(p_c)`` with ``p_c = sum_i w_i y_ic / sum_i w_i`` (the logit of p_c is that
+    predictor). A classifier whose training loss is not clearly below it has learned nothing the
+    label counts do not say. ``targets``: N x C 0/1; ``weights``: N, >= 0 (None: all 1)."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.ndim != 2 or targets.shape[0] == 0:
+        raise ValueError(f"targets must be a non-empty N x C array, got shape {targets.shape}")
+    w = np.ones(targets.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != targets.shape[0] or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"need {targets.shape[0]} weights >= 0 with a positive sum")
+    p = (w[:, None] * targets).sum(axis=0) / w.sum()
+    return float(w.mean() * binary_entropy(p).mean())
+
+
+def image_prior_losses(targets: np.ndarray) -> np.ndarray:
+    """Each image's loss (mean over classes) under the best constant predictor of its split, the
+    one at the labels' frequencies; their mean is ``class_prior_loss(targets)``."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.ndim != 2 or targets.shape[0] == 0:
+        raise ValueError(f"targets must be a non-empty N x C array, got shape {targets.shape}")
+    p = targets.mean(axis=0)
+    return -(xlogy(targets, p) + xlogy(1 - targets, 1 - p)).mean(axis=1)
+
+
+def learned_fractions(losses: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per image, ``1 - loss / prior loss``: the share of what its labels say beyond the label
+    frequencies that the classifier gets (1: a perfect fit, 0: no better than the frequencies,
+    < 0: worse). An image whose prior loss is 0 (every class in every image or in none) gets 0:
+    there was nothing to learn."""
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    prior = image_prior_losses(targets)
+    if losses.shape != prior.shape:
+        raise ValueError(f"{losses.shape[0]} losses for {prior.shape[0]} images")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(prior > 0, 1.0 - losses / np.where(prior > 0, prior, 1.0), 0.0)

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset as TorchDataset
 from igcam_cli import influence_io as io
 from igcam_cli.config import ComputeInfluenceConfig, RunOptions, to_dict
 from igcam_cli.core import influence as inf
+from igcam_cli.core.metrics import image_prior_losses, learned_fractions
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import multi_hot, normalize, resize_long
 from igcam_cli.errors import BadData, UsageError
@@ -135,10 +136,11 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     with record:
         result = _passes(ctx, ids, query_ids, store, model_sha, wait, wait_timeout_s)
         coverage = len(store.ids() & set(ids))
+        fit = None
         if coverage == len(ids) and result["phase"] == "done":
-            _write_scores(ctx, store, ids)
+            fit = _write_scores(ctx, store, ids)
         record.finish(outputs=[str(directory)], metrics={"images": coverage, "split_images": len(ids),
-                                                         "phase": result["phase"]})
+                                                         "phase": result["phase"], **({"fit": fit} if fit else {})})
     if result["phase"] == "waiting":
         log(f"shard {shard}: {result['missing']} of {shard.count} shards still lack '{result['stage']}' statistics; "
             "rerun this command when they are done (or pass --wait)")
@@ -246,7 +248,7 @@ def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_I
                      labels=labels, probs=probs[b], map_scale=scale, image_height=item.size[0], image_width=item.size[1])
 
 
-def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
+def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> dict:
     cfg = ctx.cfg
     attrs = dict(store.iter_attrs(ids))
     self_inf = torch.tensor([float(attrs[i]["self_influence"]) for i in ids], dtype=torch.float64)
@@ -262,19 +264,48 @@ def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> None:
         ctx.log("note: these influence parts predate label suggestions (no classifier scores stored); "
                 "rerun with --force for them")
         suggested = labels
+    losses = np.array([float(attrs[i]["loss"]) for i in ids])
+    fit = _fit(cfg, losses, labels.numpy(), int((suggested != labels).any(dim=1).sum()))
+    if fit["suggestions_suppressed"]:
+        suggested = labels
     relabelled = (suggested != labels).any(dim=1)
-    weights = inf.sample_weights(atyp, w_min=cfg.w_min, w_max=cfg.w_max, threshold=cfg.w_threshold,
-                                 temperature=cfg.w_temperature).double()
+    weights = inf.damp_weights(inf.sample_weights(atyp, w_min=cfg.w_min, w_max=cfg.w_max, threshold=cfg.w_threshold,
+                                                  temperature=cfg.w_temperature).double(), fit["trust"])
 
     def text(row: torch.Tensor) -> str:
         return " ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten())
 
     rows = [io.ImageScore(i, text(labels[k]), float(attrs[i]["loss"]), float(self_inf[k]), float(atyp[k]),
                           float(weights[k]), text(suggested[k])) for k, i in enumerate(ids)]
+    (ctx.directory / io.FIT_NAME).unlink(missing_ok=True)  # never beside scores.csv of another run
     io.write_scores(ctx.directory, rows)
+    io.write_fit(ctx.directory, fit)
+    ctx.log(io.describe_fit(fit, cfg.split))
     low = int((weights < 1).sum())
     ctx.log(f"sample weights: mean {float(weights.mean()):.3f}, {low} images below 1, min {float(weights.min()):.3f}; "
             f"{int(relabelled.sum())} images with suggested labels")
+    return fit
+
+
+def _fit(cfg: ComputeInfluenceConfig, losses: np.ndarray, labels: np.ndarray, would_suggest: int) -> dict:
+    """The guard. Atypicality ranks images by how much the classifier needs each one, which means
+    something only when the classifier has learned the labels. g is the median over the split of
+    1 - (image's loss in the scoring pass) / (its loss under the class-prior predictor): 0 = no
+    better than the label frequencies. The median, not the mean loss: the mislabelled images a
+    well-learned classifier contradicts carry huge losses (the demo's 12-epoch classifier scored
+    against its labels with 10 % of them swapped: 1 - mean loss / prior 0.87 -> 0.31, the median
+    0.96 -> 0.95). Weights act with
+    trust = fit_trust(g, learned_low, learned_high), w -> 1 + trust (w - 1); labels are suggested
+    only from g >= learned_high. Defaults 0.3 and 0.7, measured on the demo's data (clean labels):
+    its 12-epoch classifier has g = 0.96 (1 suggestion), a 3-epoch one g = 0.57 and 10 suggestions,
+    all wrong; a classifier whose loss is barely below the prior's sits near 0."""
+    image_prior = image_prior_losses(labels)
+    g = float(np.median(learned_fractions(losses, labels)))
+    suppressed = g < cfg.learned_high
+    return {"learned_fraction": g, "prior_loss": float(image_prior.mean()), "mean_loss": float(losses.mean()),
+            "trust": inf.fit_trust(g, cfg.learned_low, cfg.learned_high),
+            "learned_low": cfg.learned_low, "learned_high": cfg.learned_high,
+            "suggestions_suppressed": suppressed, "suggestions_withheld": would_suggest if suppressed else 0}
 
 
 # ---- reductions across shards --------------------------------------------------------------
@@ -311,7 +342,7 @@ def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
     paths = [io.stats_path(directory, phase, shard.index, shard.count) for phase in ("factors", "lambda")]
     if shard.count == 1:
         paths += directory.glob("stats-*.pt")
-    for path in [*paths, directory / io.EIGEN_NAME, directory / io.SCORES_NAME]:
+    for path in [*paths, directory / io.EIGEN_NAME, directory / io.SCORES_NAME, directory / io.FIT_NAME]:
         path.unlink(missing_ok=True)
 
 
@@ -329,6 +360,8 @@ def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceC
         raise UsageError("sample weights need w_min <= 1 <= w_max and w_temperature > 0")
     if not 0.5 <= cfg.relabel_confidence < 1:
         raise UsageError(f"relabel_confidence must be in [0.5, 1), got {cfg.relabel_confidence}")
+    if not cfg.learned_low <= cfg.learned_high:
+        raise UsageError(f"learned_low must be <= learned_high, got {cfg.learned_low} and {cfg.learned_high}")
     if not 0 <= cfg.relabel_drop_below < 1 - cfg.relabel_confidence + 1e-9:
         raise UsageError(f"relabel_drop_below must be in [0, {1 - cfg.relabel_confidence:g}] (1 - relabel_confidence), "
                          f"got {cfg.relabel_drop_below}")

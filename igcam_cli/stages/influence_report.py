@@ -5,7 +5,9 @@ compute-influence's scores.csv), lists the top k with their labels in a rich tab
 eval/influence-<split>.md and .json, and draws a contact sheet (image | influence of each
 labelled class) in eval/influence-<split>.png. When the truly mislabelled ids are known
 (`--truth FILE`, or corrupted.csv in the dataset root as `igcam synth --label-noise` writes it),
-it also reports the AUROC of the ranking (and of the per-image loss, as a baseline).
+it also reports the AUROC of the ranking (and of the per-image loss, as a baseline). Each output
+says how well the classifier fits the labels (compute-influence's fit.json) and whether
+compute-influence therefore withheld its label suggestions.
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
         return [names[int(k) - 1] for k in text.split()]
 
     source = ws.latest("compute-influence", cfg.split)
+    fit = influence_io.read_fit(directory)
     rows = [{"rank": r + 1, "id": i, "labels": label_names(scores[i].labels), "atypicality": scores[i].atypicality,
              "self_influence": scores[i].self_influence, "loss": scores[i].loss, "weight": scores[i].weight,
              "suggested": label_names(scores[i].suggested) if scores[i].relabelled else [],
              **({"mislabelled": i in truth} if truth is not None else {})}
             for r, i in enumerate(ranked[: cfg.top_k])]
     result: dict[str, Any] = {"split": cfg.split, "n_images": len(ids), "top_k": cfg.top_k, "ranked_by": "atypicality",
-                              "n_suggested": sum(scores[i].relabelled for i in ids),
+                              "n_suggested": sum(scores[i].relabelled for i in ids), "classifier_fit": fit,
                               "rows": rows, "source_run": (source or {}).get("id"),
                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if truth is not None:
@@ -77,7 +80,9 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
     ws.start("influence-report", to_dict(cfg), split=cfg.split,
              inputs={input_key("compute-influence", cfg.split): source["id"]} if source else {}
              ).finish(outputs=[str(out / f"{stem}.json"), str(out / f"{stem}.md"), str(sheet)],
-                      metrics={k: result[k] for k in ("auroc", "auroc_loss") if k in result})
+                      metrics={**{k: result[k] for k in ("auroc", "auroc_loss") if k in result},
+                               **({"learned_fraction": fit["learned_fraction"],
+                                   "suggestions_suppressed": fit["suggestions_suppressed"]} if fit else {})})
     if not opts.quiet:
         _print(result)
     log(f"wrote {out / stem}.md, .json and .png")
@@ -128,9 +133,25 @@ def _sheet(dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
     return report.contact_sheet(sheet_rows, titles, path, cell=CELL)
 
 
+def fit_line(result: dict) -> str:
+    """What compute-influence measured of the classifier's fit, and what it did about it."""
+    fit = result["classifier_fit"]
+    if fit is None:
+        return ("classifier fit: not recorded (scores.csv predates it): rerun compute-influence to learn whether "
+                "the classifier has learned enough for this ranking to mean anything")
+    line = influence_io.describe_fit(fit, result["split"])
+    if not fit["suggestions_suppressed"]:
+        return line
+    return line + ("; read this ranking as noise" if fit["trust"] <= 0 else "; the ranking is weak evidence")
+
+
 def summary(result: dict) -> str:
     """One line for --quiet: what the report found."""
     line = f"influence / {result['split']}: {result['n_suggested']} images with suggested labels"
+    fit = result["classifier_fit"]
+    if fit is not None and fit["suggestions_suppressed"]:
+        line += (f" (suggestions suppressed: the classifier has not learned, learned fraction "
+                 f"{fit['learned_fraction']:.2f} < {fit['learned_high']:g})")
     if "auroc" in result:
         line += (f", {result['suggested_mislabelled']} of them known mislabelled; AUROC {result['auroc']:.3f} "
                  f"(per-image loss: {result['auroc_loss']:.3f}) against {result['n_mislabelled']} known mislabelled")
@@ -140,7 +161,9 @@ def summary(result: dict) -> str:
 def markdown(result: dict) -> str:
     lines = [f"# Possibly mislabelled images of '{result['split']}' ({result['n_images']} images)", "",
              "Ranked by atypicality: robust z-score of log self-influence (compute-influence). "
-             "High = the classifier needs this image's labels unlike the others'.", ""]
+             "High = the classifier needs this image's labels unlike the others'.", "",
+             ("**Warning:** " if (result["classifier_fit"] or {}).get("suggestions_suppressed") else "")
+             + fit_line(result) + ".", ""]
     if "auroc" in result:
         lines += [f"Known mislabelled images: {result['n_mislabelled']} ({result['truth']}). "
                   f"AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}); "
@@ -175,4 +198,9 @@ def _print(result: dict) -> None:
         table.add_row(str(r["rank"]), escape(r["id"]), escape(" ".join(r["labels"])), escape(" ".join(r["suggested"])), f"{r['atypicality']:.2f}",
                       f"{r['self_influence']:.3g}", f"{r['weight']:.2f}",
                       *(("yes" if r["mislabelled"] else "",) if known else ()))
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    fit = result["classifier_fit"]
+    warn = fit is not None and fit["suggestions_suppressed"]
+    console.print(("warning: " if warn else "") + fit_line(result), markup=False, highlight=False, soft_wrap=True,
+                  style="bold yellow" if warn else None)
+    console.print(table)
