@@ -48,6 +48,7 @@ class TrainClsConfig:
     head_lr_mult: float = 10.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    warmup_epochs: int = 0  # linear learning-rate warm-up before the poly decay (rounds >= 2 never warm up)
     freeze_bn: bool = True
     workers: int = 2
     round: int = 1  # 1: plain training (cls/model.pt); k >= 2: fine-tunes round k-1's model into cls/round<k>/
@@ -235,6 +236,8 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "scale_max": 1.1,
         "lr": 0.05,
         "head_lr_mult": 2.0,
+        # from random weights: one epoch of warm-up (textured style, epoch-1 loss 0.83 -> 0.77, val mAP 31 -> 36)
+        "warmup_epochs": 1,
         "freeze_bn": False,
     },
     "make-cams": {"batch_size": 16},

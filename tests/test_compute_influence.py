@@ -361,7 +361,9 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     scores = influence_io.read_scores(ws.influence_dir("train"), ids, "x", 5)
     with open(ws.influence_dir("train") / influence_io.SCORES_NAME) as fh:
         assert "suggested" in fh.readline().strip().split(",")  # compute-influence wrote the column
-    # Hand a suggestion to one image, as compute-influence would for a mislabelled one.
+    # Hand a suggestion to one image, as compute-influence would for a mislabelled one (and none to the others).
+    for image_id in ids:
+        scores[image_id].suggested = ""
     target = ids[2]
     own = set(ws.dataset().labels(target).tolist())
     new = [c for c in range(1, ws.dataset().num_classes + 1) if c not in own][:1]

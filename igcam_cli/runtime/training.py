@@ -27,9 +27,11 @@ def sgd(model, cfg) -> tuple[torch.optim.SGD, list[float]]:
     return optimizer, [g["lr"] for g in optimizer.param_groups]
 
 
-def poly_lr(optimizer, base_lrs: list[float], step: int, total_steps: int) -> None:
+def poly_lr(optimizer, base_lrs: list[float], step: int, total_steps: int, warmup_steps: int = 0) -> None:
+    """Poly decay, after a linear warm-up over the first `warmup_steps` steps (0: none)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     for group, base in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = base * (1 - step / total_steps) ** POLY_POWER
+        group["lr"] = base * warm * (1 - step / total_steps) ** POLY_POWER
 
 
 def train_loader(data: TorchDataset, indices: list[int], batch_size: int, workers: int,
@@ -59,12 +61,13 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def fit_epoch(batches: Iterable, optimizer, base_lrs: list[float], step: int, total_steps: int,
-              loss_of: Callable[[object], torch.Tensor]) -> tuple[float, int]:
-    """One epoch of SGD with the poly schedule: `loss_of(batch)` moves a batch to the device and
-    returns its loss. Returns the mean loss (nan without batches) and the step count after it."""
+              loss_of: Callable[[object], torch.Tensor], warmup_steps: int = 0) -> tuple[float, int]:
+    """One epoch of SGD with the poly schedule (after `warmup_steps` of linear warm-up): `loss_of(batch)`
+    moves a batch to the device and returns its loss. Returns the mean loss (nan without batches)
+    and the step count after it."""
     losses = []
     for batch in batches:
-        poly_lr(optimizer, base_lrs, step, total_steps)
+        poly_lr(optimizer, base_lrs, step, total_steps, warmup_steps)
         loss = loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
