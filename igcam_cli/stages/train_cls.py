@@ -131,6 +131,8 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
     check_at = {schedule.epochs, max(LEARNED_CHECK_EPOCHS, -(-LEARNED_CHECK_STEPS // steps_per_epoch))}
     total_steps = max(1, steps_per_epoch * schedule.epochs)
+    # at most a quarter of the run: a short run (a test's single epoch) would otherwise never reach its lr
+    warmup_steps = min(steps_per_epoch * schedule.warmup_epochs, total_steps // 4)
     how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
     log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
         f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
@@ -153,7 +155,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                                                  cfg.workers, device, log)
                 net.train()
                 loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of,
-                                                warmup_steps=steps_per_epoch * schedule.warmup_epochs)
+                                                warmup_steps=warmup_steps)
                 metrics = {"epoch": epoch + 1, "train_loss": loss}
                 if val_ids and ddp.is_main():
                     metrics["val_map"] = evaluate_map(model, dataset, val_ids, cfg, device)
