@@ -323,3 +323,17 @@ def test_mean_average_precision_skips_classes_without_positives():
     # class 2: no positives, skipped.  mAP = (5/6 + 1/2) / 2 = 2/3.
     assert mean_average_precision(scores, targets) == pytest.approx(0.6666666666666666, abs=1e-12)
     assert math.isnan(mean_average_precision(scores, np.zeros_like(targets)))
+
+
+def test_poly_lr_warms_up_linearly_then_decays():
+    from igcam_cli.runtime import training
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = []
+    for step in range(10):
+        training.poly_lr(optimizer, [1.0], step, 10, warmup_steps=4)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.25 * (k + 1) * (1 - k / 10) ** training.POLY_POWER for k in range(4)])
+    assert lrs[4:] == pytest.approx([(1 - k / 10) ** training.POLY_POWER for k in range(4, 10)])
+    training.poly_lr(optimizer, [1.0], 0, 10)  # no warm-up: the poly schedule alone
+    assert optimizer.param_groups[0]["lr"] == 1.0
