@@ -77,7 +77,7 @@ def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int
 def summary(result: dict) -> dict:
     """best (tuned on the scored split) and fixed-threshold mIoU of an evaluate result."""
     out = {"miou": result["miou"], "tau": result["threshold"]}
-    curve = result.get("threshold_curve") or result.get("curve")
+    curve = result["threshold_curve"]
     if curve and result["artifact"] in FIXED_TAU:
         taus = np.asarray(curve["tau"])
         out["fixed_tau"] = FIXED_TAU[result["artifact"]]
@@ -101,7 +101,7 @@ def run_style(style: str, root: Path, n_train: int, n_val: int, opts: RunOptions
     evaluations["train_loss"] = cls_record["metrics"].get("train_loss")
     chain_s = time.time() - start
 
-    plain = init.run(root / f"{style}-plain", "synthetic", None, None, ws.dataset_spec | {})
+    plain = init.run(root / f"{style}-plain", "synthetic", None, None, ws.dataset_spec)
     plain_baseline(plain, epochs=epochs.get("plain", 15), seed=opts.seed)
     make_cams.run(build(MakeCamsConfig, ws.stage_table("make-cams"), {"workers": workers}), plain, opts)
     evaluations["plain_cams"] = summary(evaluate.run(EvaluateConfig(artifact="cams", split="train"), plain, opts))

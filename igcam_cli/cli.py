@@ -181,6 +181,7 @@ def train_cls(
     crop: Annotated[Optional[int], typer.Option(min=16)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")] = None,
     workers: WorkersOpt = None,
     round: Annotated[Optional[int], typer.Option("--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/")] = None,
     sample_weights: Annotated[Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")] = None,
@@ -201,7 +202,8 @@ def train_cls(
 
     ws = _ws(workspace)
     cfg = _config(ws, "train-cls", backbone=backbone, pretrained=pretrained, split=split, val_split=val_split,
-                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn, workers=workers,
+                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn,
+                  warmup_epochs=warmup_epochs, workers=workers,
                   round=round, sample_weights=sample_weights, relabel=relabel, finetune_lr_mult=finetune_lr_mult,
                   finetune_epochs=finetune_epochs)
     stage.run(cfg, ws, _opts(device, seed, quiet),

@@ -252,3 +252,9 @@ def test_status_shows_a_workspace_path_with_brackets(tmp_path):
     ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 4, "--n-val", 2, "--image-size", 32)
     result = ok("status", "-w", ws)
     assert "runs[lr=0.1]" in result.output
+
+
+def test_warmup_epochs_option_reaches_the_recorded_config(fresh_ws):
+    ok("train-cls", "-w", fresh_ws, *TRAIN, "--warmup-epochs", "2", "--quiet")
+    records = json.loads((fresh_ws / "manifest.json").read_text())["runs"]
+    assert records[-1]["config"]["warmup_epochs"] == 2

@@ -34,9 +34,11 @@ STYLES: tuple[str, ...] = ("heads", "textured", "shapes", "lookalike", "scales",
 _TEXTURE_FILES = ("brick.png", "grass.png", "gravel.png", "camera.png", "moon.png", "coins.png", "page.png",
                   "text.png", "cell.png", "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
                   "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "motorcycle_left.png")
-# object bodies and clutter come from the strongly textured sources only (the first ones and the
-# microscope/astronomy images); backgrounds from the whole pool, photographs included
-_OBJECT_TEXTURES = (0, 1, 2, 5, 6, 7, 8, 13, 14, 15)
+# object bodies and clutter come from the strongly textured sources only; backgrounds from the
+# whole pool, photographs included
+_OBJECT_TEXTURES = tuple(_TEXTURE_FILES.index(name) for name in (
+    "brick.png", "grass.png", "gravel.png", "coins.png", "page.png", "text.png", "cell.png",
+    "hubble_deep_field.jpg", "ihc.png", "retina.jpg"))
 _TEXTURE_SIDE = 256  # each source resized so that its short side is this many pixels
 
 
@@ -206,8 +208,8 @@ def layout(style: Style, rng: np.random.Generator, size: int, num_classes: int, 
     for cls in syn._object_classes(rng, num_classes, max(max_objects, style.max_objects)):
         for attempt in range(syn._PLACEMENT_TRIES):
             shrink = 0.88 ** (attempt // 12)
-            semi = rng.uniform(lo, hi) * size * shrink
             if style.cue == "shape":
+                semi = rng.uniform(lo, hi) * size * shrink
                 kind = SHAPE_NAMES[cls - 1]
                 obj_px = _shape_pixels(kind, rng.uniform(0.15, 0.85) * size, rng.uniform(0.15, 0.85) * size,
                                        semi, rng.uniform(0, 2 * math.pi), size)
@@ -215,10 +217,7 @@ def layout(style: Style, rng: np.random.Generator, size: int, num_classes: int, 
                 if obj_px.sum() < 0.4 * semi * semi:  # mostly outside the image
                     continue
             else:
-                body = syn._Body(cx=rng.uniform(0.15, 0.85) * size, cy=rng.uniform(0.15, 0.85) * size, a=semi,
-                                 b=semi * rng.uniform(0.55, 1.0), theta=rng.uniform(0.0, math.pi),
-                                 power=rng.uniform(2.0, 4.0),
-                                 wobble=tuple((rng.uniform(0.0, 0.06), rng.uniform(0.0, 2 * math.pi)) for _ in range(3)))
+                body = syn._sample_body(rng, size, shrink, semi_range=style.semi, centre_range=(0.15, 0.85))
                 body_px = syn._body_mask(body, size)
                 body_area = int(body_px.sum())
                 if body_area < 0.3 * math.pi * body.a * body.b:  # mostly outside the image

@@ -196,11 +196,13 @@ _PLACEMENT_TRIES = 60
 SYNTH_MARKER = "igcam-synth.json"
 
 
-def _sample_body(rng: np.random.Generator, size: int, scale: float) -> _Body:
-    semi = rng.uniform(0.10, 0.225) * size * scale
+def _sample_body(rng: np.random.Generator, size: int, scale: float, semi_range: tuple[float, float] = (0.10, 0.225),
+                 centre_range: tuple[float, float] = (0.18, 0.82)) -> _Body:
+    """Semi-axis and centre ranges are fractions of the image side (data/styles.py widens them)."""
+    semi = rng.uniform(*semi_range) * size * scale
     return _Body(
-        cx=rng.uniform(0.18, 0.82) * size,
-        cy=rng.uniform(0.18, 0.82) * size,
+        cx=rng.uniform(*centre_range) * size,
+        cy=rng.uniform(*centre_range) * size,
         a=semi,
         b=semi * rng.uniform(0.55, 1.0),
         theta=rng.uniform(0.0, math.pi),
