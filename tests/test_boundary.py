@@ -14,6 +14,7 @@ from igcam_cli.core.boundary import (
     multiscale_boundary,
     neighbour_offsets,
     propagate,
+    working_scales,
 )
 
 LEFT, RIGHT = (0.8, 0.2, 0.2), (0.2, 0.3, 0.8)  # two well-separated RGB colours
@@ -170,6 +171,16 @@ def test_odd_sizes_and_coarse_maps_come_back_at_image_size() -> None:
     assert multiscale_boundary(img[:0], maps[:0]).shape == (0, 3, 45, 61)
 
 
+def test_min_side_skips_coarse_scales_of_small_images() -> None:
+    params = BoundaryParams(scales=(0.25, 0.5, 1.0), min_side=64)
+    assert working_scales((128, 160), params) == (0.5, 1.0)
+    assert working_scales((375, 500), params) == (0.25, 0.5, 1.0)
+    assert working_scales((40, 40), params) == (1.0,)  # the finest scale always runs
+    img, maps = _textured(1, 128, 136, seed=3), torch.rand(1, 2, 128, 136)
+    torch.testing.assert_close(multiscale_boundary(img, maps, params),
+                               multiscale_boundary(img, maps, scales=(0.5, 1.0)), atol=0, rtol=0)
+
+
 def test_deterministic() -> None:
     img, maps = _textured(2, 33, 35, seed=4), torch.rand(2, 2, 33, 35)
     assert torch.equal(multiscale_boundary(img, maps), multiscale_boundary(img, maps))
@@ -201,7 +212,7 @@ def test_dtype_is_kept() -> None:
 @pytest.mark.parametrize(
     "bad",
     [dict(scales=()), dict(scales=(1.0, 0.5)), dict(scales=(0.5, 2.0)), dict(iterations=-1),
-     dict(dilations=(0, 2)), dict(sigma_rgb=0.0), dict(alpha=1.0), dict(eps=0.0)],
+     dict(dilations=(0, 2)), dict(sigma_rgb=0.0), dict(alpha=1.0), dict(eps=0.0), dict(min_side=-1)],
 )
 def test_params_are_validated(bad: dict) -> None:
     with pytest.raises(ValueError):

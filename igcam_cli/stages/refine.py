@@ -75,7 +75,7 @@ def guidance_params(cfg: RefineConfig) -> GuidanceParams:
 
 
 def boundary_params(cfg: RefineConfig) -> BoundaryParams:
-    return BoundaryParams(scales=tuple(cfg.scales), iterations=cfg.iterations, dilations=tuple(cfg.dilations),
+    return BoundaryParams(scales=tuple(cfg.scales), min_side=cfg.min_scale_side, iterations=cfg.iterations, dilations=tuple(cfg.dilations),
                           sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
 
 
