@@ -109,7 +109,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     log(f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
-        f"done; guidance {cfg.guidance}, boundary {'scales ' + str(cfg.scales) if cfg.boundary else 'off'}, device {device}")
+        f"done; guidance {cfg.guidance}, boundary {f'scales {cfg.scales} (below {cfg.min_scale_side} px skipped)' if cfg.boundary else 'off'}, device {device}")
     params = boundary_params(cfg)
     with record:
         with store.writer(rank=shard.index, source="refine",
