@@ -77,7 +77,7 @@ def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int
 def summary(result: dict) -> dict:
     """best (tuned on the scored split) and fixed-threshold mIoU of an evaluate result."""
     out = {"miou": result["miou"], "tau": result["threshold"]}
-    curve = result["threshold_curve"]
+    curve = result.get("threshold_curve")  # label artifacts (crf, seg) and ablation rows have none
     if curve and result["artifact"] in FIXED_TAU:
         taus = np.asarray(curve["tau"])
         out["fixed_tau"] = FIXED_TAU[result["artifact"]]
