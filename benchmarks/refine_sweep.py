@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from igcam_cli.config import RefineConfig
-from igcam_cli.core.boundary import multiscale_boundary
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
 from igcam_cli.core.guidance import instance_guidance
 from igcam_cli.core.metrics import confusion_matrix, scores, threshold_confusions, best_threshold
 from igcam_cli.core.proposals import propose
 from igcam_cli.stages.crf import FILLED_ALPHA, PEAKED_ALPHA
+from igcam_cli.stages import refine as refine_stage
 from igcam_cli.stages.refine import boundary_params, guidance_params
 from igcam_cli.workspace import Workspace
 
@@ -91,18 +91,14 @@ def refine(data: Data, cfg: RefineConfig, proposals: list | None) -> list[np.nda
     if cfg.guidance == "proposals":
         params = guidance_params(cfg)
         maps = [instance_guidance(m, p, params) for m, p in zip(maps, proposals)]
-    if not cfg.boundary:
-        return maps
     params = boundary_params(cfg)
     out = []
     for start in range(0, len(maps), 16):  # all synthetic images of a workspace share one size
-        chunk = slice(start, start + 16)
-        k = max(len(c) for c in data.classes[chunk])
-        batch = torch.stack([torch.from_numpy(np.pad(m, ((0, k - len(m)), (0, 0), (0, 0)))) for m in maps[chunk]])
-        images = torch.stack([torch.from_numpy(i.transpose(2, 0, 1).copy()) for i in data.images[chunk]]).float() / 255
-        with torch.no_grad():
-            refined = multiscale_boundary(images, batch, params).clamp_(0, 1).numpy()
-        out += [r[: len(c)] for r, c in zip(refined, data.classes[chunk])]
+        batch = [refine_stage.RefineItem(i, torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                                    torch.from_numpy(m), c)
+                 for i, image, m, c in zip(data.ids[start:start + 16], data.images[start:start + 16],
+                                           maps[start:start + 16], data.classes[start:start + 16])]
+        out += refine_stage.boundary_batch(batch, cfg.boundary, params, torch.device("cpu"))
     return out
 
 

@@ -31,7 +31,7 @@ GUIDANCE = ("proposals", "gt", "none")
 
 
 @dataclass
-class _Item:
+class RefineItem:
     id: str
     image: torch.Tensor  # 3 x H x W uint8
     maps: torch.Tensor  # K x H x W float32, guided
@@ -48,7 +48,7 @@ class _Guided(TorchDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> _Item:
+    def __getitem__(self, index: int) -> RefineItem:
         image_id = self.ids[index]
         record = self.cams.read(image_id)
         sample = self.dataset.load(image_id, with_mask=self.cfg.guidance == "gt")
@@ -65,7 +65,7 @@ class _Guided(TorchDataset):
                 raise BadData(f"--guidance gt needs a GT mask, and image '{image_id}' has none")
             maps = gt_guidance(maps, sample.mask, record.classes, self.params)
         image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))
-        return _Item(image_id, image, torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), record.classes)
+        return RefineItem(image_id, image, torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), record.classes)
 
 
 def guidance_params(cfg: RefineConfig) -> GuidanceParams:
@@ -75,8 +75,8 @@ def guidance_params(cfg: RefineConfig) -> GuidanceParams:
 
 
 def boundary_params(cfg: RefineConfig) -> BoundaryParams:
-    return BoundaryParams(scales=tuple(cfg.scales), min_side=cfg.min_scale_side, iterations=cfg.iterations, dilations=tuple(cfg.dilations),
-                          sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
+    return BoundaryParams(scales=tuple(cfg.scales), min_side=cfg.min_scale_side, iterations=cfg.iterations,
+                          dilations=tuple(cfg.dilations), sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
 
 
 def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
@@ -108,15 +108,16 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
                       inputs={input_key("make-cams", cfg.split): cams_record["id"]} if cams_record else {})
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
+    boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
     log(f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
-        f"done; guidance {cfg.guidance}, boundary {f'scales {cfg.scales} (below {cfg.min_scale_side} px skipped)' if cfg.boundary else 'off'}, device {device}")
+        f"done; guidance {cfg.guidance}, boundary {boundary}, device {device}")
     params = boundary_params(cfg)
     with record:
         with store.writer(rank=shard.index, source="refine",
                           attrs={"oracle": oracle, "guided": cfg.guidance != "none"}) as writer:
             batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
-                for item, maps in zip(batch, _boundary(batch, cfg.boundary, params, device)):
+                for item, maps in zip(batch, boundary_batch(batch, cfg.boundary, params, device)):
                     writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
         coverage = len(store.ids() & set(split_ids))
         record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
@@ -124,7 +125,8 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     return len(todo)
 
 
-def _boundary(batch: list[_Item], enabled: bool, params: BoundaryParams, device: torch.device) -> list[np.ndarray]:
+def boundary_batch(batch: list[RefineItem], enabled: bool, params: BoundaryParams,
+                   device: torch.device) -> list[np.ndarray]:
     """Boundary enhancement of a same-size batch; maps are zero-padded to the batch's largest K."""
     if not enabled:
         return [item.maps.numpy() for item in batch]
@@ -142,5 +144,5 @@ def _loader(dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig,
     return image_loader(_Guided(dataset, cams, ids, cfg), cfg.batch_size, cfg.workers, device)
 
 
-def _image_size(item: _Item) -> tuple[int, ...]:
+def _image_size(item: RefineItem) -> tuple[int, ...]:
     return tuple(item.image.shape)
