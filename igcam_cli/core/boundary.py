@@ -69,9 +69,9 @@ Offset = tuple[int, int]  # (dy, dx)
 
 @dataclass(frozen=True)
 class BoundaryParams:
-    """Parameters of multi-scale boundary enhancement. `igcam refine` uses ``config.RefineConfig``'s values
-    (3 iterations, min_side 64), chosen on real CAMs across the synthetic styles; these unit-level
-    defaults (10 iterations, every scale) are what the tests pin down.
+    """Parameters of multi-scale boundary enhancement; the defaults are `igcam refine`'s
+    (config.RefineConfig), chosen on real CAMs across the synthetic styles (3 iterations, min_side 64;
+    the numbers are in RefineConfig's comments).
 
     scales: image scales visited coarse to fine; the result is always returned at full resolution.
     min_side: skip the scales at which the image's shorter side would be below this many pixels
@@ -104,8 +104,8 @@ class BoundaryParams:
     """
 
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
-    min_side: int = 0
-    iterations: int = 10
+    min_side: int = 64
+    iterations: int = 3
     dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     sigma_rgb: float = 0.3
     sigma_xy: float = 16.0
