@@ -1,4 +1,4 @@
-"""The CLI's error contract (DESIGN.md): one `igcam: error:` line, the documented exit code
+"""The CLI's error contract (docs/ARCHITECTURE.md, Conventions): one `igcam: error:` line, the documented exit code
 (missing upstream artifact 3 with the command to run, bad data 4 naming the file, usage 2),
 no traceback, and finished artifacts left as they were."""
 

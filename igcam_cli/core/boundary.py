@@ -1,4 +1,4 @@
-"""Multi-scale boundary enhancement: training-free, pixel-adaptive affinity propagation (METHOD.md §5).
+"""Multi-scale boundary enhancement: training-free, pixel-adaptive affinity propagation (docs/METHOD.md §5).
 
 Why
 ---

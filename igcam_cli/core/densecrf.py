@@ -39,7 +39,7 @@ class CrfParams:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
 
 
-# Parameter families of the anchor codebases (see notes/anchors.md, "CRF parameter families").
+# Parameter families of the field's codebases (PSA, IRN, DeepLab, ToCo; docs/METHOD.md §6).
 PRESETS: dict[str, CrfParams] = {
     "psa": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=80, bi_srgb=13, bi_compat=10),
     "irn": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10,

@@ -5,7 +5,7 @@ Two sources of regions, one rule
 * ``instance_guidance`` (default, label-free): class-agnostic proposals from
   ``core.proposals.propose`` -- nested regions of a selective-search hierarchy, made from the
   image alone.
-* ``gt_guidance`` (ORACLE, METHOD.md honesty rule): the connected components of each class in a
+* ``gt_guidance`` (ORACLE, the honesty rule of docs/METHOD.md): the connected components of each class in a
   ground-truth mask. Not weakly supervised; callers must mark everything derived from it
   ``oracle = true``.
 

@@ -6,8 +6,8 @@ tracked layer's input and output, and ``torch.autograd.grad`` w.r.t. those outpu
 gradients. Only the tracked weights require grad while this runs, so no graph is built for the
 trunk before the first tracked layer (the trunk runs as if under ``torch.no_grad``).
 
-Notation (notes/influence.md)
------------------------------
+Notation
+--------
 Per tracked layer l (a ``Conv2d`` or ``Linear``) and training image i:
 
 * ``a_u``  in R^{d_in}: the layer's input at output location u -- for a k x k conv the unfolded

@@ -5,7 +5,7 @@ Why
 CAMs cover the most discriminative part of an object; instance guidance (``core/guidance.py``)
 grows them to the whole object along *image regions*. Those regions must come from the image
 alone -- never from labels, masks or CAMs -- so that the guided maps stay weakly supervised
-(METHOD.md, honesty rule). ``propose`` therefore takes nothing but the image and parameters.
+(docs/METHOD.md, honesty rule). ``propose`` therefore takes nothing but the image and parameters.
 
 How (after Uijlings et al., "Selective Search for Object Recognition", IJCV 2013)
 -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The segmentation model: torchvision's DeepLabV3 (ASPP head) on a dilated ResNet (METHOD.md §7).
+"""The segmentation model: torchvision's DeepLabV3 (ASPP head) on a dilated ResNet (docs/METHOD.md §7).
 
 `deeplabv3_resnet50` and `deeplabv3_resnet101` are torchvision's own models (output stride 8,
 ASPP rates 12/24/36), without the auxiliary head. `deeplabv3_resnet18` is igcam's small,

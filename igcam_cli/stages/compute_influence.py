@@ -1,4 +1,4 @@
-"""compute-influence: influence of each training image on the classifier (METHOD.md §2), sharded.
+"""compute-influence: influence of each training image on the classifier (docs/METHOD.md §2), sharded.
 
 Four passes over the data (core/influence.py); curvature statistics are sums over images, so each
 shard writes its own sums and every shard fits the same preconditioner from their total:

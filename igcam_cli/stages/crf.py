@@ -1,4 +1,4 @@
-"""crf: dense-CRF pseudo-labels from CAMs or refined maps (METHOD.md §6), on a CPU worker pool."""
+"""crf: dense-CRF pseudo-labels from CAMs or refined maps (docs/METHOD.md §6), on a CPU worker pool."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""evaluate: an artifact against GT masks (METHOD.md §8), written to eval/<artifact>-<split>.json and .md.
+"""evaluate: an artifact against GT masks (docs/METHOD.md §8), written to eval/<artifact>-<split>.json and .md.
 
 Map artifacts (cams, refined) are scored with a background-threshold sweep; the best threshold
 is reported together with the split it was tuned on. Label artifacts (crf: pseudo/<split>/, seg:

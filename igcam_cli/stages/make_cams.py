@@ -1,4 +1,4 @@
-"""make-cams: multi-scale, flip-augmented CAMs for a split (METHOD.md §3), resumable and shardable."""
+"""make-cams: multi-scale, flip-augmented CAMs for a split (docs/METHOD.md §3), resumable and shardable."""
 
 from __future__ import annotations
 

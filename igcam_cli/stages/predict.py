@@ -1,4 +1,4 @@
-"""predict: label maps from the trained segmenter for a dataset split or any folder of images (METHOD.md §7).
+"""predict: label maps from the trained segmenter for a dataset split or any folder of images (docs/METHOD.md §7).
 
 Softmax probabilities are averaged over scales and horizontal flips (images of one size share a
 batch); an optional dense CRF (on a CPU process pool) refines them over the classes that win some

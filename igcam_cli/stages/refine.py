@@ -1,4 +1,4 @@
-"""refine: instance guidance and multi-scale boundary enhancement of CAMs (METHOD.md §4-5).
+"""refine: instance guidance and multi-scale boundary enhancement of CAMs (docs/METHOD.md §4-5).
 
 Guidance (region proposals, CPU) runs in DataLoader worker processes; boundary propagation runs
 batched on the device in the main process. `--guidance gt` is the ORACLE mode: GT masks serve

@@ -1,4 +1,4 @@
-"""train-cls: the multi-label CAM classifier (METHOD.md §1).
+"""train-cls: the multi-label CAM classifier (docs/METHOD.md §1).
 
 Every random choice (init, epoch order, augmentation) derives from the seed, the epoch and the
 image index, and `cls/last.pt` holds model, optimizer and step after each epoch, so a resumed

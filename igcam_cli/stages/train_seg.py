@@ -1,4 +1,4 @@
-"""train-seg: DeepLabV3 on the CRF pseudo-labels, or on GT masks as the upper bound (METHOD.md §7).
+"""train-seg: DeepLabV3 on the CRF pseudo-labels, or on GT masks as the upper bound (docs/METHOD.md §7).
 
 Cross-entropy over background + C classes with 255 ignored, SGD with momentum (head lr x
 head_lr_mult), poly decay, random rescale/flip/crop applied identically to image and label.
