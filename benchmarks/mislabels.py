@@ -8,7 +8,8 @@ For each style it runs what a user runs, as commands: `igcam synth DATA --style 
 `igcam init --dataset folder --root DATA` (the synthetic preset), `train-cls`, `compute-influence
 --split train` and `influence-report --split train`, then reads the report's JSON: the classifier's
 learned fraction (the guard's input), the AUROC of the atypicality ranking and of the per-image
-loss against the corrupted ids, and how many of the suggested labels are on truly corrupted images.
+loss against the corrupted ids, the share of corrupted images among the n top-ranked (n = how many
+were corrupted), and how many of the suggested labels are on truly corrupted images.
 """
 
 from __future__ import annotations
@@ -43,19 +44,20 @@ def run_style(style: str, root: Path, args: argparse.Namespace) -> dict:
     return {"style": style, "learned_fraction": fit.get("learned_fraction"),
             "withheld": fit.get("suggestions_withheld"), "n_mislabelled": result.get("n_mislabelled"),
             "auroc": result.get("auroc"), "auroc_loss": result.get("auroc_loss"),
+            "top_n_precision": result.get("precision_at_n_mislabelled"),
             "suggested": result["n_suggested"], "suggested_mislabelled": result.get("suggested_mislabelled"),
             "minutes": (time.time() - start) / 60}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| style | learned fraction | AUROC (atypicality) | AUROC (loss) | suggested | of them corrupted | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| style | learned fraction | AUROC (atypicality) | AUROC (loss) | top n corrupted | suggested "
+             "| of them corrupted | minutes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         withheld = f" ({r['withheld']} withheld)" if r.get("withheld") else ""
         precision = (f"{r['suggested_mislabelled']} ({100 * r['suggested_mislabelled'] / r['suggested']:.0f} %)"
                      if r["suggested"] else "-")
         lines.append(f"| {r['style']} | {r['learned_fraction']:.2f} | {r['auroc']:.3f} | {r['auroc_loss']:.3f} "
-                     f"| {r['suggested']}{withheld} | {precision} | {r['minutes']:.1f} |")
+                     f"| {100 * r['top_n_precision']:.0f} % | {r['suggested']}{withheld} | {precision} | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
