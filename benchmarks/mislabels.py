@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from igcam_cli.data.styles import STYLES
+from style_args import add_style_options, chosen_styles
+
+from igcam_cli.data.noise import NOISE_KINDS
 
 
 def igcam(*args: str) -> None:
@@ -63,20 +65,13 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--styles", default=",".join(STYLES), help=f"comma-separated, from {', '.join(STYLES)}")
-    parser.add_argument("--n-train", type=int, default=160)
-    parser.add_argument("--n-val", type=int, default=40)
+    add_style_options(parser, out="mislabels.json")
     parser.add_argument("--noise", type=float, default=0.1, help="fraction of the train labels corrupted")
-    parser.add_argument("--kind", default="swap", choices=("swap", "add", "drop"))
+    parser.add_argument("--kind", default="swap", choices=NOISE_KINDS)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="train-cls seed")
-    parser.add_argument("--keep", type=Path, help="keep the workspaces here (default: a temporary folder, removed)")
-    parser.add_argument("--out", type=Path, default=Path("mislabels.json"))
     args = parser.parse_args()
-    styles = [s for s in args.styles.split(",") if s]
-    unknown = [s for s in styles if s not in STYLES]
-    if unknown:
-        parser.error(f"unknown style(s) {', '.join(unknown)} (choose from {', '.join(STYLES)})")
+    styles = chosen_styles(parser, args)
     root = args.keep or Path(tempfile.mkdtemp(prefix="igcam-mislabels-"))
     rows = []
     try:

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from igcam_cli import ablation, chain
 from igcam_cli.config import EvaluateConfig, MakeCamsConfig, RunOptions, build
-from igcam_cli.data.styles import STYLES
 from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
 from igcam_cli.stages import evaluate, init, make_cams
 from igcam_cli.workspace import Workspace
+from style_args import add_style_options, chosen_styles  # benchmarks/, on the path when run as a script
 
 FIXED_TAU = {"cams": 0.15, "refined": 0.15}
 
@@ -131,23 +131,15 @@ def markdown(rows: list[dict], n_train: int, n_val: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--styles", default=",".join(STYLES), help=f"comma-separated, from {', '.join(STYLES)}")
-    # half the demo's images, so that all six styles fit in about 30 minutes on 2 CPU cores
-    parser.add_argument("--n-train", type=int, default=160)
-    parser.add_argument("--n-val", type=int, default=40)
+    add_style_options(parser, out="quality.json")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="train-cls epochs (default: the synthetic preset's)")
     parser.add_argument("--seg-epochs", type=int, help="train-seg epochs (default: the synthetic preset's)")
     parser.add_argument("--plain-epochs", type=int, default=15, help="the plain baseline's epochs")
-    parser.add_argument("--keep", type=Path, help="keep the workspaces here (default: a temporary folder, removed)")
-    parser.add_argument("--out", type=Path, default=Path("quality.json"))
     args = parser.parse_args()
-    styles = [s for s in args.styles.split(",") if s]
-    unknown = [s for s in styles if s not in STYLES]
-    if unknown:
-        parser.error(f"unknown style(s) {', '.join(unknown)} (choose from {', '.join(STYLES)})")
+    styles = chosen_styles(parser, args)
     root = args.keep or Path(tempfile.mkdtemp(prefix="igcam-quality-"))
     opts = RunOptions(device=args.device, seed=args.seed, quiet=True)
     rows = []
