@@ -364,6 +364,7 @@ def train_seg(
     split: SplitOpt = None,
     val_split: Annotated[Optional[str], typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    min_steps: Annotated[Optional[int], typer.Option(min=0, help="Raise --epochs until the run takes this many SGD steps (0: off)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     crop: Annotated[Optional[int], typer.Option(min=16)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
@@ -377,7 +378,7 @@ def train_seg(
 
     ws = _ws(workspace)
     cfg = _config(ws, "train-seg", arch=arch, pretrained=pretrained, labels=labels, split=split, val_split=val_split,
-                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, workers=workers)
+                  epochs=epochs, min_steps=min_steps, batch_size=batch_size, crop=crop, lr=lr, workers=workers)
     stage.run(cfg, ws, _opts(device, seed, quiet),
               stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
 
@@ -465,7 +466,7 @@ def demo(
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")] = None,
     n_train: Annotated[int, typer.Option(min=8)] = 320,
     n_val: Annotated[int, typer.Option(min=4)] = 80,
-    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Both models train this many epochs, with no step minimum (a quick look) \\[default: the synthetic preset's]")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 2,
     force: Annotated[bool, typer.Option("--force", help="Start from a fresh workspace")] = False,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,

@@ -34,6 +34,7 @@ def run(path: Path, opts: RunOptions, n_train: int = 320, n_val: int = 80, epoch
     start = time.time()
     if epochs is not None:
         ws.set_stage_options("train-cls", {"epochs": epochs})
+        ws.set_stage_options("train-seg", {"epochs": epochs, "min_steps": 0})
     for stage, config_cls in STAGE_CONFIGS.items():
         if any(f.name == "workers" for f in fields(config_cls)):
             ws.set_stage_options(stage, {"workers": workers})

@@ -16,7 +16,7 @@ TINY = {
     "make-cams": {"workers": 0, "scales": [1.0, 0.5]},
     "refine": {"workers": 0},
     "crf": {"workers": 1},
-    "train-seg": {"epochs": 1, "batch_size": 4, "crop": 48, "workers": 0},
+    "train-seg": {"epochs": 1, "min_steps": 0, "batch_size": 4, "crop": 48, "workers": 0},
     "predict": {"workers": 0, "scales": [1.0], "flip": False},
 }
 ALL_STEPS = ["train-cls", "make-cams (train)", "refine (train)", "crf (train)", "train-seg", "predict (val)",

@@ -23,7 +23,7 @@ from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
 
 OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SEG = ["--epochs", "1", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none", "--quiet"]
+SEG = ["--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none", "--quiet"]
 PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--no-crf", "--quiet"]
 
 
@@ -48,7 +48,7 @@ def write_pseudo(ws: Workspace, split: str = "train", oracle: bool = False) -> s
 
 
 def tiny_config(ws: Workspace, **overrides) -> TrainSegConfig:
-    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2, "pretrained": "none"}
+    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2, "min_steps": 0, "pretrained": "none"}
     values.update(overrides)
     return build(TrainSegConfig, ws.stage_table("train-seg"), values)
 
@@ -188,6 +188,20 @@ def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path
     ckpt = torch.load(ws.seg_dir / "model.pt", weights_only=True)
     assert (ckpt["arch"], ckpt["num_classes"], ckpt["oracle"]) == ("deeplabv3plus_resnet18", 6, True)
     assert "val mIoU" in ws.log_path("train-seg").read_text()
+
+
+def test_min_steps_raises_the_epochs_of_a_small_dataset(tmp_path):
+    cfg = TrainSegConfig(epochs=8, min_steps=240)
+    assert [train_seg.run_epochs(cfg, n) for n in (10, 20, 30, 100)] == [24, 12, 8, 8]
+    assert train_seg.run_epochs(TrainSegConfig(epochs=8, min_steps=0), 1) == 8
+    ws = make_workspace(tmp_path / "ws", n_train=8, n_val=0)
+    write_pseudo(ws)
+    train_seg.run(tiny_config(ws, epochs=1, min_steps=5), ws, OPTS, train_seg.TrainOptions())  # 2 steps an epoch
+    assert len(epoch_losses(ws)) == 3
+    assert torch.load(ws.seg_dir / "last.pt", weights_only=True)["step"] == 6
+    assert "3 epochs (1 raised for min_steps 5: 2 steps an epoch)" in ws.log_path("train-seg").read_text()
+    with pytest.raises(UsageError, match="min-steps"):
+        train_seg.run(tiny_config(ws, min_steps=-1), ws, OPTS, train_seg.TrainOptions())
 
 
 class _Interrupt(KeyboardInterrupt):

@@ -106,16 +106,18 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         inputs[input_key("train-cls")] = cls_record["id"]
     provenance = {"labels": cfg.labels, "upper_bound": cfg.labels == "gt",
                   "oracle": bool((crf_record or {}).get("oracle", False))}
+    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
+    epochs = run_epochs(cfg, steps_per_epoch)
     ws.seg_dir.mkdir(parents=True, exist_ok=True)
     last_path, model_path = ws.seg_dir / "last.pt", ws.seg_dir / "model.pt"
     start_epoch, step = 0, 0
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, inputs, model, optimizer)
         latest = ws.latest("train-seg")
-        if (start_epoch >= cfg.epochs and model_path.is_file() and latest and latest["status"] == "done"
+        if (start_epoch >= epochs and model_path.is_file() and latest and latest["status"] == "done"
                 and latest["config"] == to_dict(cfg) and latest.get("inputs") == inputs):
             # Finished already: a new record would mark every prediction stale for the same weights.
-            log(f"train-seg: {model_path} already holds all {cfg.epochs} epochs; nothing to do")
+            log(f"train-seg: {model_path} already holds all {epochs} epochs; nothing to do")
             return model
         log(f"resuming from {last_path} after epoch {start_epoch}")
     elif train.resume:
@@ -125,14 +127,13 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
               if ddp.is_main() else None)
     net = ddp.wrap(model, device)
     train_data = _SegImages(dataset, ids, labels, cfg, opts.seed, train=True)
-    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    total_steps = max(1, steps_per_epoch * epochs)
     source = "GT masks (UPPER BOUND, fully supervised)" if cfg.labels == "gt" else f"pseudo/{cfg.split}"
     if provenance["oracle"]:
         log("ORACLE: these pseudo-labels come from GT-guided maps (refine --guidance gt); not weakly supervised")
     log(f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
-        f"device {device}" + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
+        f"{_epochs_said(cfg, epochs, steps_per_epoch)}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
+        f"crop {cfg.crop}, device {device}" + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
     def loss_of(batch) -> torch.Tensor:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device):
@@ -142,9 +143,9 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     metrics: dict[str, float] = {}
     try:
         with record or nullcontext():  # None on the other ranks
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, epochs):
                 torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
-                batches = training.epoch_batches(train_data, epoch, cfg.epochs, opts.seed, cfg.batch_size,
+                batches = training.epoch_batches(train_data, epoch, epochs, opts.seed, cfg.batch_size,
                                                  cfg.workers, device, log)
                 net.train()
                 loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
@@ -154,7 +155,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                 if ddp.is_main():
                     _save(last_path, cfg, inputs, model, optimizer, epoch + 1, step)
                     val = f", val mIoU {metrics['val_miou'] * 100:.1f} %" if "val_miou" in metrics else ""
-                    log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}{val}")
+                    log(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}{val}")
             if ddp.is_main():
                 _save_final(model_path, cfg, model, dataset.classes, provenance)
                 record.finish(outputs=[str(model_path)], metrics=metrics)
@@ -162,6 +163,17 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     finally:
         ddp.barrier()
     return model
+
+
+def run_epochs(cfg: TrainSegConfig, steps_per_epoch: int) -> int:
+    """cfg.epochs, raised where needed so that the run takes at least cfg.min_steps SGD steps."""
+    return max(cfg.epochs, -(-cfg.min_steps // max(1, steps_per_epoch)))
+
+
+def _epochs_said(cfg: TrainSegConfig, epochs: int, steps_per_epoch: int) -> str:
+    if epochs == cfg.epochs:
+        return f"{epochs} epochs"
+    return f"{epochs} epochs ({cfg.epochs} raised for min_steps {cfg.min_steps}: {steps_per_epoch} steps an epoch)"
 
 
 def evaluate_miou(model: Segmenter, dataset: Dataset, ids: list[str], cfg: TrainSegConfig,
@@ -196,8 +208,8 @@ def _check(cfg: TrainSegConfig, dataset: Dataset) -> None:
         raise UsageError("--labels must be 'pseudo' (crf pseudo-labels) or 'gt' (GT masks: the upper bound)")
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16:
-        raise UsageError("--epochs and --batch-size must be >= 1 and --crop >= 16")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16 or cfg.min_steps < 0:
+        raise UsageError("--epochs and --batch-size must be >= 1, --crop >= 16 and --min-steps >= 0")
     if not 0 < cfg.scale_min <= cfg.scale_max:
         raise UsageError("need 0 < scale_min <= scale_max")
 
