@@ -248,7 +248,7 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "pretrained": "none",
         "epochs": 15,
         "batch_size": 16,
-        "crop": 128,
+        "crop": 128,  # init replaces it with the dataset's longest image side (stages/init.py whole_image_crop)
         "scale_min": 1.0,
         "scale_max": 1.0,
         "lr": 0.05,

@@ -301,6 +301,7 @@ def test_init_presets(tmp_path):
         return {k: v for k, v in Workspace.open(tmp_path / name).toml.items() if k != "dataset"}, result.stdout
 
     synthetic = {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
+    synthetic["train-cls"]["crop"] = 32  # the classifier trains on whole images at their own size
     auto, said = tables("auto", "--dataset", "folder", "--root", data)
     assert auto == synthetic and "synthetic settings" in said
     standard, said = tables("std", "--dataset", "folder", "--root", data, "--preset", "standard")
@@ -311,6 +312,23 @@ def test_init_presets(tmp_path):
     assert tables("own", "--dataset", "folder", "--root", data)[0] == {}
     bad = RUNNER.invoke(app, ["init", "-w", str(tmp_path / "bad"), "--preset", "tiny"])
     assert bad.exit_code == 2 and "'tiny' is not one of" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_stride(tmp_path):
+    from igcam_cli.stages import init as init_stage
+    from igcam_cli.stages.init import whole_image_crop
+
+    assert Workspace.open(init_stage.run(tmp_path / "embedded", "synthetic", None, None, {"n_train": 4, "n_val": 2})
+                          .root).stage_table("train-cls")["crop"] == 128
+    data = tmp_path / "data"
+    ok("synth", data, "--n-train", 3, "--n-val", 2, "--image-size", 40)
+    for i, name in enumerate(sorted((data / "images").glob("*.png"))):  # landscape crops, one of them narrower
+        for folder in ("images", "masks"):
+            path = data / folder / name.name
+            Image.open(path).crop((0, 8, 40 - 4 * (i == 1), 32)).save(path)
+    ok("init", "-w", tmp_path / "ws", "--dataset", "folder", "--root", data)
+    assert Workspace.open(tmp_path / "ws").stage_table("train-cls")["crop"] == 48
+    assert whole_image_crop(Workspace.open(tmp_path / "ws").dataset(), "train", sample=2) == 48
 
 
 def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):

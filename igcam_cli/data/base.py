@@ -46,6 +46,10 @@ class Dataset(ABC):
     def load(self, image_id: str, with_mask: bool = True) -> Sample:
         """Decode the image (and its GT mask when available and asked for)."""
 
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(height, width) of an image; adapters that know it without decoding say so."""
+        return self.load(image_id, with_mask=False).image.shape[:2]
+
     @abstractmethod
     def has_masks(self, split: str) -> bool:
         """Whether every image of the split has a GT mask."""

@@ -531,6 +531,10 @@ class SyntheticDataset(Dataset):
     def splits(self) -> list[str]:
         return list(SPLITS)
 
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        self._parse(image_id)  # BadData for an id outside the dataset
+        return self.size, self.size
+
     def ids(self, split: str) -> list[str]:
         if split not in self.counts:
             raise BadData(f"synthetic dataset has no split {split!r} (it has {', '.join(SPLITS)})")
