@@ -179,6 +179,7 @@ def train_cls(
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     crop: Annotated[Optional[int], typer.Option(min=16)] = None,
+    crop_height: Annotated[Optional[int], typer.Option(min=0, help="Rows of the training canvas (0: --crop, a square)")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")] = None,
@@ -202,7 +203,7 @@ def train_cls(
 
     ws = _ws(workspace)
     cfg = _config(ws, "train-cls", backbone=backbone, pretrained=pretrained, split=split, val_split=val_split,
-                  epochs=epochs, batch_size=batch_size, crop=crop, lr=lr, freeze_bn=freeze_bn,
+                  epochs=epochs, batch_size=batch_size, crop=crop, crop_height=crop_height, lr=lr, freeze_bn=freeze_bn,
                   warmup_epochs=warmup_epochs, workers=workers,
                   round=round, sample_weights=sample_weights, relabel=relabel, finetune_lr_mult=finetune_lr_mult,
                   finetune_epochs=finetune_epochs)

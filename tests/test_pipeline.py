@@ -318,8 +318,8 @@ def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_strid
     from igcam_cli.stages import init as init_stage
     from igcam_cli.stages.init import whole_image_crop
 
-    assert Workspace.open(init_stage.run(tmp_path / "embedded", "synthetic", None, None, {"n_train": 4, "n_val": 2})
-                          .root).stage_table("train-cls")["crop"] == 128
+    embedded = init_stage.run(tmp_path / "embedded", "synthetic", None, None, {"n_train": 4, "n_val": 2})
+    assert embedded.stage_table("train-cls")["crop"] == 128 and "crop_height" not in embedded.stage_table("train-cls")
     data = tmp_path / "data"
     ok("synth", data, "--n-train", 3, "--n-val", 2, "--image-size", 40)
     for i, name in enumerate(sorted((data / "images").glob("*.png"))):  # landscape crops, one of them narrower
@@ -327,8 +327,9 @@ def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_strid
             path = data / folder / name.name
             Image.open(path).crop((0, 8, 40 - 4 * (i == 1), 32)).save(path)
     ok("init", "-w", tmp_path / "ws", "--dataset", "folder", "--root", data)
-    assert Workspace.open(tmp_path / "ws").stage_table("train-cls")["crop"] == 48
-    assert whole_image_crop(Workspace.open(tmp_path / "ws").dataset(), "train", sample=2) == 48
+    table = Workspace.open(tmp_path / "ws").stage_table("train-cls")
+    assert (table["crop"], table["crop_height"]) == (48, 32)  # 40 x 24 images: no padding beyond the stride
+    assert whole_image_crop(Workspace.open(tmp_path / "ws").dataset(), "train", sample=2) == (48, 32)
 
 
 def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):

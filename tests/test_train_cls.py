@@ -270,6 +270,17 @@ def test_train_view_pads_with_zeros_where_there_is_no_image():
     assert (x[:, ~inside] == 0).all()
 
 
+def test_crop_height_fits_a_landscape_image_without_padding():
+    image = _image(24, 40, seed=5)
+    x = train_view(image, 40, 1.0, 1.0, np.random.default_rng(0), crop_height=24)  # the whole image, no padding
+    assert x.shape == (3, 24, 40)
+    assert torch.equal(x, normalize(image)) or torch.equal(x, normalize(image).flip(-1))
+    assert train_view(_image(40, 24, seed=5), 40, 1.0, 1.0, np.random.default_rng(0), 24).shape == (3, 24, 40)
+    assert torch.equal(eval_view(image, 40, 24), normalize(image))
+    tall = eval_view(_image(40, 20, seed=6), 40, 24)  # a portrait image: its centre rows, centred
+    assert tall.shape == (3, 24, 40) and torch.equal(tall[:, :, 10:30], normalize(_image(40, 20, seed=6))[:, 8:32])
+
+
 def test_train_view_larger_image_is_a_window_of_it():
     image = _image(100, 100, seed=3)
     x = train_view(image, 40, 1.0, 1.0, np.random.default_rng(0))  # long side 40: exactly the crop

@@ -33,32 +33,35 @@ def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
-def train_view(image: np.ndarray, crop: int, scale_min: float, scale_max: float, rng: np.random.Generator) -> torch.Tensor:
-    """IRN-style augmentation: long side to s * crop, random flip, random crop padded with zeros."""
+def train_view(image: np.ndarray, crop: int, scale_min: float, scale_max: float, rng: np.random.Generator,
+               crop_height: int = 0) -> torch.Tensor:
+    """IRN-style augmentation: long side to s * crop, random flip, random crop padded with zeros.
+    The canvas is crop x crop, or crop_height x crop (rows x columns) when crop_height is set."""
     image = resize_long(image, round(crop * rng.uniform(scale_min, scale_max)))
     if rng.random() < 0.5:
         image = image[:, ::-1]
     x = normalize(image)
-    return _random_crop(x, crop, rng)
+    return _random_crop(x, crop_height or crop, crop, rng)
 
 
-def eval_view(image: np.ndarray, size: int) -> torch.Tensor:
-    """Long side to `size`, centred on a zero canvas of size x size (batchable)."""
+def eval_view(image: np.ndarray, size: int, height: int = 0) -> torch.Tensor:
+    """Long side to `size`, centred on a zero canvas of size x size, or height x size (batchable)."""
     x = normalize(resize_long(image, size))
-    canvas = torch.zeros(3, size, size)
-    h, w = x.shape[1:]
-    top, left = (size - h) // 2, (size - w) // 2
-    canvas[:, top : top + h, left : left + w] = x
+    rows = height or size
+    canvas = torch.zeros(3, rows, size)
+    h, w = min(x.shape[1], rows), x.shape[2]
+    src, top, left = (x.shape[1] - h) // 2, (rows - h) // 2, (size - w) // 2
+    canvas[:, top : top + h, left : left + w] = x[:, src : src + h]
     return canvas
 
 
-def _random_crop(x: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
+def _random_crop(x: torch.Tensor, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
     _, h, w = x.shape
-    canvas = torch.zeros(3, crop, crop)
+    canvas = torch.zeros(3, rows, cols)
     # Offsets pick a window of the image (when larger) and a place on the canvas (when smaller).
-    src_y, dst_y = _offsets(h, crop, rng)
-    src_x, dst_x = _offsets(w, crop, rng)
-    ch, cw = min(h, crop), min(w, crop)
+    src_y, dst_y = _offsets(h, rows, rng)
+    src_x, dst_x = _offsets(w, cols, rng)
+    ch, cw = min(h, rows), min(w, cols)
     canvas[:, dst_y : dst_y + ch, dst_x : dst_x + cw] = x[:, src_y : src_y + ch, src_x : src_x + cw]
     return canvas
 

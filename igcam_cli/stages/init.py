@@ -68,17 +68,29 @@ def _stage_defaults(preset: str, dataset) -> dict[str, dict[str, Any]]:
     if preset == "synthetic":
         split = defaults["train-cls"].get("split", "train")
         if split in dataset.splits():
-            defaults["train-cls"]["crop"] = whole_image_crop(dataset, split)
+            crop, crop_height = whole_image_crop(dataset, split)
+            defaults["train-cls"]["crop"] = crop
+            if crop_height != crop:
+                defaults["train-cls"]["crop_height"] = crop_height
     return defaults
 
 
-def whole_image_crop(dataset, split: str, sample: int = SIZE_SAMPLE) -> int:
-    """The synthetic preset's classifier crop: the longest image side among the first `sample` images
-    of `split`, rounded up to the output stride (16), so that training sees whole images at their own
-    size, as make-cams' scale 1 does. On the `textured` style cropped to 160 x 128 (160 train images), crop
-    128 (whole images downscaled by 0.8) gave val mAP 70.3, CAM / refined mIoU 33.2 / 44.0 (best tau); crop
-    160 gave 83.7, 34.7 / 48.1. On square 128 px data the crop stays 128."""
-    sides = [max(dataset.image_size(i)) for i in dataset.ids(split)[:sample]]
-    if not sides:
-        return SYNTHETIC_DEFAULTS["train-cls"]["crop"]
-    return -(-max(sides) // STRIDE) * STRIDE
+def whole_image_crop(dataset, split: str, sample: int = SIZE_SAMPLE) -> tuple[int, int]:
+    """The synthetic preset's classifier canvas (crop, crop_height), so that training sees whole images
+    at their own size, as make-cams' scale 1 does: the longest side among the first `sample` images of
+    `split`, and for landscape images the tallest height, each rounded up to the output stride (16).
+    Measured on the `textured` style cropped to 160 x 128 (160 train images), val mAP and CAM / refined
+    mIoU (best tau): crop 128 (whole images downscaled by 0.8, padded to a square) 70.3, 33.2 / 44.0;
+    crop 160 (padded to 160 x 160) 83.7, 34.7 / 48.1; 128 x 160 (no padding) 90.1, 35.5 / - (refined not run).
+    On square 128 px data the canvas stays 128 x 128."""
+    sizes = [dataset.image_size(i) for i in dataset.ids(split)[:sample]]
+    if not sizes:
+        crop = SYNTHETIC_DEFAULTS["train-cls"]["crop"]
+        return crop, crop
+    crop = _round_up(max(max(size) for size in sizes))
+    landscape = all(h <= w for h, w in sizes)
+    return crop, (_round_up(max(h for h, _ in sizes)) if landscape else crop)
+
+
+def _round_up(side: int) -> int:
+    return -(-side // STRIDE) * STRIDE

@@ -70,9 +70,10 @@ class _ClassifierImages(TorchDataset):
         target = multi_hot(self.relabelled.get(sample.id, sample.labels), self.dataset.num_classes)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            view = train_view(sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
+            view = train_view(sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng,
+                              self.cfg.crop_height)
         else:
-            view = eval_view(sample.image, self.cfg.crop)
+            view = eval_view(sample.image, self.cfg.crop, self.cfg.crop_height)
         return view, target, torch.tensor(1.0 if self.weights is None else self.weights[index])
 
 
@@ -135,7 +136,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     warmup_steps = min(steps_per_epoch * schedule.warmup_epochs, total_steps // 4)
     how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
     log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
-        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {cfg.crop}, "
+        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {_crop_said(cfg)}, "
         f"device {device}")
     def loss_of(batch) -> torch.Tensor:
         x, y, w = (t.to(device, non_blocking=True) for t in batch)
@@ -213,11 +214,15 @@ def _check_learned(loss: float, prior: float, epoch: int, last: bool, log) -> bo
     return False
 
 
+def _crop_said(cfg: TrainClsConfig) -> str:
+    return f"{cfg.crop_height}x{cfg.crop}" if cfg.crop_height else str(cfg.crop)
+
+
 def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16:
-        raise UsageError("--epochs and --batch-size must be >= 1 and --crop >= 16")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16 or not (cfg.crop_height == 0 or cfg.crop_height >= 16):
+        raise UsageError("--epochs and --batch-size must be >= 1, --crop >= 16 and --crop-height 0 or >= 16")
     if not 0 < cfg.scale_min <= cfg.scale_max:
         raise UsageError("need 0 < scale_min <= scale_max")
     if cfg.round < 1:
