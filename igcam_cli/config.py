@@ -268,7 +268,8 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
         # Small datasets take more epochs: at 160 images x batch 16, 8 epochs are 80 SGD steps and the model does
         # not fit its own pseudo-labels. 240 steps (24 epochs at 160 images, 12 at the demo's 320), val mIoU %
         # (predict at scales 1, 0.75, 1.25 + CRF), 80 -> 240 steps: heads 68.5 -> 69.8, textured 32.2 -> 35.8,
-        # scales 23.2 -> 31.7, lookalike 22.0 -> 21.8 (benchmarks/quality.py's workspaces, same pseudo-labels)
+        # scales 23.2 -> 31.7, lookalike 22.0 -> 21.8 (benchmarks/quality.py's workspaces, same pseudo-labels);
+        # clutter 36.1 at 240 steps (no 80-step run on the same pseudo-labels); shapes not measured
         "min_steps": 240,
         "batch_size": 16,
         "crop": 128,

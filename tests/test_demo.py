@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_demo_runs_the_chain_draws_the_pictures_and_reruns_for_free(tmp_path):
         assert row in shown
     for picture in ("demo.png", "demo-val.png"):
         assert (ws / "report" / picture).stat().st_size > 1000
+    toml = tomllib.loads((ws / "igcam.toml").read_text())  # --epochs: both models, no step minimum
+    assert toml["train-cls"]["epochs"] == toml["train-seg"]["epochs"] == 1 and toml["train-seg"]["min_steps"] == 0
     runs = len(json.loads((ws / "manifest.json").read_text())["runs"])
     again = ok(*args).stdout
     assert "fresh, skipped" in again and "running" not in again

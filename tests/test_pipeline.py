@@ -331,6 +331,19 @@ def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_strid
     assert (table["crop"], table["crop_height"]) == (48, 32)  # 40 x 24 images: no padding beyond the stride
     assert whole_image_crop(Workspace.open(tmp_path / "ws").dataset(), "train", sample=2) == (48, 32)
 
+    class Sizes:  # one portrait image among landscape ones: a square canvas of the longest side
+        def __init__(self, sizes):
+            self.sizes = sizes
+
+        def ids(self, split):
+            return list(self.sizes)
+
+        def image_size(self, image_id):
+            return self.sizes[image_id]
+
+    assert whole_image_crop(Sizes({"a": (120, 160), "b": (170, 100)}), "train") == (176, 176)
+    assert whole_image_crop(Sizes({"a": (120, 160), "b": (100, 150)}), "train") == (160, 128)
+
 
 def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):
     splits = {**VOC_SPLITS, "train_aug": VOC_SPLITS["train"]}

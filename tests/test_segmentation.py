@@ -23,7 +23,8 @@ from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
 
 OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SEG = ["--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none", "--quiet"]
+SEG = ["--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none",
+       "--quiet"]
 PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--no-crf", "--quiet"]
 
 

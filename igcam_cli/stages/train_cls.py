@@ -136,8 +136,8 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     warmup_steps = min(steps_per_epoch * schedule.warmup_epochs, total_steps // 4)
     how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
     log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
-        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), crop {_crop_said(cfg)}, "
-        f"device {device}")
+        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
+        f"crop {_crop_said(cfg)}, device {device}")
     def loss_of(batch) -> torch.Tensor:
         x, y, w = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device):

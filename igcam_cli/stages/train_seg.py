@@ -133,7 +133,8 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         log("ORACLE: these pseudo-labels come from GT-guided maps (refine --guidance gt); not weakly supervised")
     log(f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
         f"{_epochs_said(cfg, epochs, steps_per_epoch)}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
-        f"crop {cfg.crop}, device {device}" + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
+        f"crop {cfg.crop}, device {device}"
+        + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
     def loss_of(batch) -> torch.Tensor:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device):
