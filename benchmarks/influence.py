@@ -71,8 +71,10 @@ def main() -> None:
         y[torch.arange(batch), torch.randint(0, classes, (batch,), generator=gen)] = 1.0  # >= 1 label each
         data.append((x, y.to(device)))
     n = batch * batches
-    print(f"{backbone} at {size} px, {classes} classes, batch {batch}, {n} images per pass, "
-          f"{len(layers)} tracked layers ({args.scope}), hessian {args.hessian}, device {device}")
+    print(
+        f"{backbone} at {size} px, {classes} classes, batch {batch}, {n} images per pass, "
+        f"{len(layers)} tracked layers ({args.scope}), hessian {args.hessian}, device {device}"
+    )
 
     def baseline():
         for x, y in data:
@@ -90,8 +92,9 @@ def main() -> None:
         state["eigen"] = state["factors"].finalize()
 
     def lam():
-        state["lambda"] = sum(inf.eigenvalue_stats(model, layers, state["eigen"], x, y, logits_fn=logits_fn)
-                              for x, y in data).finalize()
+        state["lambda"] = sum(
+            inf.eigenvalue_stats(model, layers, state["eigen"], x, y, logits_fn=logits_fn) for x, y in data
+        ).finalize()
 
     def queries():
         state["queries"] = sum(inf.query_stats(model, layers, x, y, logits_fn=logits_fn) for x, y in data)
@@ -106,8 +109,14 @@ def main() -> None:
 
     baseline()  # warm-up (cuDNN autotuning, allocations)
     t_base = timed(baseline, device)
-    phases = [("factors", factors), ("eigendecomposition (once)", eigen), ("lambda", lam), ("queries", queries),
-              ("preconditioner (once)", precondition), ("scores + maps", scores)]
+    phases = [
+        ("factors", factors),
+        ("eigendecomposition (once)", eigen),
+        ("lambda", lam),
+        ("queries", queries),
+        ("preconditioner (once)", precondition),
+        ("scores + maps", scores),
+    ]
     if args.hessian == "none":
         phases = [p for p in phases if p[0] in ("queries", "preconditioner (once)", "scores + maps")]
     elif args.hessian == "kfac":
@@ -128,9 +137,11 @@ def main() -> None:
         print(f"{name:<28}{n / t:>12.1f}{t / t_base:>18.2f}")
     once = sum(t for name, t in times.items() if name.endswith("(once)"))
     total = per_image * args.target + once
-    print(f"all passes: {1 / per_image:.1f} images/s ({per_image * n / t_base:.2f}x the baseline's time); "
-          f"{args.target} training images (queries = train) ~ {total:.0f} s of compute "
-          f"({'meets' if total < 180 else 'misses'} the 3-minute goal; data loading not included)")
+    print(
+        f"all passes: {1 / per_image:.1f} images/s ({per_image * n / t_base:.2f}x the baseline's time); "
+        f"{args.target} training images (queries = train) ~ {total:.0f} s of compute "
+        f"({'meets' if total < 180 else 'misses'} the 3-minute goal; data loading not included)"
+    )
     if gpu:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 

@@ -35,31 +35,59 @@ def igcam(*args: str) -> None:
 def run_style(style: str, root: Path, args: argparse.Namespace) -> dict:
     start = time.time()
     data, ws = root / f"{style}-data", root / style
-    igcam("synth", str(data), "--style", style, "--n-train", str(args.n_train), "--n-val", str(args.n_val),
-          "--label-noise", str(args.noise), "--noise-kind", args.kind, "--seed", str(args.data_seed))
+    igcam(
+        "synth",
+        str(data),
+        "--style",
+        style,
+        "--n-train",
+        str(args.n_train),
+        "--n-val",
+        str(args.n_val),
+        "--label-noise",
+        str(args.noise),
+        "--noise-kind",
+        args.kind,
+        "--seed",
+        str(args.data_seed),
+    )
     igcam("init", "-w", str(ws), "--dataset", "folder", "--root", str(data))
     igcam("train-cls", "-w", str(ws), "--seed", str(args.seed), "-q")
     igcam("compute-influence", "-w", str(ws), "--split", "train", "-q")
     igcam("influence-report", "-w", str(ws), "--split", "train", "-q")
     result = json.loads((ws / "eval" / "influence-train.json").read_text())
     fit = result.get("classifier_fit") or {}
-    return {"style": style, "learned_fraction": fit.get("learned_fraction"),
-            "withheld": fit.get("suggestions_withheld"), "n_mislabelled": result.get("n_mislabelled"),
-            "auroc": result.get("auroc"), "auroc_loss": result.get("auroc_loss"),
-            "top_n_precision": result.get("precision_at_n_mislabelled"),
-            "suggested": result["n_suggested"], "suggested_mislabelled": result.get("suggested_mislabelled"),
-            "minutes": (time.time() - start) / 60}
+    return {
+        "style": style,
+        "learned_fraction": fit.get("learned_fraction"),
+        "withheld": fit.get("suggestions_withheld"),
+        "n_mislabelled": result.get("n_mislabelled"),
+        "auroc": result.get("auroc"),
+        "auroc_loss": result.get("auroc_loss"),
+        "top_n_precision": result.get("precision_at_n_mislabelled"),
+        "suggested": result["n_suggested"],
+        "suggested_mislabelled": result.get("suggested_mislabelled"),
+        "minutes": (time.time() - start) / 60,
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| style | learned fraction | AUROC (atypicality) | AUROC (loss) | top n corrupted | suggested "
-             "| of them corrupted | minutes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| style | learned fraction | AUROC (atypicality) | AUROC (loss) | top n corrupted | suggested "
+        "| of them corrupted | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         withheld = f" ({r['withheld']} withheld)" if r.get("withheld") else ""
-        precision = (f"{r['suggested_mislabelled']} ({100 * r['suggested_mislabelled'] / r['suggested']:.0f} %)"
-                     if r["suggested"] else "-")
-        lines.append(f"| {r['style']} | {r['learned_fraction']:.2f} | {r['auroc']:.3f} | {r['auroc_loss']:.3f} "
-                     f"| {100 * r['top_n_precision']:.0f} % | {r['suggested']}{withheld} | {precision} | {r['minutes']:.1f} |")
+        precision = (
+            f"{r['suggested_mislabelled']} ({100 * r['suggested_mislabelled'] / r['suggested']:.0f} %)"
+            if r["suggested"]
+            else "-"
+        )
+        lines.append(
+            f"| {r['style']} | {r['learned_fraction']:.2f} | {r['auroc']:.3f} | {r['auroc_loss']:.3f} "
+            f"| {100 * r['top_n_precision']:.0f} % | {r['suggested']}{withheld} | {precision} | {r['minutes']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +105,9 @@ def main() -> None:
     try:
         for style in styles:
             rows.append(run_style(style, root, args))
-            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+            args.out.write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+            )
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         if args.keep is None:

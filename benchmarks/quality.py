@@ -43,8 +43,9 @@ def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int
     ids = dataset.ids("train")
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    images = torch.stack([(torch.from_numpy(dataset.load(i, with_mask=False).image).permute(2, 0, 1) - mean) / std
-                          for i in ids])
+    images = torch.stack(
+        [(torch.from_numpy(dataset.load(i, with_mask=False).image).permute(2, 0, 1) - mean) / std for i in ids]
+    )
     targets = torch.zeros(len(ids), dataset.num_classes)
     for row, image_id in enumerate(ids):
         targets[row, torch.as_tensor(dataset.labels(image_id)) - 1] = 1
@@ -58,7 +59,7 @@ def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int
     for _ in range(epochs):
         order = torch.randperm(len(ids), generator=generator)
         for start in range(0, len(ids), batch):
-            pick = order[start:start + batch]
+            pick = order[start : start + batch]
             x = images[pick]
             flip = torch.rand(len(pick), generator=generator) < 0.5
             x[flip] = x[flip].flip(-1)
@@ -69,8 +70,16 @@ def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int
             schedule.step()
     path = ws.cls_dir / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"backbone": "resnet18", "num_classes": dataset.num_classes, "classes": dataset.classes,
-                "config": {"recipe": "plain baseline"}, "model": model.state_dict()}, path)
+    torch.save(
+        {
+            "backbone": "resnet18",
+            "num_classes": dataset.num_classes,
+            "classes": dataset.classes,
+            "config": {"recipe": "plain baseline"},
+            "model": model.state_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -85,11 +94,17 @@ def summary(result: dict) -> dict:
     return out
 
 
-def run_style(style: str, root: Path, n_train: int, n_val: int, opts: RunOptions, workers: int,
-              epochs: dict[str, int]) -> dict:
+def run_style(
+    style: str, root: Path, n_train: int, n_val: int, opts: RunOptions, workers: int, epochs: dict[str, int]
+) -> dict:
     start = time.time()
-    ws = init.run(root / style, "synthetic", None, None, {"n_train": n_train, "n_val": n_val, "size": 128,
-                                                            **({"style": style} if style != "heads" else {})})
+    ws = init.run(
+        root / style,
+        "synthetic",
+        None,
+        None,
+        {"n_train": n_train, "n_val": n_val, "size": 128, **({"style": style} if style != "heads" else {})},
+    )
     for stage in ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "compute-influence"):
         ws.set_stage_options(stage, {"workers": workers})
     for stage, value in epochs.items():
@@ -113,19 +128,23 @@ def pct(value) -> str:
 
 
 def markdown(rows: list[dict], n_train: int, n_val: int) -> str:
-    lines = [f"mIoU % against exact masks, {n_train} train / {n_val} val images of 128 px; maps and CRF on train, "
-             "segmentation on val; `fixed` = background threshold 0.15, `best` = best of the sweep, tuned on train; "
-             "no oracle.", "",
-             "| style | cls val mAP | plain CAM fixed / best | CAM fixed / best | refined fixed / best | refined / CAM "
-             "| CRF(CAM) | CRF(refined) | seg val (CRF) | seg / CRF | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"mIoU % against exact masks, {n_train} train / {n_val} val images of 128 px; maps and CRF on train, "
+        "segmentation on val; `fixed` = background threshold 0.15, `best` = best of the sweep, tuned on train; "
+        "no oracle.",
+        "",
+        "| style | cls val mAP | plain CAM fixed / best | CAM fixed / best | refined fixed / best | refined / CAM "
+        "| CRF(CAM) | CRF(refined) | seg val (CRF) | seg / CRF | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         cams, refined, crf, seg = r["cams"], r["refined"], r["crf"], r.get("seg", {})
         lines.append(
             f"| {r['style']} | {pct(r['val_map'])} | {pct(r['plain_cams']['fixed'])} / {pct(r['plain_cams']['miou'])} "
             f"| {pct(cams['fixed'])} / {pct(cams['miou'])} | {pct(refined['fixed'])} / {pct(refined['miou'])} "
             f"| {refined['miou'] / max(cams['miou'], 1e-9):.2f} | {pct(r['crf_cams']['miou'])} | {pct(crf['miou'])} "
-            f"| {pct(seg.get('miou'))} | {seg.get('miou', 0) / max(crf['miou'], 1e-9):.2f} | {r['total_s'] / 60:.1f} |")
+            f"| {pct(seg.get('miou'))} | {seg.get('miou', 0) / max(crf['miou'], 1e-9):.2f} | {r['total_s'] / 60:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -146,8 +165,17 @@ def main() -> None:
     try:
         for style in styles:
             epochs = {"train-cls": args.epochs, "train-seg": args.seg_epochs, "plain": args.plain_epochs}
-            rows.append(run_style(style, root, args.n_train, args.n_val, opts, args.workers,
-                                  {k: v for k, v in epochs.items() if v is not None}))
+            rows.append(
+                run_style(
+                    style,
+                    root,
+                    args.n_train,
+                    args.n_val,
+                    opts,
+                    args.workers,
+                    {k: v for k, v in epochs.items() if v is not None},
+                )
+            )
             args.out.write_text(json.dumps({"n_train": args.n_train, "n_val": args.n_val, "rows": rows}, indent=1))
             print(markdown(rows[-1:], args.n_train, args.n_val).splitlines()[-1], flush=True)
     finally:

@@ -58,9 +58,15 @@ def load(path: Path) -> Data:
     store = ws.complete_maps("cams", "train", ids)
     samples = [dataset.load(i, with_mask=True) for i in ids]
     records = [store.read(i) for i in ids]
-    return Data(path.name, ids, [s.image for s in samples], [s.mask for s in samples],
-                [r.maps.astype(np.float32) for r in records], [np.asarray(r.classes) for r in records],
-                dataset.num_classes + 1)
+    return Data(
+        path.name,
+        ids,
+        [s.image for s in samples],
+        [s.mask for s in samples],
+        [r.maps.astype(np.float32) for r in records],
+        [np.asarray(r.classes) for r in records],
+        dataset.num_classes + 1,
+    )
 
 
 def _propose(args):
@@ -79,8 +85,9 @@ def map_scores(data: Data, maps: list[np.ndarray]) -> dict:
     return {"fixed": float(curve[np.argmin(np.abs(TAUS - FIXED))]), "best": float(curve.max()), "tau": tau}
 
 
-def crf_score(data: Data, maps: list[np.ndarray], alpha: float, pool: ProcessPoolExecutor,
-              crf: CrfParams = PRESETS["psa"]) -> float:
+def crf_score(
+    data: Data, maps: list[np.ndarray], alpha: float, pool: ProcessPoolExecutor, crf: CrfParams = PRESETS["psa"]
+) -> float:
     labels = pool.map(_crf, [(i, m, c, alpha, crf) for i, m, c in zip(data.images, maps, data.classes)], chunksize=8)
     conf = sum(confusion_matrix(m, lab, data.num_labels) for m, lab in zip(data.masks, labels))
     return scores(conf)["miou"]
@@ -94,10 +101,17 @@ def refine(data: Data, cfg: RefineConfig, proposals: list | None) -> list[np.nda
     params = boundary_params(cfg)
     out = []
     for start in range(0, len(maps), 16):  # all synthetic images of a workspace share one size
-        batch = [refine_stage.RefineItem(i, torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                                    torch.from_numpy(m), c)
-                 for i, image, m, c in zip(data.ids[start:start + 16], data.images[start:start + 16],
-                                           maps[start:start + 16], data.classes[start:start + 16])]
+        batch = [
+            refine_stage.RefineItem(
+                i, torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(m), c
+            )
+            for i, image, m, c in zip(
+                data.ids[start : start + 16],
+                data.images[start : start + 16],
+                maps[start : start + 16],
+                data.classes[start : start + 16],
+            )
+        ]
         out += refine_stage.boundary_batch(batch, cfg.boundary, params, torch.device("cpu"))
     return out
 
@@ -144,7 +158,9 @@ def main() -> None:
         for overrides in grid(args.grid):
             start = time.time()
             alpha = overrides.get("bg_alpha", FILLED_ALPHA)
-            crf = dataclasses.replace(PRESETS["psa"], **{k[4:]: v for k, v in overrides.items() if k.startswith("crf_")})
+            crf = dataclasses.replace(
+                PRESETS["psa"], **{k[4:]: v for k, v in overrides.items() if k.startswith("crf_")}
+            )
             cfg = RefineConfig(**{k: v for k, v in overrides.items() if k != "bg_alpha" and not k.startswith("crf_")})
             results = []
             for d in datasets:
@@ -171,6 +187,7 @@ def _print(label: str, results: list[dict], base: list[dict] | None = None, seco
         if "crf" in r:
             text += f" crf {r['crf'] * 100:.1f}"
         return text
+
     cells = [cell(r, b) for r, b in zip(results, base or [None] * len(results))]
     mean = {k: float(np.mean([r[k] for r in results])) for k in results[0] if k != "tau"}
     mean_base = {k: float(np.mean([b[k] for b in base])) for k in base[0] if k != "tau"} if base else None

@@ -29,8 +29,9 @@ VARIANTS: dict[str, dict | None] = {
 }
 
 
-def run(ws: Workspace, split: str, opts: RunOptions, workers: int | None = None,
-        variants: tuple[str, ...] = tuple(VARIANTS)) -> list[dict]:
+def run(
+    ws: Workspace, split: str, opts: RunOptions, workers: int | None = None, variants: tuple[str, ...] = tuple(VARIANTS)
+) -> list[dict]:
     dataset_ids = ws.dataset().ids(split)
     ws.complete_maps("cams", split, dataset_ids)  # "run make-cams first" before any work
     quiet = RunOptions(device=opts.device, seed=opts.seed, quiet=True)
@@ -81,9 +82,13 @@ def _write(ws: Workspace, split: str, rows: list[dict]) -> None:
 
 def markdown(rows: list[dict], split: str) -> str:
     first = rows[0]["maps"]
-    lines = [f"mIoU % on split `{split}` ({first['n_images']} images, GT {first['gt_source']}); maps at the best "
-             f"background threshold tuned on `{split}`; CRF = dense CRF pseudo-labels; no oracle guidance.", "",
-             "| variant | maps (threshold) | + CRF |", "|---|---:|---:|"]
+    lines = [
+        f"mIoU % on split `{split}` ({first['n_images']} images, GT {first['gt_source']}); maps at the best "
+        f"background threshold tuned on `{split}`; CRF = dense CRF pseudo-labels; no oracle guidance.",
+        "",
+        "| variant | maps (threshold) | + CRF |",
+        "|---|---:|---:|",
+    ]
     for row in rows:
         m, c = row["maps"], row["crf"]
         lines.append(f"| {row['variant']} | {m['miou'] * 100:.1f} ({m['threshold']:.2f}) | {c['miou'] * 100:.1f} |")
@@ -91,12 +96,17 @@ def markdown(rows: list[dict], split: str) -> str:
 
 
 def print_table(rows: list[dict], split: str) -> None:
-    table = Table(title=escape(f"ablation on '{split}' (mIoU %)"), caption=escape(
-        f"maps: best background threshold tuned on '{split}'; + CRF: dense-CRF pseudo-labels; no oracle"))
+    table = Table(
+        title=escape(f"ablation on '{split}' (mIoU %)"),
+        caption=escape(
+            f"maps: best background threshold tuned on '{split}'; + CRF: dense-CRF pseudo-labels; no oracle"
+        ),
+    )
     for column in ("variant", "maps", "threshold", "+ CRF"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
         m, c = row["maps"], row["crf"]
-        table.add_row(escape(row["variant"]), f"{m['miou'] * 100:.1f}", f"{m['threshold']:.2f}", f"{c['miou'] * 100:.1f}")
+        table.add_row(
+            escape(row["variant"]), f"{m['miou'] * 100:.1f}", f"{m['threshold']:.2f}", f"{c['miou'] * 100:.1f}"
+        )
     Console().print(table)
-

@@ -30,7 +30,6 @@ from igcam_cli.workspace import Workspace
 STAGES = ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "evaluate")
 
 
-
 @dataclass
 class Step:
     stage: str
@@ -47,8 +46,15 @@ class Step:
         return f"{name} ({self.split})" if self.split else name
 
 
-def run(ws: Workspace, opts: RunOptions, until: str | None = None, start: str | None = None,
-        split: str | None = None, val_split: str | None = None, console: Console | None = None) -> dict[str, Any]:
+def run(
+    ws: Workspace,
+    opts: RunOptions,
+    until: str | None = None,
+    start: str | None = None,
+    split: str | None = None,
+    val_split: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Runs the chain; returns {"steps": [{step, action, reason}], "evaluations": [evaluate results]}."""
     console = console or Console()
     for name, value in (("--until", until), ("--from", start)):
@@ -103,23 +109,55 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
     crf_cfg = config("crf", split=split)
     seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split is not None else {}))
     steps = [
-        Step("train-cls", None, cls_cfg, lambda: (ws.cls_round_dir(cls_cfg.round) / "model.pt").is_file(),
-             lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force)),
-             key="round"),
-        Step("make-cams", split, cams_cfg, lambda: _covers(ws.maps("cams", split).ids(), ids),
-             lambda force: make_cams.run(cams_cfg, ws, opts, force=force)),
-        Step("refine", split, refine_cfg, lambda: _covers(ws.maps("refined", split).ids(), ids),
-             lambda force: refine.run(refine_cfg, ws, opts, force=force)),
-        Step("crf", split, crf_cfg, lambda: _covers(ws.pseudo(split).ids(), ids),
-             lambda force: crf.run(crf_cfg, ws, opts, force=force)),
-        Step("train-seg", None, seg_cfg, lambda: (ws.seg_dir / "model.pt").is_file(),
-             lambda force: train_seg.run(seg_cfg, ws, opts, train_seg.TrainOptions(resume=not force))),
+        Step(
+            "train-cls",
+            None,
+            cls_cfg,
+            lambda: (ws.cls_round_dir(cls_cfg.round) / "model.pt").is_file(),
+            lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force)),
+            key="round",
+        ),
+        Step(
+            "make-cams",
+            split,
+            cams_cfg,
+            lambda: _covers(ws.maps("cams", split).ids(), ids),
+            lambda force: make_cams.run(cams_cfg, ws, opts, force=force),
+        ),
+        Step(
+            "refine",
+            split,
+            refine_cfg,
+            lambda: _covers(ws.maps("refined", split).ids(), ids),
+            lambda force: refine.run(refine_cfg, ws, opts, force=force),
+        ),
+        Step(
+            "crf",
+            split,
+            crf_cfg,
+            lambda: _covers(ws.pseudo(split).ids(), ids),
+            lambda force: crf.run(crf_cfg, ws, opts, force=force),
+        ),
+        Step(
+            "train-seg",
+            None,
+            seg_cfg,
+            lambda: (ws.seg_dir / "model.pt").is_file(),
+            lambda force: train_seg.run(seg_cfg, ws, opts, train_seg.TrainOptions(resume=not force)),
+        ),
     ]
     if val_split:
         pred_cfg = config("predict", split=val_split, images=None, out=val_split)
         val_ids = dataset.ids(val_split)
-        steps.append(Step("predict", val_split, pred_cfg, lambda: _covers(ws.predictions(val_split).ids(), val_ids),
-                          lambda force: predict.run(pred_cfg, ws, opts, force=force)))
+        steps.append(
+            Step(
+                "predict",
+                val_split,
+                pred_cfg,
+                lambda: _covers(ws.predictions(val_split).ids(), val_ids),
+                lambda force: predict.run(pred_cfg, ws, opts, force=force),
+            )
+        )
     quiet = replace(opts, quiet=True)
     evaluations = [(artifact, split) for artifact in ("cams", "refined", "crf")]
     if val_split:
@@ -128,8 +166,16 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
         if not dataset.has_masks(eval_split):
             continue
         eval_cfg = config("evaluate", artifact=artifact, split=eval_split)
-        steps.append(Step("evaluate", eval_split, eval_cfg, _file_exists(ws, artifact, eval_split),
-                          lambda force, c=eval_cfg: evaluate.run(c, ws, quiet), artifact=artifact))
+        steps.append(
+            Step(
+                "evaluate",
+                eval_split,
+                eval_cfg,
+                _file_exists(ws, artifact, eval_split),
+                lambda force, c=eval_cfg: evaluate.run(c, ws, quiet),
+                artifact=artifact,
+            )
+        )
     return steps
 
 
@@ -139,8 +185,7 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
     if record is None:
         return "not run yet"
     now = to_dict(step.config)
-    changed = sorted(k for k in now
-                     if k not in step.config.NOT_IN_RESULTS and _value(record, k, step.config) != now[k])
+    changed = sorted(k for k in now if k not in step.config.NOT_IN_RESULTS and _value(record, k, step.config) != now[k])
     if changed:
         return f"settings changed ({', '.join(changed)})"
     if "seed" in record and record["seed"] != opts.seed:
@@ -153,10 +198,14 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
 
 
 def _latest(ws: Workspace, step: Step) -> dict | None:
-    matches = [r for r in ws.records() if r["stage"] == step.stage
-               and (step.split is None or r.get("split") == step.split)
-               and (step.artifact is None or r["config"].get("artifact") == step.artifact)
-               and (step.key is None or _value(r, step.key, step.config) == getattr(step.config, step.key))]
+    matches = [
+        r
+        for r in ws.records()
+        if r["stage"] == step.stage
+        and (step.split is None or r.get("split") == step.split)
+        and (step.artifact is None or r["config"].get("artifact") == step.artifact)
+        and (step.key is None or _value(r, step.key, step.config) == getattr(step.config, step.key))
+    ]
     return matches[-1] if matches else None
 
 

@@ -13,20 +13,28 @@ import typer
 
 from igcam_cli import __version__
 from igcam_cli.config import (
-    STAGE_CONFIGS, RunOptions, build,
+    STAGE_CONFIGS,
+    RunOptions,
+    build,
 )
 from igcam_cli.errors import IgcamError, UsageError
 from igcam_cli.runtime.distributed import parse_shard
 from igcam_cli.workspace import Workspace, default_workspace
 
-app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
-                  help="Weakly supervised semantic segmentation: image-level labels in, pixel labels out.\n\n"
-                       "Every stage takes its settings from its table in the workspace's igcam.toml (\\[train-cls], "
-                       "\\[make-cams], ...; written by `igcam init`); an option given on the command line overrides "
-                       "that value for this run, and manifest.json records what each run used.")
+app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    help="Weakly supervised semantic segmentation: image-level labels in, pixel labels out.\n\n"
+    "Every stage takes its settings from its table in the workspace's igcam.toml (\\[train-cls], "
+    "\\[make-cams], ...; written by `igcam init`); an option given on the command line overrides "
+    "that value for this run, and manifest.json records what each run used.",
+)
 
 # ---- shared options ------------------------------------------------------------------------
-WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory \\[default: $IGCAM_WORKSPACE or .]")]
+WorkspaceOpt = Annotated[
+    Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory \\[default: $IGCAM_WORKSPACE or .]")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results")]
@@ -48,10 +56,16 @@ class NoiseKind(str, Enum):
     drop = "drop"
 
 
-SynthStyle = Enum("SynthStyle", {name: name for name in ("heads", "textured", "shapes", "lookalike", "scales", "clutter")},
-                  type=str)
-StyleOpt = Annotated[SynthStyle, typer.Option(help="Synthetic look: heads (the demo's), or a harder one: textured, "
-                                                   "shapes, lookalike, scales, clutter (docs in data/styles.py)")]
+SynthStyle = Enum(
+    "SynthStyle", {name: name for name in ("heads", "textured", "shapes", "lookalike", "scales", "clutter")}, type=str
+)
+StyleOpt = Annotated[
+    SynthStyle,
+    typer.Option(
+        help="Synthetic look: heads (the demo's), or a harder one: textured, "
+        "shapes, lookalike, scales, clutter (docs in data/styles.py)"
+    ),
+]
 
 
 class Preset(str, Enum):
@@ -105,7 +119,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version")] = False):
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version")
+    ] = False,
+):
     """igcam: CAMs, IG-CAM refinement, dense CRF and evaluation as one resumable pipeline."""
 
 
@@ -121,9 +139,14 @@ def init(
     n_val: Annotated[int, typer.Option(min=1, help="Synthetic: validation images")] = 80,
     image_size: Annotated[int, typer.Option(min=32, help="Synthetic: image side in pixels")] = 128,
     style: StyleOpt = SynthStyle.heads,
-    preset: Annotated[Preset, typer.Option(help="Stage settings: synthetic (small images, ResNet-18 from scratch, "
-                                             "CPU-sized), standard (ImageNet ResNet-50, the IRN recipe), or auto: "
-                                             "synthetic for the synthetic dataset and folders written by `igcam synth`")] = Preset.auto,
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            help="Stage settings: synthetic (small images, ResNet-18 from scratch, "
+            "CPU-sized), standard (ImageNet ResNet-50, the IRN recipe), or auto: "
+            "synthetic for the synthetic dataset and folders written by `igcam synth`"
+        ),
+    ] = Preset.auto,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing igcam.toml")] = False,
 ):
     """Create a workspace for a dataset (writes igcam.toml)."""
@@ -131,11 +154,14 @@ def init(
 
     path = workspace if workspace is not None else default_workspace()
     chosen = init_stage.choose_preset(dataset.value, root, preset.value)
-    synthetic = dict(n_train=n_train, n_val=n_val, size=image_size) | ({"style": style.value} if style.value != "heads" else {})
-    ws = init_stage.run(path, dataset.value, root, classes, synthetic, force,
-                        preset=chosen)
-    typer.echo(f"workspace {ws.root} ready: {ws.dataset().name} dataset, {ws.dataset().num_classes} classes, "
-               f"splits {', '.join(ws.dataset().splits())}; {chosen} settings in {ws.toml_path}")
+    synthetic = dict(n_train=n_train, n_val=n_val, size=image_size) | (
+        {"style": style.value} if style.value != "heads" else {}
+    )
+    ws = init_stage.run(path, dataset.value, root, classes, synthetic, force, preset=chosen)
+    typer.echo(
+        f"workspace {ws.root} ready: {ws.dataset().name} dataset, {ws.dataset().num_classes} classes, "
+        f"splits {', '.join(ws.dataset().splits())}; {chosen} settings in {ws.toml_path}"
+    )
 
 
 @app.command()
@@ -145,8 +171,13 @@ def synth(
     n_train: Annotated[int, typer.Option(min=1)] = 320,
     n_val: Annotated[int, typer.Option(min=1)] = 80,
     image_size: Annotated[int, typer.Option(min=32)] = 128,
-    label_noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Corrupt this fraction of the train labels (listed in corrupted.csv)")] = 0.0,
-    noise_kind: Annotated[NoiseKind, typer.Option(help="swap a class for a wrong one, add a wrong one, or drop one of two or more")] = NoiseKind.swap,
+    label_noise: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Corrupt this fraction of the train labels (listed in corrupted.csv)"),
+    ] = 0.0,
+    noise_kind: Annotated[
+        NoiseKind, typer.Option(help="swap a class for a wrong one, add a wrong one, or drop one of two or more")
+    ] = NoiseKind.swap,
     style: StyleOpt = SynthStyle.heads,
     seed: SeedOpt = 0,
 ):
@@ -155,17 +186,31 @@ def synth(
 
     dataset = SyntheticDataset(n_train=n_train, n_val=n_val, size=image_size, seed=seed, style=style.value)
     write_folder(dataset, out)
-    (out / SYNTH_MARKER).write_text(json.dumps({"written_by": f"igcam {__version__} synth", "n_train": n_train,
-                                                "n_val": n_val, "image_size": image_size, "style": style.value, "seed": seed,
-                                                "label_noise": label_noise, "noise_kind": noise_kind.value},
-                                               indent=1) + "\n")
+    (out / SYNTH_MARKER).write_text(
+        json.dumps(
+            {
+                "written_by": f"igcam {__version__} synth",
+                "n_train": n_train,
+                "n_val": n_val,
+                "image_size": image_size,
+                "style": style.value,
+                "seed": seed,
+                "label_noise": label_noise,
+                "noise_kind": noise_kind.value,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     typer.echo(f"wrote {n_train + n_val} images to {out}")
     if label_noise > 0:
         from igcam_cli.data.noise import CORRUPTED_NAME, write_noisy_labels
 
         train = {i: dataset.labels(i) for i in dataset.ids("train")}
         bad = write_noisy_labels(out, dataset.classes, train, label_noise, seed, noise_kind.value)
-        typer.echo(f"corrupted the labels of {len(bad)} train images ({noise_kind.value}; listed in {out / CORRUPTED_NAME})")
+        typer.echo(
+            f"corrupted the labels of {len(bad)} train images ({noise_kind.value}; listed in {out / CORRUPTED_NAME})"
+        )
 
 
 @app.command("train-cls")
@@ -179,19 +224,42 @@ def train_cls(
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     crop: Annotated[Optional[int], typer.Option(min=16)] = None,
-    crop_height: Annotated[Optional[int], typer.Option(min=0, help="Rows of the training canvas (0: --crop, a square)")] = None,
+    crop_height: Annotated[
+        Optional[int], typer.Option(min=0, help="Rows of the training canvas (0: --crop, a square)")
+    ] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")] = None,
+    warmup_epochs: Annotated[
+        Optional[int], typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")
+    ] = None,
     workers: WorkersOpt = None,
-    round: Annotated[Optional[int], typer.Option("--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/")] = None,
-    sample_weights: Annotated[Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")] = None,
-    relabel: Annotated[Optional[bool], typer.Option("--relabel/--no-relabel", help="With --sample-weights influence: train on compute-influence's suggested labels \\[default: relabel]")] = None,
-    finetune_lr_mult: Annotated[Optional[float], typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) \\[default: 0.2]")] = None,
-    finetune_epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
+    round: Annotated[
+        Optional[int],
+        typer.Option(
+            "--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/"
+        ),
+    ] = None,
+    sample_weights: Annotated[
+        Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")
+    ] = None,
+    relabel: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--relabel/--no-relabel",
+            help="With --sample-weights influence: train on compute-influence's suggested labels \\[default: relabel]",
+        ),
+    ] = None,
+    finetune_lr_mult: Annotated[
+        Optional[float], typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) \\[default: 0.2]")
+    ] = None,
+    finetune_epochs: Annotated[
+        Optional[int], typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Train the multi-label CAM classifier (cls/model.pt; cls/last.pt after every epoch).
 
@@ -202,13 +270,33 @@ def train_cls(
     from igcam_cli.stages import train_cls as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "train-cls", backbone=backbone, pretrained=pretrained, split=split, val_split=val_split,
-                  epochs=epochs, batch_size=batch_size, crop=crop, crop_height=crop_height, lr=lr, freeze_bn=freeze_bn,
-                  warmup_epochs=warmup_epochs, workers=workers,
-                  round=round, sample_weights=sample_weights, relabel=relabel, finetune_lr_mult=finetune_lr_mult,
-                  finetune_epochs=finetune_epochs)
-    stage.run(cfg, ws, _opts(device, seed, quiet),
-              stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
+    cfg = _config(
+        ws,
+        "train-cls",
+        backbone=backbone,
+        pretrained=pretrained,
+        split=split,
+        val_split=val_split,
+        epochs=epochs,
+        batch_size=batch_size,
+        crop=crop,
+        crop_height=crop_height,
+        lr=lr,
+        freeze_bn=freeze_bn,
+        warmup_epochs=warmup_epochs,
+        workers=workers,
+        round=round,
+        sample_weights=sample_weights,
+        relabel=relabel,
+        finetune_lr_mult=finetune_lr_mult,
+        finetune_epochs=finetune_epochs,
+    )
+    stage.run(
+        cfg,
+        ws,
+        _opts(device, seed, quiet),
+        stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None),
+    )
 
 
 @app.command("make-cams")
@@ -219,20 +307,42 @@ def make_cams(
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales \\[default: 1.0,0.5,1.5,2.0]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    label_source: Annotated[Optional[str], typer.Option(help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) \\[default: auto]")] = None,
-    influence_fusion: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)")] = None,
-    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")] = None,
+    label_source: Annotated[
+        Optional[str],
+        typer.Option(
+            help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) \\[default: auto]"
+        ),
+    ] = None,
+    influence_fusion: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)"),
+    ] = None,
+    round: Annotated[
+        Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
+    ] = None,
     workers: WorkersOpt = None,
-    shard: ShardOpt = None, force: ForceOpt = False,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Class activation maps for a split (cams/<split>/part-*.h5), from the latest classifier round."""
     from igcam_cli.stages import make_cams as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "make-cams", split=split, scales=_floats(scales, "--scales"), flip=flip,
-                  batch_size=batch_size, label_source=label_source, workers=workers,
-                  influence_fusion=influence_fusion, round=round)
+    cfg = _config(
+        ws,
+        "make-cams",
+        split=split,
+        scales=_floats(scales, "--scales"),
+        flip=flip,
+        batch_size=batch_size,
+        label_source=label_source,
+        workers=workers,
+        influence_fusion=influence_fusion,
+        round=round,
+    )
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
@@ -241,20 +351,33 @@ def make_cams(
 def compute_influence(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    query_split: Annotated[Optional[str], typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")] = None,
+    query_split: Annotated[
+        Optional[str], typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")
+    ] = None,
     hessian: Annotated[Optional[str], typer.Option(help="ekfac, kfac or none (gradient dot products)")] = None,
-    damping: Annotated[Optional[float], typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")] = None,
+    damping: Annotated[
+        Optional[float], typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")
+    ] = None,
     damping_mode: Annotated[Optional[str], typer.Option(help="relative or absolute")] = None,
     fisher: Annotated[Optional[str], typer.Option(help="Curvature: ggn (exact), sampled or empirical")] = None,
-    scope: Annotated[Optional[str], typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")] = None,
+    scope: Annotated[
+        Optional[str], typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")
+    ] = None,
     maps: Annotated[Optional[str], typer.Option(help="Spatial maps for labelled classes, all classes or none")] = None,
     size: Annotated[Optional[int], typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
-    round: Annotated[Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")] = None,
+    round: Annotated[
+        Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the other shards' statistics (default under torchrun)")] = False,
-    shard: ShardOpt = None, force: ForceOpt = False,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait for the other shards' statistics (default under torchrun)")
+    ] = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Influence of each training image: self-influence, per-class scores, spatial maps, sample weights (influence/<split>/).
 
@@ -273,9 +396,22 @@ def compute_influence(
     from igcam_cli.stages import compute_influence as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "compute-influence", split=split, query_split=query_split, hessian=hessian, damping=damping,
-                  damping_mode=damping_mode, fisher=fisher, scope=scope, maps=maps, size=size, round=round,
-                  batch_size=batch_size, workers=workers)
+    cfg = _config(
+        ws,
+        "compute-influence",
+        split=split,
+        query_split=query_split,
+        hessian=hessian,
+        damping=damping,
+        damping_mode=damping_mode,
+        fisher=fisher,
+        scope=scope,
+        maps=maps,
+        size=size,
+        round=round,
+        batch_size=batch_size,
+        workers=workers,
+    )
     torchrun = shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force, wait=wait or torchrun)
 
@@ -286,8 +422,12 @@ def influence_report(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Images to list")] = None,
-    truth: Annotated[Optional[Path], typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")] = None,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    truth: Annotated[
+        Optional[Path], typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Training images most likely to have wrong labels (eval/influence-<split>.md, .json, .png)."""
     from igcam_cli.stages import influence_report as stage
@@ -304,18 +444,35 @@ def influence_report(
 def refine(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    guidance: Annotated[Optional[str], typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")] = None,
-    boundary: Annotated[Optional[bool], typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")] = None,
-    scales: Annotated[Optional[str], typer.Option(help="Boundary scales, coarse to fine \\[default: 0.25,0.5,1.0]")] = None,
+    guidance: Annotated[
+        Optional[str], typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")
+    ] = None,
+    boundary: Annotated[
+        Optional[bool], typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")
+    ] = None,
+    scales: Annotated[
+        Optional[str], typer.Option(help="Boundary scales, coarse to fine \\[default: 0.25,0.5,1.0]")
+    ] = None,
     iterations: Annotated[Optional[int], typer.Option(min=0, help="Propagation steps per scale")] = None,
-    fill_gain: Annotated[Optional[float], typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")] = None,
-    outside_damping: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")] = None,
-    max_area: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: largest region, fraction of the image")] = None,
-    proposal_scale: Annotated[Optional[float], typer.Option(min=1.0, help="Proposals: graph-segmentation scale")] = None,
+    fill_gain: Annotated[
+        Optional[float], typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")
+    ] = None,
+    outside_damping: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")
+    ] = None,
+    max_area: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: largest region, fraction of the image")
+    ] = None,
+    proposal_scale: Annotated[
+        Optional[float], typer.Option(min=1.0, help="Proposals: graph-segmentation scale")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
-    shard: ShardOpt = None, force: ForceOpt = False,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Instance guidance + multi-scale boundary enhancement of CAMs (refined/<split>/part-*.h5).
 
@@ -325,9 +482,21 @@ def refine(
     from igcam_cli.stages import refine as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "refine", split=split, guidance=guidance, boundary=boundary, scales=_floats(scales, "--scales"),
-                  iterations=iterations, fill_gain=fill_gain, outside_damping=outside_damping, max_area=max_area,
-                  proposal_scale=proposal_scale, batch_size=batch_size, workers=workers)
+    cfg = _config(
+        ws,
+        "refine",
+        split=split,
+        guidance=guidance,
+        boundary=boundary,
+        scales=_floats(scales, "--scales"),
+        iterations=iterations,
+        fill_gain=fill_gain,
+        outside_damping=outside_damping,
+        max_area=max_area,
+        proposal_scale=proposal_scale,
+        batch_size=batch_size,
+        workers=workers,
+    )
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
@@ -341,17 +510,32 @@ def crf(
     bg_mode: Annotated[Optional[str], typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
     bg_alpha: Annotated[Optional[float], typer.Option(min=0.0)] = None,
     bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
-    confidence: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Marginals below this become 255")] = None,
+    confidence: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Marginals below this become 255")
+    ] = None,
     workers: WorkersOpt = None,
-    shard: ShardOpt = None, force: ForceOpt = False,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Dense-CRF pseudo-labels (pseudo/<split>/<id>.png, VOC palette, 255 = ignore)."""
     from igcam_cli.stages import crf as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "crf", split=split, source=source, preset=preset, bg_mode=bg_mode, bg_alpha=bg_alpha,
-                  bg_tau=bg_tau, confidence=confidence, workers=workers)
+    cfg = _config(
+        ws,
+        "crf",
+        split=split,
+        source=source,
+        preset=preset,
+        bg_mode=bg_mode,
+        bg_alpha=bg_alpha,
+        bg_tau=bg_tau,
+        confidence=confidence,
+        workers=workers,
+    )
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
@@ -359,29 +543,64 @@ def crf(
 @handles_errors
 def train_seg(
     workspace: WorkspaceOpt = None,
-    arch: Annotated[Optional[str], typer.Option(help="deeplabv3_resnet50|deeplabv3_resnet101, or small CPU models deeplabv3_resnet18|deeplabv3plus_resnet18")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")] = None,
-    labels: Annotated[Optional[str], typer.Option(help="pseudo (crf pseudo-labels) or gt (GT masks: the fully supervised UPPER BOUND)")] = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option(
+            help="deeplabv3_resnet50|deeplabv3_resnet101, or small CPU models deeplabv3_resnet18|deeplabv3plus_resnet18"
+        ),
+    ] = None,
+    pretrained: Annotated[
+        Optional[str], typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")
+    ] = None,
+    labels: Annotated[
+        Optional[str],
+        typer.Option(help="pseudo (crf pseudo-labels) or gt (GT masks: the fully supervised UPPER BOUND)"),
+    ] = None,
     split: SplitOpt = None,
-    val_split: Annotated[Optional[str], typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")] = None,
+    val_split: Annotated[
+        Optional[str], typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    min_steps: Annotated[Optional[int], typer.Option(min=0, help="Raise --epochs until the run takes this many SGD steps (0: off)")] = None,
+    min_steps: Annotated[
+        Optional[int], typer.Option(min=0, help="Raise --epochs until the run takes this many SGD steps (0: off)")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     crop: Annotated[Optional[int], typer.Option(min=16)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")] = None,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    init_from: Annotated[
+        Optional[Path], typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Train DeepLabV3 on the pseudo-labels (seg/model.pt; seg/last.pt after every epoch)."""
     from igcam_cli.stages import train_seg as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "train-seg", arch=arch, pretrained=pretrained, labels=labels, split=split, val_split=val_split,
-                  epochs=epochs, min_steps=min_steps, batch_size=batch_size, crop=crop, lr=lr, workers=workers)
-    stage.run(cfg, ws, _opts(device, seed, quiet),
-              stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
+    cfg = _config(
+        ws,
+        "train-seg",
+        arch=arch,
+        pretrained=pretrained,
+        labels=labels,
+        split=split,
+        val_split=val_split,
+        epochs=epochs,
+        min_steps=min_steps,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        workers=workers,
+    )
+    stage.run(
+        cfg,
+        ws,
+        _opts(device, seed, quiet),
+        stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None),
+    )
 
 
 @app.command()
@@ -389,25 +608,47 @@ def train_seg(
 def predict(
     workspace: WorkspaceOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Predict a dataset split ...")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="... or every JPEG/PNG file of a folder (ids = file stems)")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")] = None,
+    images: Annotated[
+        Optional[Path], typer.Option(help="... or every JPEG/PNG file of a folder (ids = file stems)")
+    ] = None,
+    out: Annotated[
+        Optional[str], typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")
+    ] = None,
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales \\[default: 1.0,0.75,1.25]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
-    crf: Annotated[Optional[bool], typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")] = None,
+    crf: Annotated[
+        Optional[bool], typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")
+    ] = None,
     preset: Annotated[Optional[str], typer.Option(help="CRF preset: deeplab, psa, irn or toco")] = None,
-    overlays: Annotated[Optional[bool], typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
+    overlays: Annotated[
+        Optional[bool], typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
-    shard: ShardOpt = None, force: ForceOpt = False,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Label maps from the segmentation model (pred/<name>/<id>.png + overlays/<id>.jpg)."""
     from igcam_cli.stages import predict as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "predict", split=split, images=str(images) if images is not None else None, out=out,
-                  scales=_floats(scales, "--scales"), flip=flip, crf=crf, preset=preset, overlays=overlays,
-                  batch_size=batch_size, workers=workers)
+    cfg = _config(
+        ws,
+        "predict",
+        split=split,
+        images=str(images) if images is not None else None,
+        out=out,
+        scales=_floats(scales, "--scales"),
+        flip=flip,
+        crf=crf,
+        preset=preset,
+        overlays=overlays,
+        batch_size=batch_size,
+        workers=workers,
+    )
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
@@ -415,10 +656,17 @@ def predict(
 @handles_errors
 def evaluate(
     workspace: WorkspaceOpt = None,
-    artifact: Annotated[Optional[str], typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/); influence: the mislabel report")] = None,
+    artifact: Annotated[
+        Optional[str],
+        typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/); influence: the mislabel report"),
+    ] = None,
     split: SplitOpt = None,
-    bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")] = None,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    bg_tau: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """mIoU of an artifact against GT masks (eval/<artifact>-<split>.json and .md)."""
     from igcam_cli.stages import evaluate as stage
@@ -444,7 +692,9 @@ def ablate(
     workspace: WorkspaceOpt = None,
     split: Annotated[str, typer.Option(help="Split to run and evaluate on")] = "train",
     workers: WorkersOpt = None,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """CAM, +guidance, +boundary, +both, each with and without CRF: one mIoU table (eval/ablation-<split>.md)."""
     from igcam_cli import ablation
@@ -464,19 +714,31 @@ def status(workspace: WorkspaceOpt = None):
 @app.command()
 @handles_errors
 def demo(
-    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")] = None,
+    workspace: Annotated[
+        Optional[Path], typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")
+    ] = None,
     n_train: Annotated[int, typer.Option(min=8)] = 320,
     n_val: Annotated[int, typer.Option(min=4)] = 80,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Both models train this many epochs, with no step minimum (a quick look) \\[default: the synthetic preset's]")] = None,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Both models train this many epochs, with no step minimum (a quick look) \\[default: the synthetic preset's]",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=0)] = 2,
     force: Annotated[bool, typer.Option("--force", help="Start from a fresh workspace")] = False,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Synthetic data and the whole chain on it, on the CPU, with one table of mIoU per stage."""
     from igcam_cli import demo as stage
 
     path = workspace if workspace is not None else Path("igcam-demo")
-    stage.run(path, _opts(device, seed, quiet), n_train=n_train, n_val=n_val, epochs=epochs, workers=workers, force=force)
+    stage.run(
+        path, _opts(device, seed, quiet), n_train=n_train, n_val=n_val, epochs=epochs, workers=workers, force=force
+    )
 
 
 @app.command("run")
@@ -484,11 +746,19 @@ def demo(
 def run_chain(
     workspace: WorkspaceOpt = None,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage")] = None,
-    start: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one from scratch")] = None,
+    start: Annotated[
+        Optional[str], typer.Option("--from", help="Rerun this stage and every later one from scratch")
+    ] = None,
     split: Annotated[Optional[str], typer.Option(help="Pseudo-label split \\[default: train-seg's split]")] = None,
-    val_split: Annotated[Optional[str], typer.Option(help="Split to predict and evaluate the model on ('' for none) "
-                                                         "\\[default: train-seg's val_split]")] = None,
-    device: DeviceOpt = "auto", seed: SeedOpt = 0, quiet: QuietOpt = False,
+    val_split: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Split to predict and evaluate the model on ('' for none) \\[default: train-seg's val_split]"
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """The whole chain (train-cls, make-cams, refine, crf, train-seg, predict, evaluate), skipping fresh stages.
 

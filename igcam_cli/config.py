@@ -81,9 +81,20 @@ class MakeCamsConfig:
 class ComputeInfluenceConfig:
     # sample weights and label suggestions only shape scores.csv, which every complete run rewrites; the
     # classifier is compared by its checksum, so `round` (None: the latest) may name it either way
-    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size", "round", "w_min", "w_max", "w_threshold", "w_temperature",
-                                                 "relabel_threshold", "relabel_confidence", "relabel_drop_below",
-                                                 "learned_low", "learned_high")
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = (
+        "workers",
+        "batch_size",
+        "round",
+        "w_min",
+        "w_max",
+        "w_threshold",
+        "w_temperature",
+        "relabel_threshold",
+        "relabel_confidence",
+        "relabel_drop_below",
+        "learned_low",
+        "learned_high",
+    )
 
     split: str = "train"
     query_split: str | None = None  # None: 'val' when the dataset has it (and it is not `split`), else `split`

@@ -24,8 +24,15 @@ from igcam_cli.workspace import Workspace
 SHEET_IMAGES = 8
 
 
-def run(path: Path, opts: RunOptions, n_train: int = 320, n_val: int = 80, epochs: int | None = None,
-        workers: int = 2, force: bool = False) -> list[dict]:
+def run(
+    path: Path,
+    opts: RunOptions,
+    n_train: int = 320,
+    n_val: int = 80,
+    epochs: int | None = None,
+    workers: int = 2,
+    force: bool = False,
+) -> list[dict]:
     """Runs `igcam run` on the synthetic dataset; returns the evaluation results (pseudo-labels on
     train, the segmentation model on val)."""
     console = Console()
@@ -41,8 +48,12 @@ def run(path: Path, opts: RunOptions, n_train: int = 320, n_val: int = 80, epoch
     results = chain.run(ws, opts, console=console)["evaluations"]
     sheets = [_pictures(ws, "train"), _predictions(ws, "val")]
     _print_table(console, results, time.time() - start)
-    console.print(escape(f"pictures: {', '.join(map(str, sheets))}\n"
-                         f"workspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)"))
+    console.print(
+        escape(
+            f"pictures: {', '.join(map(str, sheets))}\n"
+            f"workspace: {ws.root} (rerun any stage there, e.g. `igcam status -w {ws.root}`)"
+        )
+    )
     return results
 
 
@@ -72,8 +83,15 @@ def _pictures(ws: Workspace, split: str) -> Path:
     rows = []
     for image_id in ids:
         sample = dataset.load(image_id)
-        rows.append([sample.image, report.overlay(sample.image, sample.mask), report.heatmap(cams.read(image_id).maps),
-                     report.heatmap(refined.read(image_id).maps), report.overlay(sample.image, pseudo.read(image_id))])
+        rows.append(
+            [
+                sample.image,
+                report.overlay(sample.image, sample.mask),
+                report.heatmap(cams.read(image_id).maps),
+                report.heatmap(refined.read(image_id).maps),
+                report.overlay(sample.image, pseudo.read(image_id)),
+            ]
+        )
     titles = ["image", "ground truth", "CAM", "refined", "CRF pseudo-label"]
     return report.contact_sheet(rows, titles, ws.path("report", "demo.png"))
 
@@ -84,9 +102,16 @@ def _predictions(ws: Workspace, split: str) -> Path:
     rows = []
     for image_id in dataset.ids(split)[:SHEET_IMAGES]:
         sample = dataset.load(image_id)
-        rows.append([sample.image, report.overlay(sample.image, sample.mask),
-                     report.overlay(sample.image, predictions.read(image_id))])
-    return report.contact_sheet(rows, ["image", "ground truth", "segmentation model"], ws.path("report", f"demo-{split}.png"))
+        rows.append(
+            [
+                sample.image,
+                report.overlay(sample.image, sample.mask),
+                report.overlay(sample.image, predictions.read(image_id)),
+            ]
+        )
+    return report.contact_sheet(
+        rows, ["image", "ground truth", "segmentation model"], ws.path("report", f"demo-{split}.png")
+    )
 
 
 def _print_table(console: Console, results: list[dict], seconds: float) -> None:
@@ -95,5 +120,7 @@ def _print_table(console: Console, results: list[dict], seconds: float) -> None:
         table.add_column(column, justify="right" if column == "mIoU %" else "left")
     for r in results:
         tau = f"{r['threshold']:.2f} (tuned on {r['threshold_tuned_on']})" if r["threshold"] is not None else "-"
-        table.add_row(r["artifact"], r["split"], r["gt_source"], "yes" if r["crf"] else "no", tau, f"{r['miou'] * 100:.1f}")
+        table.add_row(
+            r["artifact"], r["split"], r["gt_source"], "yes" if r["crf"] else "no", tau, f"{r['miou'] * 100:.1f}"
+        )
     console.print(table)

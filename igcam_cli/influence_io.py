@@ -38,7 +38,15 @@ SCORE_COLUMNS = ("id", "labels", "loss", "self_influence", "atypicality", "weigh
 RELABELLED_NAME = "relabelled.csv"
 EIGEN_NAME = "eigen.pt"
 FIT_NAME = "fit.json"
-FIT_NUMBERS = ("learned_fraction", "prior_loss", "mean_loss", "trust", "learned_low", "learned_high", "suggestions_withheld")
+FIT_NUMBERS = (
+    "learned_fraction",
+    "prior_loss",
+    "mean_loss",
+    "trust",
+    "learned_low",
+    "learned_high",
+    "suggestions_withheld",
+)
 
 
 def stats_path(directory: Path, phase: str, rank: int, count: int) -> Path:
@@ -126,8 +134,17 @@ def write_scores(directory: Path, rows: list[ImageScore]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(SCORE_COLUMNS)
         for r in rows:
-            writer.writerow((r.id, r.labels, repr(r.loss), repr(r.self_influence), repr(r.atypicality), repr(r.weight),
-                             r.suggested or r.labels))
+            writer.writerow(
+                (
+                    r.id,
+                    r.labels,
+                    repr(r.loss),
+                    repr(r.self_influence),
+                    repr(r.atypicality),
+                    repr(r.weight),
+                    r.suggested or r.labels,
+                )
+            )
     os.replace(tmp, path)
     return path
 
@@ -154,8 +171,10 @@ def read_scores(directory: Path, ids: list[str], command: str, num_classes: int)
         scores[r["id"]] = ImageScore(r["id"], r["labels"], *numbers, suggested)
     missing = [i for i in ids if i not in scores]
     if missing:
-        raise MissingArtifact(f"influence scores in {path} lack {len(missing)} of {len(ids)} images "
-                              f"(e.g. {missing[0]}): run `{command}` first")
+        raise MissingArtifact(
+            f"influence scores in {path} lack {len(missing)} of {len(ids)} images "
+            f"(e.g. {missing[0]}): run `{command}` first"
+        )
     return scores
 
 
@@ -205,8 +224,10 @@ def write_relabelled(path: Path, rows: list[ImageScore]) -> Path:
 
 def read_relabelled(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     """id -> the class indices a classifier round trained on, from its relabelled.csv."""
-    return {r["id"]: class_list(r["trained_labels"], num_classes, f"{path}, line {line}")
-            for line, r in _rows(path, ("id", "trained_labels"))}
+    return {
+        r["id"]: class_list(r["trained_labels"], num_classes, f"{path}, line {line}")
+        for line, r in _rows(path, ("id", "trained_labels"))
+    }
 
 
 def write_fit(directory: Path, fit: dict) -> Path:
@@ -226,22 +247,31 @@ def read_fit(directory: Path) -> dict | None:
         fit = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadData(f"cannot read {path}: {exc}; rerun compute-influence") from None
-    if (not isinstance(fit, dict) or not all(isinstance(fit.get(k), (int, float)) for k in FIT_NUMBERS)
-            or not isinstance(fit.get("suggestions_suppressed"), bool)):
-        raise BadData(f"{path}: not the file compute-influence wrote (needs {', '.join(FIT_NUMBERS)}); "
-                      "rerun compute-influence")
+    if (
+        not isinstance(fit, dict)
+        or not all(isinstance(fit.get(k), (int, float)) for k in FIT_NUMBERS)
+        or not isinstance(fit.get("suggestions_suppressed"), bool)
+    ):
+        raise BadData(
+            f"{path}: not the file compute-influence wrote (needs {', '.join(FIT_NUMBERS)}); rerun compute-influence"
+        )
     return fit
 
 
 def describe_fit(fit: dict, split: str) -> str:
     """One line: how well the classifier fits the split's labels and what compute-influence did about it."""
     ok = not fit["suggestions_suppressed"]
-    line = (f"classifier fit on '{split}': learned fraction {fit['learned_fraction']:.2f} {'>=' if ok else '<'} "
-            f"{fit['learned_high']:g} (median over images of 1 - loss / class-prior loss; mean loss "
-            f"{fit['mean_loss']:.3f}, class-prior loss {fit['prior_loss']:.3f} from the labels alone)")
+    line = (
+        f"classifier fit on '{split}': learned fraction {fit['learned_fraction']:.2f} {'>=' if ok else '<'} "
+        f"{fit['learned_high']:g} (median over images of 1 - loss / class-prior loss; mean loss "
+        f"{fit['mean_loss']:.3f}, class-prior loss {fit['prior_loss']:.3f} from the labels alone)"
+    )
     if ok:
         return line + ": weights and label suggestions as computed"
-    weights = ("sample weights all 1" if fit["trust"] <= 0 else
-               f"sample weights pulled towards 1 (trust {fit['trust']:.2f})")
-    return (line + f": the classifier has not learned enough for influence to find mislabelled images; {weights}, "
-            f"no label suggestions ({fit['suggestions_withheld']} withheld)")
+    weights = (
+        "sample weights all 1" if fit["trust"] <= 0 else f"sample weights pulled towards 1 (trust {fit['trust']:.2f})"
+    )
+    return (
+        line + f": the classifier has not learned enough for influence to find mislabelled images; {weights}, "
+        f"no label suggestions ({fit['suggestions_withheld']} withheld)"
+    )

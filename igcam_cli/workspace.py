@@ -72,8 +72,13 @@ class Workspace:
 
     # ---- creation and config -------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, dataset_spec: dict[str, Any], stage_defaults: dict[str, dict] | None = None,
-               overwrite: bool = False) -> "Workspace":
+    def create(
+        cls,
+        root: Path,
+        dataset_spec: dict[str, Any],
+        stage_defaults: dict[str, dict] | None = None,
+        overwrite: bool = False,
+    ) -> "Workspace":
         ws = cls(root)
         if ws.toml_path.exists() and not overwrite:
             raise UsageError(f"{ws.toml_path} already exists; pass --force to overwrite it")
@@ -85,7 +90,9 @@ class Workspace:
     def open(cls, root: Path) -> "Workspace":
         ws = cls(root)
         if not ws.toml_path.is_file():
-            raise MissingArtifact(f"{root} is not an igcam workspace (no {TOML_NAME}): run `igcam init -w {root} ...` first")
+            raise MissingArtifact(
+                f"{root} is not an igcam workspace (no {TOML_NAME}): run `igcam init -w {root} ...` first"
+            )
         return ws
 
     @property
@@ -189,12 +196,21 @@ class Workspace:
         missing = [i for i in ids if i not in have]
         if missing:
             state = "missing" if not have else f"incomplete ({len(ids) - len(missing)} of {len(ids)} images)"
-            raise MissingArtifact(f"{kind} for split '{split}' {state}: run `{self.command(PRODUCER[kind], split)}` first")
+            raise MissingArtifact(
+                f"{kind} for split '{split}' {state}: run `{self.command(PRODUCER[kind], split)}` first"
+            )
         return store
 
-    def check_resumable(self, stage: str, split: str, cfg: Any, has_output: bool,
-                        inputs: dict[str, str | None] | None = None, what: str | None = None,
-                        remedy: str = "pass --force to redo it") -> None:
+    def check_resumable(
+        self,
+        stage: str,
+        split: str,
+        cfg: Any,
+        has_output: bool,
+        inputs: dict[str, str | None] | None = None,
+        what: str | None = None,
+        remedy: str = "pass --force to redo it",
+    ) -> None:
         """Refuse to add to a split's output that an earlier run made with other settings (those of
         the stage config `cfg`, less its NOT_IN_RESULTS) or, for each of `inputs` (input key -> run
         id now), from another run of that input."""
@@ -203,11 +219,16 @@ class Workspace:
             return
         config = to_dict(cfg)
         changed = sorted(k for k in config if k not in cfg.NOT_IN_RESULTS and previous["config"].get(k) != config[k])
-        changed += [f"{key.partition(':')[0]} ran again" for key, run in (inputs or {}).items()
-                    if previous.get("inputs", {}).get(key) != run]
+        changed += [
+            f"{key.partition(':')[0]} ran again"
+            for key, run in (inputs or {}).items()
+            if previous.get("inputs", {}).get(key) != run
+        ]
         if changed:
-            raise UsageError(f"{what or f'{stage} output for split {split!r}'} was made with other settings "
-                             f"({', '.join(changed)}); {remedy}")
+            raise UsageError(
+                f"{what or f'{stage} output for split {split!r}'} was made with other settings "
+                f"({', '.join(changed)}); {remedy}"
+            )
 
     # ---- manifest -------------------------------------------------------------------------
     @property
@@ -223,8 +244,14 @@ class Workspace:
         """The most recently started record of a stage (and split), whatever its status unless `done`."""
         return _newest(self.records(), stage, split, done)
 
-    def start(self, stage: str, config: dict[str, Any], split: str | None = None,
-              inputs: dict[str, str] | None = None, **extra) -> StageRun:
+    def start(
+        self,
+        stage: str,
+        config: dict[str, Any],
+        split: str | None = None,
+        inputs: dict[str, str] | None = None,
+        **extra,
+    ) -> StageRun:
         record = {
             "id": f"{stage}:{time.strftime('%Y%m%dT%H%M%S')}:{uuid.uuid4().hex[:6]}",
             "stage": stage,
@@ -280,12 +307,17 @@ class Workspace:
         return stale(record)
 
 
-def _newest(runs: list[dict[str, Any]], stage: str, split: str | None = None, done: bool = False,
-            round_: int | None = None) -> dict[str, Any] | None:
+def _newest(
+    runs: list[dict[str, Any]], stage: str, split: str | None = None, done: bool = False, round_: int | None = None
+) -> dict[str, Any] | None:
     """The most recently started of `runs` of a stage (and split, classifier round; finished if `done`)."""
     for r in reversed(runs):
-        if (r["stage"] == stage and (split is None or r.get("split") == split) and (not done or r["status"] == "done")
-                and (round_ is None or int(r.get("round") or 1) == round_)):
+        if (
+            r["stage"] == stage
+            and (split is None or r.get("split") == split)
+            and (not done or r["status"] == "done")
+            and (round_ is None or int(r.get("round") or 1) == round_)
+        ):
             return r
     return None
 
@@ -307,5 +339,9 @@ def _versions() -> dict[str, str]:
     import numpy
     import torch
 
-    return {"igcam": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__}
+    return {
+        "igcam": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }

@@ -16,8 +16,20 @@ from igcam_cli.store import voc_palette
 RUNNER = CliRunner()
 
 # Small, fast settings for every stage (the synthetic defaults in igcam.toml are for the demo).
-TRAIN = ["--epochs", "1", "--batch-size", "4", "--crop", "64", "--workers", "0",
-         "--backbone", "resnet18", "--pretrained", "none"]
+TRAIN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--crop",
+    "64",
+    "--workers",
+    "0",
+    "--backbone",
+    "resnet18",
+    "--pretrained",
+    "none",
+]
 CAMS = ["--workers", "0", "--scales", "1.0,0.5"]
 CRF = ["--workers", "1", "--source", "cams"]
 
@@ -37,8 +49,9 @@ def with_option(args: list[str], option: str, value: str) -> list[str]:
 def ok(*args):
     """Run a command that must succeed; on failure, show what it printed."""
     result = igcam(*args)
-    assert result.exit_code == 0, f"igcam {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}" \
-                                  f"\n{result.exception!r}"
+    assert result.exit_code == 0, (
+        f"igcam {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}\n{result.exception!r}"
+    )
     return result
 
 
@@ -60,6 +73,7 @@ def assert_error(result, code: int, *fragments: str) -> str:
 
 def copy_workspace(src: Path, dst: Path) -> Path:
     """A private copy of a workspace; big checkpoints are hard-linked (stages replace them, never edit them)."""
+
     def link_or_copy(s, d):
         if s.endswith(".pt"):
             os.link(s, d)
@@ -117,8 +131,9 @@ def write_palette_png(path: Path, mask: np.ndarray) -> None:
     image.save(path)
 
 
-def build_voc(root: Path, images: dict = VOC_IMAGES, splits: dict = VOC_SPLITS,
-              classes: list[str] = VOC_CLASSES) -> Path:
+def build_voc(
+    root: Path, images: dict = VOC_IMAGES, splits: dict = VOC_SPLITS, classes: list[str] = VOC_CLASSES
+) -> Path:
     """JPEGImages/, SegmentationClass/ (palette PNGs, 255 borders), Annotations/, ImageSets/Segmentation/."""
     index = {name: i + 1 for i, name in enumerate(classes)}
     for seed, (image_id, (w, h, boxes)) in enumerate(images.items()):
@@ -127,7 +142,7 @@ def build_voc(root: Path, images: dict = VOC_IMAGES, splits: dict = VOC_SPLITS,
         mask = np.zeros((h, w), np.uint8)
         for name, (x0, y0, x1, y1) in boxes.items():
             pixels[y0:y1, x0:x1] = COLOURS.get(name, (0, 200, 0))
-            mask[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = 255
+            mask[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = 255
         for name, (x0, y0, x1, y1) in boxes.items():
             mask[y0:y1, x0:x1] = index.get(name, 255)
         (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
@@ -137,7 +152,8 @@ def build_voc(root: Path, images: dict = VOC_IMAGES, splits: dict = VOC_SPLITS,
         (root / "Annotations").mkdir(parents=True, exist_ok=True)
         (root / "Annotations" / f"{image_id}.xml").write_text(
             f"<annotation><filename>{image_id}.jpg</filename><size><width>{w}</width><height>{h}</height>"
-            f"</size>{objects}</annotation>")
+            f"</size>{objects}</annotation>"
+        )
     split_dir = root / "ImageSets" / "Segmentation"
     split_dir.mkdir(parents=True, exist_ok=True)
     for split, ids in splits.items():

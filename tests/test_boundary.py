@@ -177,8 +177,9 @@ def test_min_side_skips_coarse_scales_of_small_images() -> None:
     assert working_scales((375, 500), params) == (0.25, 0.5, 1.0)
     assert working_scales((40, 40), params) == (1.0,)  # the finest scale always runs
     img, maps = _textured(1, 128, 136, seed=3), torch.rand(1, 2, 128, 136)
-    torch.testing.assert_close(multiscale_boundary(img, maps, params),
-                               multiscale_boundary(img, maps, scales=(0.5, 1.0)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        multiscale_boundary(img, maps, params), multiscale_boundary(img, maps, scales=(0.5, 1.0)), atol=0, rtol=0
+    )
 
 
 def test_deterministic() -> None:
@@ -211,8 +212,17 @@ def test_dtype_is_kept() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(scales=()), dict(scales=(1.0, 0.5)), dict(scales=(0.5, 2.0)), dict(iterations=-1),
-     dict(dilations=(0, 2)), dict(sigma_rgb=0.0), dict(alpha=1.0), dict(eps=0.0), dict(min_side=-1)],
+    [
+        dict(scales=()),
+        dict(scales=(1.0, 0.5)),
+        dict(scales=(0.5, 2.0)),
+        dict(iterations=-1),
+        dict(dilations=(0, 2)),
+        dict(sigma_rgb=0.0),
+        dict(alpha=1.0),
+        dict(eps=0.0),
+        dict(min_side=-1),
+    ],
 )
 def test_params_are_validated(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -39,8 +39,11 @@ def _reference(cam_fn, images: torch.Tensor, scales, flip: bool) -> torch.Tensor
         total = torch.zeros(0)
         for scale in scales:
             size = (int(h * scale), int(w * scale))  # floor, as F.interpolate(scale_factor=...) does
-            x = image[None] if scale == 1.0 else F.interpolate(image[None], size=size, mode="bilinear",
-                                                                 align_corners=False)
+            x = (
+                image[None]
+                if scale == 1.0
+                else F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+            )
             passes = [cam_fn(x)]
             if flip:
                 mirrored = cam_fn(x.index_select(-1, torch.arange(x.shape[-1] - 1, -1, -1)))
@@ -91,8 +94,9 @@ def test_pointwise_cam_of_constant_image_is_scale_consistent(flip):
             torch.testing.assert_close(one, expected, atol=1e-5, rtol=1e-5)
         total = multiscale_cams(cam_fn, x, [1.0, 0.5, 1.5, 2.0], flip=flip)
     torch.testing.assert_close(total, 4 * per_scale[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(total, (4 * (2 if flip else 1)) * single[None, :, None, None].expand_as(total),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        total, (4 * (2 if flip else 1)) * single[None, :, None, None].expand_as(total), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("size", [(37, 53), (33, 33), (64, 41)])

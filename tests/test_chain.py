@@ -19,8 +19,18 @@ TINY = {
     "train-seg": {"epochs": 1, "min_steps": 0, "batch_size": 4, "crop": 48, "workers": 0},
     "predict": {"workers": 0, "scales": [1.0], "flip": False},
 }
-ALL_STEPS = ["train-cls", "make-cams (train)", "refine (train)", "crf (train)", "train-seg", "predict (val)",
-             "evaluate cams (train)", "evaluate refined (train)", "evaluate crf (train)", "evaluate seg (val)"]
+ALL_STEPS = [
+    "train-cls",
+    "make-cams (train)",
+    "refine (train)",
+    "crf (train)",
+    "train-seg",
+    "predict (val)",
+    "evaluate cams (train)",
+    "evaluate refined (train)",
+    "evaluate crf (train)",
+    "evaluate seg (val)",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +88,9 @@ def test_changed_config_reruns_that_stage_and_everything_after_it(ran_ws):
     Workspace.open(ran_ws).set_stage_options("crf", {"preset": "deeplab"})
     actions = steps(ran_ws)
     assert [actions[s] for s in ALL_STEPS[:4]] == ["skipped", "skipped", "skipped", "ran"]
-    assert all(actions[s] == "ran" for s in ("train-seg", "predict (val)", "evaluate crf (train)", "evaluate seg (val)"))
+    assert all(
+        actions[s] == "ran" for s in ("train-seg", "predict (val)", "evaluate crf (train)", "evaluate seg (val)")
+    )
     assert actions["evaluate cams (train)"] == actions["evaluate refined (train)"] == "skipped"
     crf_record = [r for r in json.loads((ran_ws / "manifest.json").read_text())["runs"] if r["stage"] == "crf"][-1]
     assert crf_record["config"]["preset"] == "deeplab"
@@ -144,7 +156,9 @@ def test_a_second_classifier_round_keeps_round_one_fresh_and_refreshes_what_foll
     actions = steps(ran_ws, ("until", "crf"))
     assert actions["train-cls"] == "skipped"  # round 1 is unchanged; round 2 is not the toml's round
     assert actions["make-cams (train)"] == actions["refine (train)"] == actions["crf (train)"] == "ran"
-    cams_record = [r for r in json.loads((ran_ws / "manifest.json").read_text())["runs"] if r["stage"] == "make-cams"][-1]
+    cams_record = [r for r in json.loads((ran_ws / "manifest.json").read_text())["runs"] if r["stage"] == "make-cams"][
+        -1
+    ]
     assert cams_record["classifier"]["round"] == 2
 
 

@@ -64,8 +64,9 @@ def test_unknown_backbone_is_a_usage_error():
 
 
 def _bn_state(model: CamClassifier) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.backbone.state_dict().items()
-            if "running_" in k or "num_batches_tracked" in k}
+    return {
+        k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k or "num_batches_tracked" in k
+    }
 
 
 def test_freeze_batchnorm_keeps_statistics_and_parameters():
@@ -132,8 +133,9 @@ def test_pretrained_igcam_checkpoint_with_backbone_prefix(tmp_path):
     torch.manual_seed(3)
     trained = CamClassifier("resnet18", 7)
     path = tmp_path / "model.pt"
-    torch.save({"backbone": "resnet18", "num_classes": 7, "classes": list("abcdefg"),
-                "model": trained.state_dict()}, path)
+    torch.save(
+        {"backbone": "resnet18", "num_classes": 7, "classes": list("abcdefg"), "model": trained.state_dict()}, path
+    )
     model = build_classifier("resnet18", 3, pretrained=str(path))
     _assert_backbone_equals(model, trained.backbone.state_dict())
     # A bare {backbone.*: ...} state dict is accepted too.
@@ -239,8 +241,9 @@ def test_load_checkpoint_round_trip_and_errors(tmp_path):
     torch.manual_seed(5)
     model = CamClassifier("resnet18", 4)
     path = tmp_path / "model.pt"
-    torch.save({"backbone": "resnet18", "num_classes": 4, "classes": ["a", "b", "c", "d"],
-                "model": model.state_dict()}, path)
+    torch.save(
+        {"backbone": "resnet18", "num_classes": 4, "classes": ["a", "b", "c", "d"], "model": model.state_dict()}, path
+    )
     loaded = load_checkpoint(path, "igcam train-cls -w ws")
     assert loaded.num_classes == 4 and loaded.backbone_name == "resnet18"
     for key, value in model.state_dict().items():

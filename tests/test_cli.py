@@ -12,8 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import (CAMS, CRF, TRAIN, VOC_IMAGES, assert_error, assert_intact, build_voc, igcam, ok, snapshot,
-                         with_option, write_palette_png)
+from cli_helpers import (
+    CAMS,
+    CRF,
+    TRAIN,
+    VOC_IMAGES,
+    assert_error,
+    assert_intact,
+    build_voc,
+    igcam,
+    ok,
+    snapshot,
+    with_option,
+    write_palette_png,
+)
 from igcam_cli.store import MapStore
 
 # ---- workspace and init --------------------------------------------------------------------------
@@ -59,7 +71,9 @@ def test_make_cams_before_train_cls(fresh_ws):
 def test_crf_before_make_cams(trained_ws):
     before = snapshot(trained_ws)
     result = igcam("crf", "-w", trained_ws, "--split", "train", *CRF)
-    assert_error(result, 3, "cams for split 'train' missing", f"run `igcam make-cams -w {trained_ws} --split train` first")
+    assert_error(
+        result, 3, "cams for split 'train' missing", f"run `igcam make-cams -w {trained_ws} --split train` first"
+    )
     assert_intact(before, trained_ws)
     assert not (trained_ws / "pseudo").exists()
 
@@ -74,8 +88,12 @@ def test_evaluate_crf_before_crf(chain_ws):
     shutil.rmtree(chain_ws / "pseudo")
     before = snapshot(chain_ws)
     result = igcam("evaluate", "-w", chain_ws, "--artifact", "crf", "--split", "train")
-    assert_error(result, 3, "pseudo-labels for split 'train' missing for 12 of 12 images",
-                 f"run `igcam crf -w {chain_ws} --split train` first")
+    assert_error(
+        result,
+        3,
+        "pseudo-labels for split 'train' missing for 12 of 12 images",
+        f"run `igcam crf -w {chain_ws} --split train` first",
+    )
     assert_intact(before, chain_ws)
 
 
@@ -90,8 +108,11 @@ def test_crf_on_partial_cams_says_how_far_make_cams_got(chain_ws):
 # ---- bad data ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["train-cls", *TRAIN], ["make-cams", *CAMS], ["crf", *CRF],
-                                  ["evaluate", "--artifact", "cams"]], ids=lambda a: a[0])
+@pytest.mark.parametrize(
+    "args",
+    [["train-cls", *TRAIN], ["make-cams", *CAMS], ["crf", *CRF], ["evaluate", "--artifact", "cams"]],
+    ids=lambda a: a[0],
+)
 def test_unknown_split(chain_ws, args):
     before = snapshot(chain_ws)
     result = igcam(args[0], "-w", chain_ws, "--split", "nope", *args[1:])
@@ -183,8 +204,12 @@ def test_resume_with_changed_epochs_is_refused(trained_ws):
     depends on the total number of steps), so changing --epochs exits 2 and keeps the checkpoints."""
     before = snapshot(trained_ws)
     result = igcam("train-cls", "-w", trained_ws, *with_option(TRAIN, "--epochs", "2"), "--resume")
-    assert_error(result, 2, f"--resume: {trained_ws / 'cls' / 'last.pt'} was trained with different epochs",
-                 "rerun without --resume")
+    assert_error(
+        result,
+        2,
+        f"--resume: {trained_ws / 'cls' / 'last.pt'} was trained with different epochs",
+        "rerun without --resume",
+    )
     assert_intact(before, trained_ws)
     runs = json.loads((trained_ws / "manifest.json").read_text())["runs"]
     assert [r["stage"] for r in runs] == ["train-cls"]  # no record for the refused run
@@ -210,11 +235,17 @@ def test_unknown_evaluate_artifact(chain_ws):
 def test_console_script_prints_one_error_line_and_exits_3(fresh_ws):
     exe = shutil.which("igcam")
     assert exe, "the igcam console script is not installed"
-    proc = subprocess.run([exe, "crf", "-w", str(fresh_ws), "--split", "train", "--source", "cams"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "crf", "-w", str(fresh_ws), "--split", "train", "--source", "cams"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3
-    assert proc.stderr == f"igcam: error: cams for split 'train' missing: " \
-                          f"run `igcam make-cams -w {fresh_ws} --split train` first\n"
+    assert (
+        proc.stderr == f"igcam: error: cams for split 'train' missing: "
+        f"run `igcam make-cams -w {fresh_ws} --split train` first\n"
+    )
     assert proc.stdout == ""
     assert not (fresh_ws / "pseudo").exists()
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
@@ -238,7 +269,9 @@ def test_help_keeps_every_bracketed_default_and_table_name():
     for name, command in [("", root), *root.commands.items()]:
         texts = [command.help or ""] + [param.help or "" for param in command.params if hasattr(param, "help")]
         fragments = [m.replace("\\[", "[") for text in texts for m in re.findall(r"\\?\[[^\]\n]*\]", text)]
-        result = RUNNER.invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        result = RUNNER.invoke(
+            app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
+        )
         assert result.exit_code == 0, result.output
         shown = " ".join(result.output.replace("│", " ").split())
         for fragment in fragments:

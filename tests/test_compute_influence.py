@@ -16,8 +16,17 @@ import torch.nn.functional as F
 
 from cli_helpers import assert_error, igcam, ok
 from igcam_cli import influence_io
-from igcam_cli.config import (ComputeInfluenceConfig, CrfConfig, EvaluateConfig, InfluenceReportConfig, MakeCamsConfig,
-                              RefineConfig, RunOptions, TrainClsConfig, build)
+from igcam_cli.config import (
+    ComputeInfluenceConfig,
+    CrfConfig,
+    EvaluateConfig,
+    InfluenceReportConfig,
+    MakeCamsConfig,
+    RefineConfig,
+    RunOptions,
+    TrainClsConfig,
+    build,
+)
 from igcam_cli.core import influence as inf
 from igcam_cli.core.fusion import fuse, influence_heat
 from igcam_cli.core.metrics import auroc, class_prior_loss, learned_fractions
@@ -26,8 +35,16 @@ from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.distributed import Shard
-from igcam_cli.stages import (compute_influence, crf, evaluate, influence_report, init as init_stage, make_cams, refine,
-                              train_cls)
+from igcam_cli.stages import (
+    compute_influence,
+    crf,
+    evaluate,
+    influence_report,
+    init as init_stage,
+    make_cams,
+    refine,
+    train_cls,
+)
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace
 
@@ -52,7 +69,13 @@ DEFAULT_GUARD = {"learned_low": ComputeInfluenceConfig.learned_low, "learned_hig
 
 
 def _influence_cfg(ws: Workspace, **overrides) -> ComputeInfluenceConfig:
-    values = {"scope": "head", "batch_size": 3, "workers": 0, "w_threshold": 0.0, **GUARD_OFF}  # 8 images: weigh above the median
+    values = {
+        "scope": "head",
+        "batch_size": 3,
+        "workers": 0,
+        "w_threshold": 0.0,
+        **GUARD_OFF,
+    }  # 8 images: weigh above the median
     values.update(overrides)
     return build(ComputeInfluenceConfig, ws.stage_table("compute-influence"), values)
 
@@ -90,6 +113,7 @@ def _stored(ws: Workspace, split: str = "train") -> dict:
 # ---------------------------------------------------------------------------------------------
 # compute-influence
 # ---------------------------------------------------------------------------------------------
+
 
 def test_sharded_stage_equals_unsharded(influenced, trained, tmp_path):
     ws = _copy(trained, tmp_path / "sharded")
@@ -132,8 +156,9 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
         sample = dataset.load(image_id, with_mask=False)
         np.testing.assert_array_equal(classes, sample.labels.astype(np.uint8))  # maps of the labelled classes
         per_class = np.asarray(attrs["per_class"])
-        np.testing.assert_allclose(maps.sum((1, 2)), per_class[classes.astype(int) - 1], rtol=2e-3,
-                                   atol=2e-3 * np.abs(maps).sum())
+        np.testing.assert_allclose(
+            maps.sum((1, 2)), per_class[classes.astype(int) - 1], rtol=2e-3, atol=2e-3 * np.abs(maps).sum()
+        )
         assert attrs["self_influence"] > 0 and (attrs["image_height"], attrs["image_width"]) == (64, 64)
         target = torch.zeros(1, 5)
         target[0, torch.as_tensor(sample.labels) - 1] = 1
@@ -149,10 +174,17 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
         labels[k, torch.as_tensor(dataset.labels(i)) - 1] = True
     probs = torch.tensor(np.stack([stored[i][2]["probs"] for i in ids]))
     cfg = _influence_cfg(ws)
-    expected = inf.suggest_labels(labels, probs, torch.tensor([scores[i].atypicality for i in ids]),
-                                  cfg.relabel_threshold, cfg.relabel_confidence, cfg.relabel_drop_below)
-    assert [scores[i].suggested for i in ids] == [" ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten())
-                                                  for row in expected]
+    expected = inf.suggest_labels(
+        labels,
+        probs,
+        torch.tensor([scores[i].atypicality for i in ids]),
+        cfg.relabel_threshold,
+        cfg.relabel_confidence,
+        cfg.relabel_drop_below,
+    )
+    assert [scores[i].suggested for i in ids] == [
+        " ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten()) for row in expected
+    ]
 
 
 def test_identity_curvature_is_plain_gradient_norm(trained, tmp_path):
@@ -191,11 +223,14 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     assert b["train_00000"].self_influence < a["train_00000"].self_influence  # more damping, smaller H^-1
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"relabel_confidence": 0.4}, "relabel_confidence must be in [0.5, 1), got 0.4"),
-    ({"relabel_drop_below": 0.6}, "relabel_drop_below must be in [0, 0.5] (1 - relabel_confidence), got 0.6"),
-    ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below must be in [0, 0.2]"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"relabel_confidence": 0.4}, "relabel_confidence must be in [0.5, 1), got 0.4"),
+        ({"relabel_drop_below": 0.6}, "relabel_drop_below must be in [0, 0.5] (1 - relabel_confidence), got 0.6"),
+        ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below must be in [0, 0.2]"),
+    ],
+)
 def test_bad_suggestion_settings_are_refused_before_any_work(trained, settings, message):
     ws = Workspace.open(trained)
     with pytest.raises(UsageError) as raised:
@@ -230,10 +265,16 @@ def test_cli_errors(fresh_ws, trained, tmp_path):
     ws = _copy(trained, tmp_path / "ws")
     assert_error(igcam("compute-influence", "-w", ws.root, "--hessian", "exact"), 2, "--hessian")
     assert_error(igcam("compute-influence", "-w", ws.root, "--scope", "nope"), 2, "--scope nope")
-    assert_error(igcam("make-cams", "-w", ws.root, "--influence-fusion", "0.3", "--workers", "0"), 3,
-                 "igcam compute-influence -w")
-    assert_error(igcam("train-cls", "-w", ws.root, "--round", "2", "--sample-weights", "influence", "--epochs", "1"),
-                 3, "igcam compute-influence -w")
+    assert_error(
+        igcam("make-cams", "-w", ws.root, "--influence-fusion", "0.3", "--workers", "0"),
+        3,
+        "igcam compute-influence -w",
+    )
+    assert_error(
+        igcam("train-cls", "-w", ws.root, "--round", "2", "--sample-weights", "influence", "--epochs", "1"),
+        3,
+        "igcam compute-influence -w",
+    )
     assert_error(igcam("train-cls", "-w", ws.root, "--sample-weights", "influence"), 2, "--round 2")
     assert_error(igcam("train-cls", "-w", ws.root, "--round", "3", "--epochs", "1"), 3, "--round 2")
     # A shard without its partner's statistics writes its own and stops cleanly (exit 0).
@@ -246,6 +287,7 @@ def test_cli_errors(fresh_ws, trained, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # make-cams fusion
 # ---------------------------------------------------------------------------------------------
+
 
 def _cams_cfg(ws: Workspace, **overrides) -> MakeCamsConfig:
     values = {"workers": 0, "scales": [1.0], "flip": False}
@@ -304,6 +346,7 @@ def test_fusion_math():
 # Progressive training
 # ---------------------------------------------------------------------------------------------
 
+
 def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     round1 = torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"]
@@ -329,7 +372,9 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
     assert all(torch.equal(seen[k], round1[k]) for k in round1)  # round 2 starts from round 1
     round2 = torch.load(ws.cls_round_dir(2) / "model.pt", weights_only=True)
     assert round2["config"]["round"] == 2 and round2["config"]["sample_weights"] == "influence"
-    assert all(torch.equal(torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"][k], round1[k]) for k in round1)
+    assert all(
+        torch.equal(torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"][k], round1[k]) for k in round1
+    )
     record = ws.latest("train-cls")
     assert record["round"] == 2 and record["classifier"]["path"] == "cls/round2/model.pt"
     assert set(record["inputs"]) == {"train-cls@1", "compute-influence:train"}
@@ -349,8 +394,11 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
     assert latest["classifier"]["round"] == 2 and not ws.is_stale(latest)  # the latest round by default
     assert "classifier round 2" in ws.log_path("make-cams").read_text()
     make_cams.run(_cams_cfg(ws, round=1), ws, OPTS, force=True)
-    assert ws.latest("make-cams", "train")["classifier"] == {"round": 1, "path": "cls/model.pt",
-                                                             "run": ws.records()[0]["id"]}
+    assert ws.latest("make-cams", "train")["classifier"] == {
+        "round": 1,
+        "path": "cls/model.pt",
+        "run": ws.records()[0]["id"],
+    }
     compute_influence.run(_influence_cfg(ws), ws, OPTS, force=True)
     assert ws.latest("compute-influence", "train")["classifier"]["round"] == 2
 
@@ -399,7 +447,9 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     assert cams.read(ids[0]).classes.tolist() == ws.dataset().labels(ids[0]).tolist()
     assert ws.latest("make-cams", "train")["relabelled"] == 1
     result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)
-    assert result["relabelled"] == 1 and "1 images with labels suggested by compute-influence" in evaluate.describe(result)
+    assert result["relabelled"] == 1 and "1 images with labels suggested by compute-influence" in evaluate.describe(
+        result
+    )
     assert (result["classifier_round"], result["stale"]) == (2, False)
     assert "CAMs of classifier round 2" in evaluate.describe(result) and "STALE" not in evaluate.describe(result)
     refine.run(build(RefineConfig, None, {"workers": 0, "scales": [1.0], "iterations": 2}), ws, OPTS)
@@ -411,8 +461,9 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     assert MapStore(ws.path("cams") / "train").read(target).classes.tolist() == sorted(own)
 
     # --no-relabel trains on the labels as given and leaves no relabelled.csv behind.
-    train_cls.run(_train_cfg(ws, round=2, sample_weights="influence", relabel=False), ws, OPTS,
-                  train_cls.TrainOptions())
+    train_cls.run(
+        _train_cfg(ws, round=2, sample_weights="influence", relabel=False), ws, OPTS, train_cls.TrainOptions()
+    )
     assert not (ws.cls_round_dir(2) / influence_io.RELABELLED_NAME).exists()
     result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)
     assert result["stale"] and "STALE" in evaluate.describe(result)  # made by the round-2 run before this one
@@ -423,6 +474,7 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
 # ---------------------------------------------------------------------------------------------
 # The guard: no suggestions and flat weights from a classifier that has not learned
 # ---------------------------------------------------------------------------------------------
+
 
 def _scores_and_fit(ws: Workspace, **overrides) -> tuple[dict, dict]:
     """Rerun compute-influence with other weight / suggestion settings (nothing is recomputed but scores.csv)."""
@@ -458,10 +510,14 @@ def test_guard_withholds_suggestions_and_flattens_weights_unless_the_classifier_
     assert fit["learned_fraction"] == pytest.approx(g)
     record = ws.latest("compute-influence", "train")
     assert record["metrics"]["fit"] == fit
-    line = [x for x in ws.log_path("compute-influence").read_text().splitlines() if "classifier fit on 'train'" in x][-1]
-    assert (f"learned fraction {g:.2f} < {DEFAULT_GUARD['learned_high']:g} (median" in line
-            and "): the classifier has not learned enough" in line
-            and f"sample weights all 1, no label suggestions ({suggested} withheld)" in line)
+    line = [x for x in ws.log_path("compute-influence").read_text().splitlines() if "classifier fit on 'train'" in x][
+        -1
+    ]
+    assert (
+        f"learned fraction {g:.2f} < {DEFAULT_GUARD['learned_high']:g} (median" in line
+        and "): the classifier has not learned enough" in line
+        and f"sample weights all 1, no label suggestions ({suggested} withheld)" in line
+    )
 
     # Half-way up the ramp: weights half-way to 1, still no suggestions.
     half, fit = _scores_and_fit(ws, learned_low=g - 1.0, learned_high=g + 1.0)
@@ -472,7 +528,9 @@ def test_guard_withholds_suggestions_and_flattens_weights_unless_the_classifier_
     # A classifier that counts as learned (g at learned_high): as without the guard.
     learned, fit = _scores_and_fit(ws, learned_low=g - 1.0, learned_high=g)
     assert (fit["trust"], fit["suggestions_suppressed"]) == (1.0, False)
-    assert {i: (s.weight, s.suggested) for i, s in learned.items()} == {i: (s.weight, s.suggested) for i, s in today.items()}
+    assert {i: (s.weight, s.suggested) for i, s in learned.items()} == {
+        i: (s.weight, s.suggested) for i, s in today.items()
+    }
 
 
 def test_influence_report_says_when_suggestions_were_withheld(influenced, tmp_path):
@@ -484,11 +542,15 @@ def test_influence_report_says_when_suggestions_were_withheld(influenced, tmp_pa
     assert result["classifier_fit"] == fit and result["n_suggested"] == 0
     markdown = (ws.path("eval") / "influence-train.md").read_text()
     assert "**Warning:** classifier fit on 'train'" in markdown and "read this ranking as noise" in markdown
-    assert ws.latest("influence-report", "train")["metrics"] == {"learned_fraction": fit["learned_fraction"],
-                                                                 "suggestions_suppressed": True}
+    assert ws.latest("influence-report", "train")["metrics"] == {
+        "learned_fraction": fit["learned_fraction"],
+        "suggestions_suppressed": True,
+    }
     said = ok("influence-report", "-w", ws.root, "--split", "train", "--quiet").stdout
-    assert said == (f"influence / train: 0 images with suggested labels (suggestions suppressed: the classifier "
-                    f"has not learned, learned fraction {fit['learned_fraction']:.2f} < {fit['learned_high']:g})\n")
+    assert said == (
+        f"influence / train: 0 images with suggested labels (suggestions suppressed: the classifier "
+        f"has not learned, learned fraction {fit['learned_fraction']:.2f} < {fit['learned_high']:g})\n"
+    )
     # A learned one: no warning.
     _scores_and_fit(ws, learned_low=fit["learned_fraction"], learned_high=fit["learned_fraction"])
     printed = ok("influence-report", "-w", ws.root, "--split", "train", "--top-k", "2").stdout
@@ -505,6 +567,7 @@ def test_influence_report_says_when_suggestions_were_withheld(influenced, tmp_pa
 # ---------------------------------------------------------------------------------------------
 # Mislabel report, label noise
 # ---------------------------------------------------------------------------------------------
+
 
 def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
@@ -535,7 +598,8 @@ def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path
     assert influence_report.summary(result) == (
         f"influence / train: {result['n_suggested']} images with suggested labels, {result['suggested_mislabelled']} "
         f"of them known mislabelled; AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}) "
-        f"against {result['n_mislabelled']} known mislabelled")
+        f"against {result['n_mislabelled']} known mislabelled"
+    )
     assert (ws.path("eval") / "influence-train.json").is_file()
 
 
@@ -545,8 +609,9 @@ def test_report_sheet_shows_the_labelled_classes_when_every_class_has_maps(train
     record = MapStore(ws.influence_dir("train")).read("train_00000")
     assert record.classes.tolist() == [1, 2, 3, 4, 5]
     drawn = []
-    monkeypatch.setattr(influence_report.report, "contact_sheet",
-                        lambda rows, titles, path, cell: drawn.extend(rows) or path)
+    monkeypatch.setattr(
+        influence_report.report, "contact_sheet", lambda rows, titles, path, cell: drawn.extend(rows) or path
+    )
     result = influence_report.run(build(InfluenceReportConfig, None, {"top_k": 8}), ws, OPTS)
     blank = np.full((influence_report.CELL, influence_report.CELL, 3), 255, np.uint8)
     for row, tiles in zip(result["rows"], drawn):
@@ -598,8 +663,20 @@ def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
     ws = tmp_path / "ws"
     ok("init", "-w", ws, "--dataset", "folder", "--root", out)
     assert len(Workspace.open(ws).dataset().ids("train")) == 20
-    said = ok("synth", tmp_path / "added", "--n-train", 20, "--n-val", 2, "--image-size", 32, "--label-noise", 0.1,
-              "--noise-kind", "add").stdout
+    said = ok(
+        "synth",
+        tmp_path / "added",
+        "--n-train",
+        20,
+        "--n-val",
+        2,
+        "--image-size",
+        32,
+        "--label-noise",
+        0.1,
+        "--noise-kind",
+        "add",
+    ).stdout
     assert "corrupted the labels of 2 train images (add;" in said
     with open(tmp_path / "added" / "corrupted.csv") as fh:
         for r in csv.DictReader(fh):
@@ -612,8 +689,13 @@ def test_damaged_scores_relabelled_and_truth_files_are_one_line_errors(influence
     good = path.read_text()
     lines = good.splitlines()
     first = lines[1].split(",")
-    for column, value, message in ((1, "0", "class indices 1..5"), (1, "2 x", "class indices 1..5"),
-                                   (6, "9", "class indices 1..5"), (5, "nan", "weight nan"), (5, "-1", "weight -1")):
+    for column, value, message in (
+        (1, "0", "class indices 1..5"),
+        (1, "2 x", "class indices 1..5"),
+        (6, "9", "class indices 1..5"),
+        (5, "nan", "weight nan"),
+        (5, "-1", "weight -1"),
+    ):
         row = list(first)
         row[column] = value
         path.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")

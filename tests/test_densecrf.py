@@ -77,8 +77,7 @@ def test_crf_snaps_to_the_colour_edge(preset):
     fg = blurry_offset_foreground()
     probs = np.stack([1.0 - fg, fg])
     before = ((probs.argmax(axis=0) == 1) == TRUE_FG).mean()
-    after = ((dense_crf(two_region_image(), probs, PRESETS[preset]).argmax(axis=0) == 1)
-             == TRUE_FG).mean()
+    after = ((dense_crf(two_region_image(), probs, PRESETS[preset]).argmax(axis=0) == 1) == TRUE_FG).mean()
     assert before == pytest.approx(1 - 10 / 80)  # columns 30..39 wrong
     assert after >= before + 0.1 and after > 0.98
 
@@ -93,15 +92,19 @@ def test_label_unary_uses_only_the_argmax():
     np.testing.assert_allclose(from_sharp, from_soft, atol=1e-6)
     # The softmax unary, by contrast, does see the difference.
     softmax = CrfParams(3, 3, 50, 5, 10)
-    assert not np.allclose(dense_crf(image, np.stack([1 - sharp, sharp]), softmax),
-                           dense_crf(image, np.stack([1 - soft, soft]), softmax), atol=1e-3)
+    assert not np.allclose(
+        dense_crf(image, np.stack([1 - sharp, sharp]), softmax),
+        dense_crf(image, np.stack([1 - soft, soft]), softmax),
+        atol=1e-3,
+    )
 
 
 def test_crf_labels_maps_class_indices_and_fixes_the_edge():
     fg = blurry_offset_foreground()
     maps = np.stack([fg, fg[:, ::-1]])  # class 3 on the right, class 7 on the left
-    labels = crf_labels(two_region_image(), maps, np.array([3, 7], dtype=np.uint8),
-                        PRESETS["psa"], bg_mode="constant", bg_tau=0.05)
+    labels = crf_labels(
+        two_region_image(), maps, np.array([3, 7], dtype=np.uint8), PRESETS["psa"], bg_mode="constant", bg_tau=0.05
+    )
     assert labels.dtype == np.uint8 and labels.shape == (H, W)
     assert set(np.unique(labels)) <= {0, 3, 7}
     expected = np.where(TRUE_FG, 3, 7)
@@ -116,8 +119,7 @@ def test_crf_labels_background_where_maps_are_weak():
 
 
 def test_crf_labels_without_classes_is_all_background():
-    labels = crf_labels(two_region_image(), np.zeros((0, H, W), np.float32),
-                        np.zeros(0, np.uint8), PRESETS["psa"])
+    labels = crf_labels(two_region_image(), np.zeros((0, H, W), np.float32), np.zeros(0, np.uint8), PRESETS["psa"])
     assert labels.dtype == np.uint8 and labels.shape == (H, W)
     assert not labels.any()
 
@@ -139,8 +141,7 @@ def test_confidence_threshold_marks_uncertain_pixels_255():
 def test_no_evidence_stays_uncertain_under_a_real_preset():
     # A tie everywhere is symmetric, so the CRF cannot break it: every marginal stays 0.5.
     maps = np.full((1, H, W), 0.5, dtype=np.float32)
-    labels = crf_labels(two_region_image(), maps, np.array([5]), PRESETS["psa"],
-                        bg_alpha=1.0, confidence=0.6)
+    labels = crf_labels(two_region_image(), maps, np.array([5]), PRESETS["psa"], bg_alpha=1.0, confidence=0.6)
     assert (labels == 255).all()
 
 

@@ -124,7 +124,9 @@ def test_gt_guidance_fills_the_gt_object_exactly(scene):
     assert np.array_equal(guided[0] > 0.3, obj)
     # the fill is the region's normalised score: mean CAM over the object / mean over the CAM core
     core = cams[0] >= STRONG_FILL.anchor_threshold
-    expected = min(1.0, STRONG_FILL.fill_gain * cams[0][obj].mean(dtype=np.float64) / cams[0][core].mean(dtype=np.float64))
+    expected = min(
+        1.0, STRONG_FILL.fill_gain * cams[0][obj].mean(dtype=np.float64) / cams[0][core].mean(dtype=np.float64)
+    )
     inside_low = obj & (cams[0] < expected)
     assert inside_low.sum() > 0.5 * obj.sum()
     np.testing.assert_allclose(guided[0][inside_low], expected, rtol=1e-5)

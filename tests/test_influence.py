@@ -27,8 +27,9 @@ class TinyCam(nn.Module):
     conv_b (1x1) and a bias-free 1x1 head; logits are the spatial mean of the head maps.
     ``pool`` halves the grid after conv_a, so conv_a's maps live on a 2x finer grid."""
 
-    def __init__(self, cin: int = 3, trunk: int = 8, hid: int = 4, classes: int = C,
-                 conv_b: bool = True, pool: bool = False):
+    def __init__(
+        self, cin: int = 3, trunk: int = 8, hid: int = 4, classes: int = C, conv_b: bool = True, pool: bool = False
+    ):
         super().__init__()
         self.trunk = nn.Conv2d(cin, trunk, 3, padding=1)
         self.conv_a = nn.Conv2d(trunk, hid, 3, padding=1, bias=True)
@@ -53,7 +54,7 @@ def toy_data(n: int, seed: int, size: int = 8, noise: float = 0.3) -> tuple[torc
     images = noise * torch.randn(n, C, size, size, generator=g)
     for i, c in labels.nonzero().tolist():
         r, q = torch.randint(0, size - 2, (2,), generator=g).tolist()
-        images[i, c, r:r + 3, q:q + 3] += 2.0
+        images[i, c, r : r + 3, q : q + 3] += 2.0
     return images, labels
 
 
@@ -118,8 +119,9 @@ def exact_ggn(model, layers, images, labels, queries_x, queries_y):
     ggn = torch.einsum("ncp,nc,ncq->pq", jac, p * (1 - p) / C, jac) / len(images)
     grads = torch.einsum("ncp,nc->np", jac, (p - labels.double()) / C)
     yq = queries_y.double()
-    v = torch.stack([torch.einsum("np,n->p", jac_q[:, c], (pq[:, c] - 1) / C * yq[:, c]) / yq[:, c].sum()
-                     for c in range(C)])
+    v = torch.stack(
+        [torch.einsum("np,n->p", jac_q[:, c], (pq[:, c] - 1) / C * yq[:, c]) / yq[:, c].sum() for c in range(C)]
+    )
     return ggn, grads, v
 
 
@@ -130,6 +132,7 @@ def layer_sizes(layers: dict) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Layer selection
 # ---------------------------------------------------------------------------------------------
+
 
 def test_tracked_layers_of_cam_classifier():
     model = CamClassifier("resnet18", C)
@@ -147,11 +150,12 @@ def test_tracked_layers_of_cam_classifier():
 # Per-sample gradients
 # ---------------------------------------------------------------------------------------------
 
+
 def loop_gradients(model, layers, images, labels, weights=None):
     """Oracle: one autograd call per image, with the training stage's loss."""
     out = {n: [] for n in layers}
     for i in range(len(images)):
-        loss = F.multilabel_soft_margin_loss(model(images[i:i + 1])[0], labels[i:i + 1])
+        loss = F.multilabel_soft_margin_loss(model(images[i : i + 1])[0], labels[i : i + 1])
         if weights is not None:
             loss = loss * weights[i]
         params = [p for m in layers.values() for p in m.parameters(recurse=False)]
@@ -209,6 +213,7 @@ def test_batchnorm_in_training_mode_and_inplace_changes_are_refused():
 # Identity preconditioner = plain gradient dot products
 # ---------------------------------------------------------------------------------------------
 
+
 def test_none_equals_gradient_dot_products():
     images, labels = toy_data(8, seed=2)
     qx, qy = toy_data(6, seed=3)
@@ -224,14 +229,25 @@ def test_none_equals_gradient_dot_products():
     for c in range(C):
         having = qy[:, c].nonzero().flatten()
         for j in having.tolist():
-            z = model(qx[j:j + 1])[0][0, c]
+            z = model(qx[j : j + 1])[0][0, c]
             v[c] += flat_grad(F.binary_cross_entropy_with_logits(z, torch.tensor(1.0)) / C) / len(having)
-    g = torch.stack([flat_grad(F.multilabel_soft_margin_loss(model(images[i:i + 1])[0], labels[i:i + 1]))
-                     for i in range(len(images))])
+    g = torch.stack(
+        [
+            flat_grad(F.multilabel_soft_margin_loss(model(images[i : i + 1])[0], labels[i : i + 1]))
+            for i in range(len(images))
+        ]
+    )
     # the hook code flattens weight then bias per layer, in layer order: same order as `params`
     pre = inf.fit_preconditioner("none")
-    out = inf.score_batch(model, layers, pre, pre.precondition(inf.query_stats(model, layers, qx, qy).finalize()),
-                          images, labels, maps="none")
+    out = inf.score_batch(
+        model,
+        layers,
+        pre,
+        pre.precondition(inf.query_stats(model, layers, qx, qy).finalize()),
+        images,
+        labels,
+        maps="none",
+    )
     assert out.maps is None
     torch.testing.assert_close(out.per_class, g @ v.T, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(out.self_influence, g.square().sum(1), rtol=1e-4, atol=1e-8)
@@ -242,8 +258,10 @@ def test_none_equals_gradient_dot_products():
 # Spatial maps: the exact split of the scores over locations
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tracked,pool", [(["head"], False), (["conv_b"], False), (["conv_a"], False),
-                                          (ALL, False), (ALL, True)])
+
+@pytest.mark.parametrize(
+    "tracked,pool", [(["head"], False), (["conv_b"], False), (["conv_a"], False), (ALL, False), (ALL, True)]
+)
 @pytest.mark.parametrize("kind", ["ekfac", "none"])
 def test_maps_sum_to_scores(tracked, pool, kind):
     images, labels = toy_data(10, seed=4)
@@ -255,8 +273,9 @@ def test_maps_sum_to_scores(tracked, pool, kind):
     grid = (4, 4) if pool else (8, 8)
     assert out.maps.shape == (len(images), C) + grid
     assert out.per_class.abs().max() > 0
-    torch.testing.assert_close(out.maps.sum((-2, -1)), out.per_class, rtol=1e-4,
-                               atol=1e-5 * float(out.per_class.abs().max()))
+    torch.testing.assert_close(
+        out.maps.sum((-2, -1)), out.per_class, rtol=1e-4, atol=1e-5 * float(out.per_class.abs().max())
+    )
 
 
 def test_labelled_maps_are_the_all_maps_of_labelled_classes():
@@ -272,8 +291,10 @@ def test_labelled_maps_are_the_all_maps_of_labelled_classes():
     assert bool((labelled[~present] == 0).all()) and bool((every[~present] != 0).any())
 
 
-@pytest.mark.parametrize("scope,dtype,rtol", [("last_block", torch.float64, 1e-10), ("layer4", torch.float64, 1e-10),
-                                              ("last_block", torch.float32, 1e-3)])
+@pytest.mark.parametrize(
+    "scope,dtype,rtol",
+    [("last_block", torch.float64, 1e-10), ("layer4", torch.float64, 1e-10), ("last_block", torch.float32, 1e-3)],
+)
 def test_maps_sum_to_scores_resnet18(scope, dtype, rtol):
     """Exact in float64; float32 sums over 2.4M products per layer agree to rounding."""
     torch.manual_seed(0)
@@ -285,13 +306,15 @@ def test_maps_sum_to_scores_resnet18(scope, dtype, rtol):
     queries = inf.query_stats(model, layers, images, labels).finalize(dtype=dtype)
     out = inf.score_batch(model, layers, pre, queries, images, labels, maps="all")
     assert out.maps.shape == (3, C, 2, 2) and out.maps.dtype == dtype  # output stride 16 at 32 px
-    torch.testing.assert_close(out.maps.sum((-2, -1)), out.per_class, rtol=rtol,
-                               atol=rtol * float(out.per_class.abs().max()))
+    torch.testing.assert_close(
+        out.maps.sum((-2, -1)), out.per_class, rtol=rtol, atol=rtol * float(out.per_class.abs().max())
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Curvature: EK-FAC and K-FAC against explicit matrices
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trained_small():
@@ -311,7 +334,7 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_kronecker_basis(trained_s
     ggn, _, _ = exact_ggn(model, layers, images, labels, qx, qy)
     start = 0
     for name, size in zip(layers, layer_sizes(layers)):
-        block = ggn[start:start + size, start:start + size]
+        block = ggn[start : start + size, start : start + size]
         start += size
         basis = torch.kron(eigen.q_s[name].double(), eigen.q_a[name].double())  # row-major vec(G)
         expected = torch.einsum("pj,pq,qj->j", basis, block, basis).reshape(lam[name].shape)
@@ -330,10 +353,15 @@ def test_kfac_preconditioner_is_the_damped_kronecker_inverse(trained_small):
     torch.manual_seed(0)
     v = torch.randn(s.shape[0], a.shape[0])
     # row-major vec(S V A) = (S (x) A) vec(V): the K-FAC block in this layout is kron(S, A)
-    explicit = torch.linalg.solve(torch.kron(s, a) + damping * torch.eye(s.shape[0] * a.shape[0], dtype=a.dtype),
-                                  v.double().flatten())
-    torch.testing.assert_close(pre.precondition({"conv_a": v})["conv_a"].double().flatten(), explicit,
-                               rtol=1e-3, atol=1e-4 * float(explicit.abs().max()))
+    explicit = torch.linalg.solve(
+        torch.kron(s, a) + damping * torch.eye(s.shape[0] * a.shape[0], dtype=a.dtype), v.double().flatten()
+    )
+    torch.testing.assert_close(
+        pre.precondition({"conv_a": v})["conv_a"].double().flatten(),
+        explicit,
+        rtol=1e-3,
+        atol=1e-4 * float(explicit.abs().max()),
+    )
     assert pre.damping["conv_a"] == pytest.approx(damping)
     relative = inf.fit_preconditioner("kfac", eigen, damping=0.1)
     mean_eig = float(torch.outer(eigen.l_s["conv_a"], eigen.l_a["conv_a"]).mean())
@@ -364,13 +392,19 @@ def test_ekfac_correlates_with_exact_damped_ggn_influence(trained_small):
     for kind in ("ekfac", "kfac", "none"):
         pre = inf.fit_preconditioner(kind, eigen, lam, damping=damping, damping_mode="absolute")
         out = inf.score_batch(model, layers, pre, pre.precondition(queries), images, labels, maps="none")
-        rho[kind] = {"self_blockdiag": spearman(out.self_influence, blockdiag_self),
-                     "class_blockdiag": spearman(out.per_class, blockdiag_class),
-                     "self_full": spearman(out.self_influence, exact_self),
-                     "class_full": spearman(out.per_class, exact_class)}
-    rho["blockdiag"] = {"self_full": spearman(blockdiag_self, exact_self),
-                        "class_full": spearman(blockdiag_class, exact_class)}
-    print("Spearman vs exact damped GGN influence:", {k: {m: round(x, 3) for m, x in r.items()} for k, r in rho.items()})
+        rho[kind] = {
+            "self_blockdiag": spearman(out.self_influence, blockdiag_self),
+            "class_blockdiag": spearman(out.per_class, blockdiag_class),
+            "self_full": spearman(out.self_influence, exact_self),
+            "class_full": spearman(out.per_class, exact_class),
+        }
+    rho["blockdiag"] = {
+        "self_full": spearman(blockdiag_self, exact_self),
+        "class_full": spearman(blockdiag_class, exact_class),
+    }
+    print(
+        "Spearman vs exact damped GGN influence:", {k: {m: round(x, 3) for m, x in r.items()} for k, r in rho.items()}
+    )
     assert rho["ekfac"]["self_blockdiag"] > 0.9 and rho["ekfac"]["class_blockdiag"] > 0.9
     assert rho["ekfac"]["self_full"] > 0.8 and rho["ekfac"]["class_full"] > 0.7
     for other in ("kfac", "none"):
@@ -383,8 +417,9 @@ def test_ggn_seeds_match_the_sampled_fisher_in_expectation(trained_small):
     layers = inf.tracked_layers(model, ["head"])
     exact = inf.covariance_stats(model, layers, images, labels, fisher="ggn")
     gen = torch.Generator().manual_seed(0)
-    sampled = sum(inf.covariance_stats(model, layers, images, labels, fisher="sampled", generator=gen)
-                  for _ in range(200))
+    sampled = sum(
+        inf.covariance_stats(model, layers, images, labels, fisher="sampled", generator=gen) for _ in range(200)
+    )
     s_exact = exact.sums["S/head"] / exact.counts["S/head"]
     s_mc = sampled.sums["S/head"] / sampled.counts["S/head"]
     assert float((s_mc - s_exact).norm() / s_exact.norm()) < 0.05
@@ -394,6 +429,7 @@ def test_ggn_seeds_match_the_sampled_fisher_in_expectation(trained_small):
 # ---------------------------------------------------------------------------------------------
 # Shards, states, rotations
 # ---------------------------------------------------------------------------------------------
+
 
 def test_sharded_statistics_equal_unsharded(trained_small):
     model, images, labels, qx, qy = trained_small
@@ -411,8 +447,9 @@ def test_sharded_statistics_equal_unsharded(trained_small):
         assert float(shards.counts[key]) == float(full.counts[key])
     eigen = inf.KroneckerEigen.from_state(full.finalize().to_state())
     lam_full = inf.eigenvalue_stats(model, layers, eigen, images, labels)
-    lam_shards = inf.EigenvalueStats.merge(roundtrip(inf.eigenvalue_stats(model, layers, eigen, images[h], labels[h]))
-                                           for h in halves)
+    lam_shards = inf.EigenvalueStats.merge(
+        roundtrip(inf.eigenvalue_stats(model, layers, eigen, images[h], labels[h])) for h in halves
+    )
     q_full = inf.query_stats(model, layers, qx, qy)
     q_shards = sum(roundtrip(inf.query_stats(model, layers, qx[h], qy[h])) for h in halves)
     name = q_shards.layers("grad")[0]
@@ -431,17 +468,19 @@ def test_rotation_routes_agree():
     torch.manual_seed(0)
     a, delta = torch.randn(4, 6, 9), torch.randn(4, 5, 9)
     q_a, q_s = torch.linalg.qr(torch.randn(6, 6))[0], torch.linalg.qr(torch.randn(5, 5))[0]
-    rotated = [inf._rotate(inf._prepare_rotation(a, q_a, route), delta, q_a, q_s, route)
-               for route in ("gradient", "factors")]
+    rotated = [
+        inf._rotate(inf._prepare_rotation(a, q_a, route), delta, q_a, q_s, route) for route in ("gradient", "factors")
+    ]
     torch.testing.assert_close(rotated[0], rotated[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rotated[0], q_s.T @ inf._outer(delta, a) @ q_a, rtol=1e-5, atol=1e-5)
     assert inf._rotation_route(4608, 512, 784, 1) == "gradient"  # ResNet-50 conv2, one seed
-    assert inf._rotation_route(4608, 512, 784, 20) == "factors"   # ... with 20 GGN seeds
+    assert inf._rotation_route(4608, 512, 784, 20) == "factors"  # ... with 20 GGN seeds
 
 
 # ---------------------------------------------------------------------------------------------
 # Self-influence finds mislabelled images; sample weights
 # ---------------------------------------------------------------------------------------------
+
 
 def test_self_influence_ranks_mislabelled_images_high():
     images, labels = toy_data(200, seed=20)
@@ -484,11 +523,15 @@ def test_sample_weights_have_mean_one_and_respect_the_clip():
 
 def test_suggest_labels_swaps_only_confident_contradictions_of_atypical_images():
     labels = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
-    probs = torch.tensor([[0.2, 0.9, 0.1],    # atypical, sees class 2 instead of 1: swapped
-                          [0.2, 0.9, 0.1],    # the same scores but typical: kept
-                          [0.9, 0.05, 0.1],   # atypical, doubts class 2 but sees nothing new: kept
-                          [0.4, 0.8, 0.75],   # atypical, sees 2 and 3; class 1 is unsure (0.4 > 0.3): kept
-                          [0.95, 0.6, 0.02]])  # atypical: 1 added, 3 dropped, 2 kept
+    probs = torch.tensor(
+        [
+            [0.2, 0.9, 0.1],  # atypical, sees class 2 instead of 1: swapped
+            [0.2, 0.9, 0.1],  # the same scores but typical: kept
+            [0.9, 0.05, 0.1],  # atypical, doubts class 2 but sees nothing new: kept
+            [0.4, 0.8, 0.75],  # atypical, sees 2 and 3; class 1 is unsure (0.4 > 0.3): kept
+            [0.95, 0.6, 0.02],
+        ]
+    )  # atypical: 1 added, 3 dropped, 2 kept
     score = torch.tensor([3.0, 0.5, 3.0, 3.0, 3.0])
     out = inf.suggest_labels(labels, probs, score, threshold=1.0, confidence=0.7)
     expected = torch.tensor([[0, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
@@ -500,10 +543,14 @@ def test_suggest_labels_swaps_only_confident_contradictions_of_atypical_images()
 
 def test_suggest_labels_drops_a_ruled_out_label_only_when_asked():
     labels = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
-    probs = torch.tensor([[0.9, 0.05, 0.1],   # atypical, class 2 ruled out: dropped at drop_below 0.1
-                          [0.9, 0.05, 0.1],   # the same but typical: kept
-                          [0.02, 0.1, 0.1],   # its only label ruled out: kept (never empty)
-                          [0.3, 0.01, 0.02]])  # both labels ruled out: the likelier one (3) stays
+    probs = torch.tensor(
+        [
+            [0.9, 0.05, 0.1],  # atypical, class 2 ruled out: dropped at drop_below 0.1
+            [0.9, 0.05, 0.1],  # the same but typical: kept
+            [0.02, 0.1, 0.1],  # its only label ruled out: kept (never empty)
+            [0.3, 0.01, 0.02],
+        ]
+    )  # both labels ruled out: the likelier one (3) stays
     score = torch.tensor([3.0, 0.5, 3.0, 3.0])
     assert torch.equal(inf.suggest_labels(labels, probs, score), labels)  # default: no drop without an addition
     out = inf.suggest_labels(labels, probs, score, drop_below=0.1)
@@ -513,6 +560,7 @@ def test_suggest_labels_drops_a_ruled_out_label_only_when_asked():
 
 def test_self_influence_is_the_same_by_either_rotation_route():
     """score_batch rotates a and delta instead of G when that is cheaper (few locations, as here)."""
+
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()

@@ -36,8 +36,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model_path(tmp_path_factory) -> Path:
     """A classifier trained for one epoch on the synthetic images (shared by every test here)."""
     ws = init_stage.run(tmp_path_factory.mktemp("trained") / "ws", "synthetic", None, None, SYNTH)
-    cfg = build(TrainClsConfig, ws.stage_table("train-cls"),
-                {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 1, "val_split": "none"})
+    cfg = build(
+        TrainClsConfig,
+        ws.stage_table("train-cls"),
+        {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 1, "val_split": "none"},
+    )
     train_cls.run(cfg, ws, OPTS, train_cls.TrainOptions())
     return ws.cls_dir / "model.pt"
 
@@ -246,8 +249,10 @@ def test_wrong_class_count_and_bad_options(tmp_path, model_path):
         make_cams.run(config(ws, label_source="guess"), ws, OPTS)
     torch.manual_seed(0)
     other = CamClassifier("resnet18", 3)
-    torch.save({"backbone": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"],
-                "model": other.state_dict()}, ws.cls_dir / "model.pt")
+    torch.save(
+        {"backbone": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"], "model": other.state_dict()},
+        ws.cls_dir / "model.pt",
+    )
     with pytest.raises(BadData, match="3 classes"):
         make_cams.run(config(ws), ws, OPTS)
     assert ws.maps("cams", "train").ids() == set()

@@ -19,16 +19,10 @@ from igcam_cli.core.metrics import (
 )
 
 # Tiny 3 x 4 example with two ignored GT pixels (255).
-GT = np.array([[0, 0, 1, 1],
-               [0, 2, 2, 255],
-               [1, 1, 255, 0]], dtype=np.uint8)
-PRED = np.array([[0, 1, 1, 1],
-                 [0, 2, 0, 2],
-                 [1, 0, 0, 0]], dtype=np.uint8)
+GT = np.array([[0, 0, 1, 1], [0, 2, 2, 255], [1, 1, 255, 0]], dtype=np.uint8)
+PRED = np.array([[0, 1, 1, 1], [0, 2, 0, 2], [1, 0, 0, 0]], dtype=np.uint8)
 # Counted by hand: rows = GT, cols = prediction; the two ignored pixels are not counted.
-EXPECTED = np.array([[3, 1, 0],
-                     [1, 3, 0],
-                     [1, 0, 1]], dtype=np.int64)
+EXPECTED = np.array([[3, 1, 0], [1, 3, 0], [1, 0, 1]], dtype=np.int64)
 
 
 def test_confusion_matrix_by_hand():
@@ -42,9 +36,7 @@ def test_ignore_value_is_skipped_whatever_the_prediction():
     gt = np.full((2, 2), 255, dtype=np.uint8)
     gt[0, 0] = 1
     pred = np.array([[1, 0], [2, 2]], dtype=np.uint8)
-    np.testing.assert_array_equal(
-        confusion_matrix(gt, pred, 3), [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
-    )
+    np.testing.assert_array_equal(confusion_matrix(gt, pred, 3), [[0, 0, 0], [0, 1, 0], [0, 0, 0]])
 
 
 def test_confusion_matrix_rejects_bad_input():
@@ -158,11 +150,9 @@ def test_threshold_confusions_rejects_mismatches():
 
 # ---------------------------------------------------------------------------- class-prior loss
 
-LABELS = np.array([[1, 0, 1],
-                   [0, 0, 1],
-                   [1, 1, 1],
-                   [0, 0, 1],
-                   [1, 0, 0]], dtype=np.float64)  # frequencies 3/5, 1/5, 4/5
+LABELS = np.array(
+    [[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=np.float64
+)  # frequencies 3/5, 1/5, 4/5
 
 
 def _constant_predictor_loss(targets: np.ndarray, weights: np.ndarray, p: np.ndarray) -> float:

@@ -13,8 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import (CAMS, CRF, RUNNER, TRAIN, VOC_CLASSES, VOC_IMAGES, VOC_SPLITS, build_voc, copy_workspace, ok,
-                         pseudo_mtimes)
+from cli_helpers import (
+    CAMS,
+    CRF,
+    RUNNER,
+    TRAIN,
+    VOC_CLASSES,
+    VOC_IMAGES,
+    VOC_SPLITS,
+    build_voc,
+    copy_workspace,
+    ok,
+    pseudo_mtimes,
+)
 from igcam_cli.cli import app
 from igcam_cli.stages import status as status_stage
 from igcam_cli.store import MapStore, voc_palette
@@ -52,6 +63,7 @@ def state_of(ws: Path, stage: str) -> str:
 
 
 # ---- the chain and the workspace contract ---------------------------------------------------------
+
 
 def test_chain_writes_config_manifest_logs_and_checkpoints(chain_ws):
     toml = tomllib.loads((chain_ws / "igcam.toml").read_text())
@@ -136,6 +148,7 @@ def test_evaluate_writes_json_and_markdown(chain_ws):
 
 
 # ---- resume and idempotence ------------------------------------------------------------------------
+
 
 def test_make_cams_rerun_does_nothing_and_force_redoes(chain_ws):
     directory = chain_ws / "cams" / "train"
@@ -246,6 +259,7 @@ def test_status_uses_igcam_workspace_from_the_environment(chain_ws):
 
 # ---- other datasets: custom-class VOC with mixed sizes, and `igcam synth` in the folder layout ----
 
+
 def test_voc_chain_with_custom_classes_and_mixed_image_sizes(voc_template, tmp_path):
     root, template = voc_template
     ws = copy_workspace(template, tmp_path / "ws")
@@ -273,8 +287,14 @@ def test_voc_chain_with_custom_classes_and_mixed_image_sizes(voc_template, tmp_p
 def test_synth_folder_chain(tmp_path):
     out, ws = tmp_path / "data", tmp_path / "ws"
     assert "wrote 16 images" in ok("synth", out, "--n-train", 12, "--n-val", 4, "--image-size", 64).stdout
-    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "igcam-synth.json", "images", "labels.csv",
-                                                     "masks", "splits"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.txt",
+        "igcam-synth.json",
+        "images",
+        "labels.csv",
+        "masks",
+        "splits",
+    ]
     assert json.loads((out / "igcam-synth.json").read_text())["image_size"] == 64
     assert "synthetic settings" in ok("init", "-w", ws, "--dataset", "folder", "--root", out).stdout
     assert Workspace.open(ws).stage_table("train-cls")["backbone"] == "resnet18"  # written by synth: its settings
@@ -283,8 +303,10 @@ def test_synth_folder_chain(tmp_path):
     ok("crf", "-w", ws, "--split", "train", *CRF, "--quiet")
     said = ok("evaluate", "-w", ws, "--artifact", "crf", "--split", "train", "--quiet").stdout
     result = json.loads((ws / "eval" / "crf-train.json").read_text())
-    assert said == f"crf / train: mIoU {result['miou'] * 100:.2f} % (crf on split 'train' (12 images), GT masks/, " \
-                   "with CRF, as labelled, weakly supervised, CAMs of classifier round 1)\n"  # --quiet: one line
+    assert (
+        said == f"crf / train: mIoU {result['miou'] * 100:.2f} % (crf on split 'train' (12 images), GT masks/, "
+        "with CRF, as labelled, weakly supervised, CAMs of classifier round 1)\n"
+    )  # --quiet: one line
     assert (result["dataset"], result["gt_source"], result["n_images"]) == ("folder", "masks/", 12)
     assert list(result["per_class"]) == ["background", "ambra", "brio", "cobal", "dune", "ember"]
     assert len(list((ws / "pseudo" / "train").glob("*.png"))) == 12

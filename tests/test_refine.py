@@ -39,8 +39,21 @@ def test_no_guidance_no_boundary_passes_the_cams_through(chain_ws):
 def test_boundary_changes_maps_and_batching_does_not(chain_ws, tmp_path):
     ok("refine", "-w", chain_ws, *REFINE, "--guidance", "none", "--quiet")
     batched = maps_of(chain_ws)
-    ok("refine", "-w", chain_ws, "--split", "train", "--workers", "0", "--batch-size", "1",
-       "--guidance", "none", "--force", "--quiet")
+    ok(
+        "refine",
+        "-w",
+        chain_ws,
+        "--split",
+        "train",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--guidance",
+        "none",
+        "--force",
+        "--quiet",
+    )
     single = maps_of(chain_ws)
     cams = maps_of(chain_ws, "cams")
     assert any(not np.allclose(batched[i].maps, cams[i].maps, atol=1e-2) for i in batched if len(cams[i].classes))
@@ -117,9 +130,9 @@ def test_ablation_table_has_every_variant_with_and_without_crf(chain_ws):
         assert row["crf"]["crf"] is True and row["maps"]["crf"] is False and row["maps"]["oracle"] is False
     cam_row = table["rows"][0]
     assert cam_row["maps"]["miou"] == pytest.approx(
-        json.loads((chain_ws / "eval" / "cams-train.json").read_text())["miou"])
+        json.loads((chain_ws / "eval" / "cams-train.json").read_text())["miou"]
+    )
     assert "| +guidance +boundary |" in (chain_ws / "eval" / "ablation-train.md").read_text()
-
 
 
 def test_each_shard_runs_its_own_chain_and_the_union_equals_the_unsharded_run(trained_ws):

@@ -23,8 +23,21 @@ from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
 
 OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SEG = ["--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--crop", "48", "--workers", "0", "--pretrained", "none",
-       "--quiet"]
+SEG = [
+    "--epochs",
+    "1",
+    "--min-steps",
+    "0",
+    "--batch-size",
+    "4",
+    "--crop",
+    "48",
+    "--workers",
+    "0",
+    "--pretrained",
+    "none",
+    "--quiet",
+]
 PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--no-crf", "--quiet"]
 
 
@@ -246,20 +259,31 @@ def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monke
 
 
 def test_train_seg_without_pseudo_labels_names_the_crf_command(fresh_ws):
-    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG), 3, "pseudo-labels for split 'train' missing",
-                 f"igcam crf -w {fresh_ws} --split train")
+    assert_error(
+        igcam("train-seg", "-w", fresh_ws, *SEG),
+        3,
+        "pseudo-labels for split 'train' missing",
+        f"igcam crf -w {fresh_ws} --split train",
+    )
     ws = Workspace.open(fresh_ws)
     write_pseudo(ws)
     next(ws.pseudo("train").directory.glob("*.png")).unlink()
-    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG), 3, "missing for 1 of 12 images",
-                 f"igcam crf -w {fresh_ws} --split train")
+    assert_error(
+        igcam("train-seg", "-w", fresh_ws, *SEG),
+        3,
+        "missing for 1 of 12 images",
+        f"igcam crf -w {fresh_ws} --split train",
+    )
     assert not (fresh_ws / "seg" / "model.pt").exists()
 
 
 def test_pretrained_cls_needs_the_workspace_classifier(fresh_ws):
     write_pseudo(Workspace.open(fresh_ws))
-    assert_error(igcam("train-seg", "-w", fresh_ws, *with_option(SEG, "--pretrained", "cls")), 3,
-                 f"igcam train-cls -w {fresh_ws}")
+    assert_error(
+        igcam("train-seg", "-w", fresh_ws, *with_option(SEG, "--pretrained", "cls")),
+        3,
+        f"igcam train-cls -w {fresh_ws}",
+    )
 
 
 def test_train_seg_usage_errors(fresh_ws):
@@ -279,8 +303,9 @@ def test_train_seg_and_predict_bad_files(fresh_ws, seg_ws, tmp_path):
     checkpoint = torch.load(Path(seg_ws) / "seg" / "model.pt", weights_only=True)
     checkpoint.update(num_classes=3, model=Segmenter(checkpoint["arch"], 3).state_dict())
     torch.save(checkpoint, tmp_path / "three.pt")
-    assert_error(igcam("train-seg", "-w", fresh_ws, *SEG, "--init-from", tmp_path / "three.pt"), 4, "--init-from",
-                 "3 outputs")
+    assert_error(
+        igcam("train-seg", "-w", fresh_ws, *SEG, "--init-from", tmp_path / "three.pt"), 4, "--init-from", "3 outputs"
+    )
     assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--out", "a/b", *PREDICT), 2, "--out 'a/b'")
     (Path(seg_ws) / "seg" / "model.pt").unlink()  # hard-linked to the shared template: replace, never overwrite
     shutil.copy(tmp_path / "three.pt", Path(seg_ws) / "seg" / "model.pt")
@@ -327,8 +352,13 @@ def test_predict_split_writes_one_png_per_image_and_evaluate_reports_it(seg_ws):
     ok("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf", "--force")
     assert ws.latest("predict", "val")["inputs"] == {"train-seg": trained}
     ws.start("train-seg", {}).finish()  # a newer model: adding to the old predictions is refused
-    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf"), 2, "pred/val",
-                 "train-seg ran again", "--out NAME")
+    assert_error(
+        igcam("predict", "-w", seg_ws, "--split", "val", *PREDICT, "--crf"),
+        2,
+        "pred/val",
+        "train-seg ran again",
+        "--out NAME",
+    )
 
 
 def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
@@ -369,23 +399,30 @@ def test_predict_bad_inputs(seg_ws, fresh_ws, tmp_path):
     _write_images(photos)
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     assert_error(igcam("predict", "-w", seg_ws, "--images", photos, *PREDICT), 4, "broken.png")
-    assert_error(igcam("predict", "-w", seg_ws, "--images", tmp_path / "nowhere", *PREDICT), 4,
-                 "no such folder", "nowhere")
+    assert_error(
+        igcam("predict", "-w", seg_ws, "--images", tmp_path / "nowhere", *PREDICT), 4, "no such folder", "nowhere"
+    )
     (tmp_path / "empty").mkdir()
     assert_error(igcam("predict", "-w", seg_ws, "--images", tmp_path / "empty", *PREDICT), 4, "no JPEG or PNG")
     assert_error(igcam("predict", "-w", seg_ws, *PREDICT), 2, "--split", "--images")
     assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--images", photos, *PREDICT), 2, "exactly one")
-    assert_error(igcam("predict", "-w", fresh_ws, "--split", "val", *PREDICT), 3,
-                 f"igcam train-seg -w {fresh_ws}")
-    assert_error(igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"), 3,
-                 f"igcam predict -w {seg_ws} --split val")
+    assert_error(igcam("predict", "-w", fresh_ws, "--split", "val", *PREDICT), 3, f"igcam train-seg -w {fresh_ws}")
+    assert_error(
+        igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"),
+        3,
+        f"igcam predict -w {seg_ws} --split val",
+    )
 
 
 def test_evaluate_refuses_a_folder_prediction_named_like_the_split(seg_ws, tmp_path):
     _write_images(tmp_path / "val")
     ok("predict", "-w", seg_ws, "--images", tmp_path / "val", *PREDICT)
-    assert_error(igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"), 4,
-                 "pred/val holds predictions of", "--force")
+    assert_error(
+        igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"),
+        4,
+        "pred/val holds predictions of",
+        "--force",
+    )
 
 
 @pytest.mark.parametrize("crf", ["--no-crf", "--crf"])

@@ -47,7 +47,13 @@ def test_round_trip_values_and_attrs(tmp_path):
         np.testing.assert_allclose(rec.maps, maps * 10, rtol=1e-3, atol=1e-3)
         assert rec.classes.dtype == np.uint8
         np.testing.assert_array_equal(rec.classes, classes)
-        assert rec.attrs == {"height": maps.shape[1], "width": maps.shape[2], "source": "cams", "scale": 0.5, "note": "hi"}
+        assert rec.attrs == {
+            "height": maps.shape[1],
+            "width": maps.shape[2],
+            "source": "cams",
+            "scale": 0.5,
+            "note": "hi",
+        }
         assert type(rec.attrs["height"]) is int
     assert store.attrs == {"oracle": True} and type(store.attrs["oracle"]) is bool
     with h5py.File(store.directory / "part-r0-00000.h5", "r") as f:
@@ -164,7 +170,9 @@ KILLED_WRITER = textwrap.dedent(
 
 def test_killed_writer_keeps_completed_parts(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], env=env, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], env=env, capture_output=True, timeout=60
+    )
     assert proc.returncode == -9, proc.stderr.decode()
     assert part_names(tmp_path) == [".part-r0-00002.h5.tmp", "part-r0-00000.h5", "part-r0-00001.h5"]
     store = MapStore(tmp_path)

@@ -160,13 +160,18 @@ def test_warns_when_the_loss_does_not_fall_below_the_class_prior(tmp_path):
     metrics = ws.latest("train-cls")["metrics"]
     assert metrics["learned"] is False and metrics["train_loss"] > train_cls.LEARNED_MARGIN * metrics["prior_loss"]
     [warning] = [line for line in ws.log_path("train-cls").read_text().splitlines() if "warning:" in line]
-    assert (f"training loss {metrics['train_loss']:.3f} after 1 epochs is not clearly below the class-prior loss "
-            f"{metrics['prior_loss']:.3f}") in warning and "has not learned" in warning
+    assert (
+        f"training loss {metrics['train_loss']:.3f} after 1 epochs is not clearly below the class-prior loss "
+        f"{metrics['prior_loss']:.3f}"
+    ) in warning and "has not learned" in warning
 
 
 def _batchnorm_state(model: CamClassifier) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()
-            if k.split(".")[-1] in ("running_mean", "running_var", "weight", "bias") and "bn" in k}
+    return {
+        k: v.detach().clone()
+        for k, v in model.backbone.state_dict().items()
+        if k.split(".")[-1] in ("running_mean", "running_var", "weight", "bias") and "bn" in k
+    }
 
 
 def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
@@ -174,17 +179,21 @@ def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
     torch.manual_seed(0)
     random_bn = _batchnorm_state(CamClassifier("resnet18", 5))
     assert random_bn and all(float(v.abs().max()) in (0.0, 1.0) for v in random_bn.values())  # the initialisation
-    model = train_cls.run(tiny_config(ws, epochs=1, pretrained="none", freeze_bn=True), ws, OPTS,
-                          train_cls.TrainOptions())
+    model = train_cls.run(
+        tiny_config(ws, epochs=1, pretrained="none", freeze_bn=True), ws, OPTS, train_cls.TrainOptions()
+    )
     trained = _batchnorm_state(model)
     moved = [k for k in random_bn if not torch.equal(random_bn[k], trained[k])]
     assert len(moved) == len(random_bn), sorted(set(random_bn) - set(moved))  # statistics and affine parameters
     assert "BatchNorm layers are trained" in ws.log_path("train-cls").read_text()
     # From trained weights (here --init-from) freeze_bn holds BN where it was.
     path = tmp_path / "start.pt"
-    torch.save({"backbone": "resnet18", "num_classes": 5, "classes": ws.dataset().classes,
-                "model": model.state_dict()}, path)
-    again = train_cls.run(tiny_config(ws, epochs=1, freeze_bn=True), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
+    torch.save(
+        {"backbone": "resnet18", "num_classes": 5, "classes": ws.dataset().classes, "model": model.state_dict()}, path
+    )
+    again = train_cls.run(
+        tiny_config(ws, epochs=1, freeze_bn=True), ws, OPTS, train_cls.TrainOptions(init_from=str(path))
+    )
     assert all(torch.equal(trained[k], v) for k, v in _batchnorm_state(again).items())
     assert not torch.equal(again.head.weight, model.head.weight)
 
@@ -195,8 +204,15 @@ def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
 def _save_checkpoint(path, num_classes: int, backbone: str = "resnet18") -> None:
     torch.manual_seed(0)
     model = CamClassifier(backbone, num_classes)
-    torch.save({"backbone": backbone, "num_classes": num_classes, "classes": [f"c{i}" for i in range(num_classes)],
-                "model": model.state_dict()}, path)
+    torch.save(
+        {
+            "backbone": backbone,
+            "num_classes": num_classes,
+            "classes": [f"c{i}" for i in range(num_classes)],
+            "model": model.state_dict(),
+        },
+        path,
+    )
 
 
 def test_init_from_with_other_class_count_is_bad_data(tmp_path):
@@ -322,14 +338,8 @@ def test_average_precision_by_hand():
 
 
 def test_mean_average_precision_skips_classes_without_positives():
-    scores = np.array([[0.9, 0.1, 0.5],
-                       [0.8, 0.7, 0.4],
-                       [0.2, 0.6, 0.3],
-                       [0.1, 0.9, 0.2]])
-    targets = np.array([[1, 0, 0],
-                        [0, 1, 0],
-                        [1, 0, 0],
-                        [0, 0, 0]])
+    scores = np.array([[0.9, 0.1, 0.5], [0.8, 0.7, 0.4], [0.2, 0.6, 0.3], [0.1, 0.9, 0.2]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
     # class 0: positives at ranks 1, 3 -> (1 + 2/3) / 2 = 5/6; class 1: positive at rank 2 -> 1/2;
     # class 2: no positives, skipped.  mAP = (5/6 + 1/2) / 2 = 2/3.
     assert mean_average_precision(scores, targets) == pytest.approx(0.6666666666666666, abs=1e-12)

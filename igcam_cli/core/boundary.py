@@ -323,8 +323,9 @@ def multiscale_boundary(
     """
     params = dataclasses.replace(params or _DEFAULT, **overrides)
     if image.ndim != 4 or maps.ndim != 4 or image.shape[0] != maps.shape[0]:
-        raise ValueError(f"image B x 3 x H x W and maps B x K x h x w expected, got "
-                         f"{tuple(image.shape)} and {tuple(maps.shape)}")
+        raise ValueError(
+            f"image B x 3 x H x W and maps B x K x h x w expected, got {tuple(image.shape)} and {tuple(maps.shape)}"
+        )
     full = tuple(image.shape[-2:])
     if maps.numel() == 0:
         return maps.new_zeros(*maps.shape[:2], *full)
@@ -333,8 +334,12 @@ def multiscale_boundary(
         size = _scaled_size(full, scale)
         current = _resize(current, size)
         kernel = affinity_kernel(
-            _resize(image, size), params.dilations, params.sigma_rgb, params.sigma_xy,
-            params.include_centre, params.eps,
+            _resize(image, size),
+            params.dilations,
+            params.sigma_rgb,
+            params.sigma_xy,
+            params.include_centre,
+            params.eps,
         )
         current = propagate(current, kernel, params.iterations, params.dilations, params.alpha)
         del kernel  # free this scale's kernel before the next, larger one is built

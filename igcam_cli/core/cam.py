@@ -21,11 +21,16 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
     for scale in scales:
         # recompute_scale_factor: sample with the exact in/out ratio, so that resizing commutes with
         # a horizontal flip also when size * scale is not an integer (e.g. 375 * 1.5).
-        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                      align_corners=False, recompute_scale_factor=True)
+        x = (
+            images
+            if scale == 1.0
+            else F.interpolate(
+                images, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=True
+            )
+        )
         if flip:
             out = cam_fn(torch.cat([x, x.flip(-1)])).float()
-            out = out[: len(images)] + out[len(images):].flip(-1)
+            out = out[: len(images)] + out[len(images) :].flip(-1)
         else:
             out = cam_fn(x).float()
         out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)

@@ -42,16 +42,13 @@ class CrfParams:
 # Parameter families of the field's codebases (PSA, IRN, DeepLab, ToCo; docs/METHOD.md §6).
 PRESETS: dict[str, CrfParams] = {
     "psa": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=80, bi_srgb=13, bi_compat=10),
-    "irn": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10,
-                     unary="labels", gt_prob=0.7),
+    "irn": CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10, unary="labels", gt_prob=0.7),
     "deeplab": CrfParams(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4),
     "toco": CrfParams(gauss_sxy=1, gauss_compat=1, bi_sxy=121, bi_srgb=5, bi_compat=4),
 }
 
 
-def background_score(
-    maps: np.ndarray, mode: str = "power", tau: float = 0.25, alpha: float = 4.0
-) -> np.ndarray:
+def background_score(maps: np.ndarray, mode: str = "power", tau: float = 0.25, alpha: float = 4.0) -> np.ndarray:
     """H x W background score from K x H x W maps in [0, 1].
 
     ``"constant"``: ``tau`` everywhere; ``"power"``: ``(1 - max_k maps)^alpha`` (ones when K == 0).
@@ -85,23 +82,22 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
         raise ValueError(f"probs must be L x H x W with L >= 1, got shape {probs.shape}")
     if probs.shape[1:] != image.shape[:2]:
         raise ValueError(
-            f"probs are {probs.shape[1]} x {probs.shape[2]} but the image is "
-            f"{image.shape[0]} x {image.shape[1]}"
+            f"probs are {probs.shape[1]} x {probs.shape[2]} but the image is {image.shape[0]} x {image.shape[1]}"
         )
     n_labels, height, width = probs.shape
     if n_labels == 1:
         return np.ones(probs.shape, dtype=np.float32)
 
     if params.unary == "labels":
-        unary = unary_from_labels(probs.argmax(axis=0), n_labels, gt_prob=params.gt_prob,
-                                  zero_unsure=False)
+        unary = unary_from_labels(probs.argmax(axis=0), n_labels, gt_prob=params.gt_prob, zero_unsure=False)
     else:
         unary = unary_from_softmax(probs.astype(np.float32))
     crf = dcrf.DenseCRF2D(width, height, n_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    crf.addPairwiseBilateral(sxy=params.bi_sxy, srgb=params.bi_srgb,
-                             rgbim=np.ascontiguousarray(image), compat=params.bi_compat)
+    crf.addPairwiseBilateral(
+        sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=np.ascontiguousarray(image), compat=params.bi_compat
+    )
     marginals = np.asarray(crf.inference(params.iterations), dtype=np.float32)
     return marginals.reshape(n_labels, height, width)
 
@@ -139,7 +135,7 @@ def crf_labels(
     probs = scores / scores.sum(axis=0, keepdims=True)
 
     marginals = dense_crf(image, probs, params)
-    lookup = np.concatenate([[0], classes]).astype(np.uint8)   # CRF label l -> class index
+    lookup = np.concatenate([[0], classes]).astype(np.uint8)  # CRF label l -> class index
     labels = lookup[marginals.argmax(axis=0)]
     if confidence is not None:
         labels[marginals.max(axis=0) < confidence] = 255

@@ -104,9 +104,7 @@ class GuidanceParams:
 # --------------------------------------------------------------------------- entry points
 
 
-def instance_guidance(
-    maps: np.ndarray, proposals: Proposals, params: GuidanceParams = GuidanceParams()
-) -> np.ndarray:
+def instance_guidance(maps: np.ndarray, proposals: Proposals, params: GuidanceParams = GuidanceParams()) -> np.ndarray:
     """Guide K x H x W maps in [0, 1] with label-free region proposals; returns float32 K x H x W."""
     maps = _check_maps(maps, proposals.shape)
     if maps.shape[0] == 0:

@@ -95,12 +95,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "Fisher", "Hessian", "DampingMode", "MapMode",
-    "tracked_layers", "per_sample_gradients",
-    "FactorStats", "KroneckerEigen", "EigenvalueStats", "QueryStats", "Preconditioner",
-    "covariance_stats", "eigenvalue_stats", "query_stats", "fit_preconditioner",
-    "BatchInfluence", "score_batch",
-    "robust_zscores", "atypicality", "sample_weights", "suggest_labels", "weight_matrix",
+    "Fisher",
+    "Hessian",
+    "DampingMode",
+    "MapMode",
+    "tracked_layers",
+    "per_sample_gradients",
+    "FactorStats",
+    "KroneckerEigen",
+    "EigenvalueStats",
+    "QueryStats",
+    "Preconditioner",
+    "covariance_stats",
+    "eigenvalue_stats",
+    "query_stats",
+    "fit_preconditioner",
+    "BatchInfluence",
+    "score_batch",
+    "robust_zscores",
+    "atypicality",
+    "sample_weights",
+    "suggest_labels",
+    "weight_matrix",
 ]
 
 Fisher = Literal["ggn", "sampled", "empirical"]
@@ -114,6 +130,7 @@ MapMode = Literal["labelled", "all", "none"]
 # ---------------------------------------------------------------------------------------------
 # Tracked layers
 # ---------------------------------------------------------------------------------------------
+
 
 def tracked_layers(model: nn.Module, scope: str | Sequence[str] = "last_block") -> dict[str, nn.Module]:
     """The layers whose weights influence is computed for, by qualified module name.
@@ -133,8 +150,13 @@ def tracked_layers(model: nn.Module, scope: str | Sequence[str] = "last_block") 
         prefix = "backbone.layer4."
         if scope == "last_block":
             prefix += f"{len(model.backbone.layer4) - 1}."
-        names = [n for n, m in named.items() if n.startswith(prefix) and isinstance(m, (nn.Conv2d, nn.Linear))
-                 and (scope == "layer4" or ".downsample." not in n)]
+        names = [
+            n
+            for n, m in named.items()
+            if n.startswith(prefix)
+            and isinstance(m, (nn.Conv2d, nn.Linear))
+            and (scope == "layer4" or ".downsample." not in n)
+        ]
         names.append("head")
     else:
         names = list(scope)
@@ -172,27 +194,30 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 # Capture: inputs a (B x d_in x T) and output gradients delta (B x d_out x T) from hooks
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Captured:
     """One batch through the tracked layers: logits, and per layer a and the outputs to seed."""
 
-    logits: Tensor                       # B x C (float32, or float64 for a float64 model)
-    inputs: dict[str, Tensor]            # raw layer inputs (detached)
-    outputs: dict[str, Tensor]           # raw layer outputs (in the graph)
+    logits: Tensor  # B x C (float32, or float64 for a float64 model)
+    inputs: dict[str, Tensor]  # raw layer inputs (detached)
+    outputs: dict[str, Tensor]  # raw layer outputs (in the graph)
     versions: dict[str, tuple[int, int]]
 
     def activations(self, layers: Layers) -> dict[str, Tensor]:
         """a per layer, B x d_in x T (logits dtype), unfolded for k x k convs, 1 appended for a bias."""
         self._check_versions()
-        return {name: _layer_activations(module, self.inputs[name].to(self.logits.dtype))
-                for name, module in layers.items()}
+        return {
+            name: _layer_activations(module, self.inputs[name].to(self.logits.dtype)) for name, module in layers.items()
+        }
 
     def output_grads(self, dz: Tensor, retain_graph: bool) -> dict[str, Tensor]:
         """delta per layer, B x d_out x T (logits dtype): backpropagate dz = dL/dlogits (B x C)."""
         self._check_versions()
         names = list(self.outputs)
-        grads = torch.autograd.grad(self.logits, [self.outputs[n] for n in names], grad_outputs=dz,
-                                    retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(
+            self.logits, [self.outputs[n] for n in names], grad_outputs=dz, retain_graph=retain_graph, allow_unused=True
+        )
         out = {}
         for name, g in zip(names, grads):
             if g is None:  # the layer does not reach the logits
@@ -206,8 +231,10 @@ class _Captured:
     def _check_versions(self) -> None:
         for name, (vin, vout) in self.versions.items():
             if self.inputs[name]._version != vin or self.outputs[name]._version != vout:
-                raise RuntimeError(f"{name}: its input or output was modified in place after the layer ran; "
-                                   "influence needs the original tensors (use inplace=False there)")
+                raise RuntimeError(
+                    f"{name}: its input or output was modified in place after the layer ran; "
+                    "influence needs the original tensors (use inplace=False there)"
+                )
 
 
 def _grid(out: Tensor) -> tuple[int, ...]:
@@ -230,8 +257,9 @@ def _layer_activations(module: nn.Module, x: Tensor) -> Tensor:
         if module.kernel_size == (1, 1) and module.stride == (1, 1) and _conv_padding(module) == (0, 0):
             a = x.flatten(2)
         else:
-            a = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
-                         stride=module.stride)
+            a = F.unfold(
+                x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module), stride=module.stride
+            )
     else:
         a = _flatten_locations(x)
     if module.bias is not None:
@@ -259,6 +287,7 @@ def _default_logits(model: nn.Module) -> LogitsFn:
     def logits(x: Tensor) -> Tensor:
         out = model(x)
         return out[0] if isinstance(out, (tuple, list)) else out
+
     return logits
 
 
@@ -273,6 +302,7 @@ def _capture(model: nn.Module, layers: Layers, x: Tensor, logits_fn: LogitsFn | 
         def fn(module: nn.Module, args: tuple, out: Tensor) -> None:
             inputs[name], outputs[name] = args[0].detach(), out
             versions[name] = (args[0]._version, out._version)
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
@@ -295,14 +325,16 @@ def _capture(model: nn.Module, layers: Layers, x: Tensor, logits_fn: LogitsFn | 
 # Output-space seeds dz = dL/dlogits
 # ---------------------------------------------------------------------------------------------
 
+
 def _loss_grad(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
     """dL_i/dz for L_i = w_i (1/C) sum_c BCE(z_ic, y_ic): w_i (sigmoid(z) - y) / C."""
     dz = (torch.sigmoid(logits) - labels) / logits.shape[1]
     return dz if weights is None else dz * weights[:, None]
 
 
-def _fisher_seeds(logits: Tensor, labels: Tensor, fisher: Fisher, weights: Tensor | None,
-                  generator: torch.Generator | None) -> list[Tensor]:
+def _fisher_seeds(
+    logits: Tensor, labels: Tensor, fisher: Fisher, weights: Tensor | None, generator: torch.Generator | None
+) -> list[Tensor]:
     """Seeds whose pseudo-gradients g~ satisfy sum_seeds g~ g~^T = (an estimate of) the GGN H_i."""
     p = torch.sigmoid(logits)
     num_classes = logits.shape[1]
@@ -338,13 +370,20 @@ def _as_weights(weights: Tensor | None, logits: Tensor) -> Tensor | None:
 # Per-sample gradients
 # ---------------------------------------------------------------------------------------------
 
+
 def _outer(delta: Tensor, a: Tensor) -> Tensor:
     """G = sum_u delta_u a_u^T per sample: (B x d_out x T, B x d_in x T) -> B x d_out x d_in."""
     return torch.bmm(delta, a.transpose(1, 2))
 
 
-def per_sample_gradients(model: nn.Module, layers: Layers, images: Tensor, labels: Tensor,
-                         weights: Tensor | None = None, logits_fn: LogitsFn | None = None) -> dict[str, Tensor]:
+def per_sample_gradients(
+    model: nn.Module,
+    layers: Layers,
+    images: Tensor,
+    labels: Tensor,
+    weights: Tensor | None = None,
+    logits_fn: LogitsFn | None = None,
+) -> dict[str, Tensor]:
     """Per-sample gradients of ``L_i = w_i (1/C) sum_c BCE(z_ic, y_ic)`` for each tracked layer.
 
     Returns name -> B x d_out x d_in with ``G_i = sum_u delta_u a_u^T`` (one batched backward; conv
@@ -368,6 +407,7 @@ def weight_matrix(module: nn.Module) -> Tensor:
 # Mergeable sums
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Sums:
     """Sums over samples plus counts, keyed "<part>/<layer>"; shards add up with ``+``.
@@ -386,8 +426,10 @@ class _Sums:
             return (other if not self.sums else self).copy()
         if self.sums.keys() != other.sums.keys():
             raise ValueError(f"cannot add {type(self).__name__}: different layers or parts")
-        return type(self)({k: v + other.sums[k].to(v.device) for k, v in self.sums.items()},
-                          {k: v + other.counts[k].to(v.device) for k, v in self.counts.items()})
+        return type(self)(
+            {k: v + other.sums[k].to(v.device) for k, v in self.sums.items()},
+            {k: v + other.counts[k].to(v.device) for k, v in self.counts.items()},
+        )
 
     def __radd__(self, other):  # sum(parts) starts from 0
         return self if isinstance(other, int) and other == 0 else NotImplemented
@@ -412,8 +454,9 @@ class _Sums:
             self.sums[key], self.counts[key] = value.clone(), count.clone()
 
     def to(self, device: torch.device | str) -> Self:
-        return type(self)({k: v.to(device) for k, v in self.sums.items()},
-                          {k: v.to(device) for k, v in self.counts.items()})
+        return type(self)(
+            {k: v.to(device) for k, v in self.sums.items()}, {k: v.to(device) for k, v in self.counts.items()}
+        )
 
     def to_state(self) -> dict[str, Tensor]:
         state = {f"sum/{k}": v.cpu() for k, v in self.sums.items()}
@@ -440,17 +483,23 @@ class KroneckerEigen:
     l_s: dict[str, Tensor]
 
     def to(self, device: torch.device | str) -> "KroneckerEigen":
-        return KroneckerEigen(*({k: v.to(device) for k, v in d.items()} for d in (self.q_a, self.l_a, self.q_s, self.l_s)))
+        return KroneckerEigen(
+            *({k: v.to(device) for k, v in d.items()} for d in (self.q_a, self.l_a, self.q_s, self.l_s))
+        )
 
     def to_state(self) -> dict[str, Tensor]:
-        return {f"{part}/{k}": v.cpu() for part, d in zip(("q_a", "l_a", "q_s", "l_s"),
-                                                          (self.q_a, self.l_a, self.q_s, self.l_s))
-                for k, v in d.items()}
+        return {
+            f"{part}/{k}": v.cpu()
+            for part, d in zip(("q_a", "l_a", "q_s", "l_s"), (self.q_a, self.l_a, self.q_s, self.l_s))
+            for k, v in d.items()
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Tensor], device: torch.device | str = "cpu") -> "KroneckerEigen":
-        parts = {p: {k.split("/", 1)[1]: torch.as_tensor(v).to(device) for k, v in state.items()
-                     if k.split("/", 1)[0] == p} for p in ("q_a", "l_a", "q_s", "l_s")}
+        parts = {
+            p: {k.split("/", 1)[1]: torch.as_tensor(v).to(device) for k, v in state.items() if k.split("/", 1)[0] == p}
+            for p in ("q_a", "l_a", "q_s", "l_s")
+        }
         return cls(**parts)
 
 
@@ -480,8 +529,10 @@ class EigenvalueStats(_Sums):
 
     def finalize(self) -> dict[str, Tensor]:
         """Lambda_l = E_i[sum_seeds (Q_S^T G_i Q_A)^2] per layer (d_out x d_in, float32)."""
-        return {n: (self.sums[f"lambda/{n}"] / self.counts[f"lambda/{n}"].clamp_min(1)).float()
-                for n in self.layers("lambda")}
+        return {
+            n: (self.sums[f"lambda/{n}"] / self.counts[f"lambda/{n}"].clamp_min(1)).float()
+            for n in self.layers("lambda")
+        }
 
 
 class QueryStats(_Sums):
@@ -491,7 +542,9 @@ class QueryStats(_Sums):
     (1/C) BCE(z_c, 1). Add shards, then ``finalize()``.
     """
 
-    def finalize(self, reduce: Literal["mean", "sum"] = "mean", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    def finalize(
+        self, reduce: Literal["mean", "sum"] = "mean", dtype: torch.dtype = torch.float32
+    ) -> dict[str, Tensor]:
         """name -> C x d_out x d_in; ``mean`` divides row c by the number of query images with c
         (a class without query images gets a zero row: its scores and maps are 0)."""
         out = {}
@@ -509,10 +562,18 @@ class QueryStats(_Sums):
 # Passes over the data (one batch each; the stage loops, shards and adds the results)
 # ---------------------------------------------------------------------------------------------
 
-def covariance_stats(model: nn.Module, layers: Layers, images: Tensor, labels: Tensor, *,
-                     fisher: Fisher = "ggn", weights: Tensor | None = None,
-                     generator: torch.Generator | None = None,
-                     logits_fn: LogitsFn | None = None) -> FactorStats:
+
+def covariance_stats(
+    model: nn.Module,
+    layers: Layers,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    fisher: Fisher = "ggn",
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    logits_fn: LogitsFn | None = None,
+) -> FactorStats:
     """Pass 1 (K-FAC / EK-FAC): factor sums of one batch. Sum the results over batches and shards."""
     cap = _capture(model, layers, images, logits_fn)
     logits = cap.logits.detach()
@@ -534,10 +595,18 @@ def covariance_stats(model: nn.Module, layers: Layers, images: Tensor, labels: T
     return stats
 
 
-def eigenvalue_stats(model: nn.Module, layers: Layers, eigen: KroneckerEigen, images: Tensor, labels: Tensor, *,
-                     fisher: Fisher = "ggn", weights: Tensor | None = None,
-                     generator: torch.Generator | None = None,
-                     logits_fn: LogitsFn | None = None) -> EigenvalueStats:
+def eigenvalue_stats(
+    model: nn.Module,
+    layers: Layers,
+    eigen: KroneckerEigen,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    fisher: Fisher = "ggn",
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    logits_fn: LogitsFn | None = None,
+) -> EigenvalueStats:
     """Pass 2 (EK-FAC only): sums of squared per-sample (pseudo-)gradients in the eigenbasis,
     one seed at a time (memory: one seed's delta per layer)."""
     cap = _capture(model, layers, images, logits_fn)
@@ -552,8 +621,13 @@ def eigenvalue_stats(model: nn.Module, layers: Layers, eigen: KroneckerEigen, im
         deltas = cap.output_grads(dz, retain_graph=k + 1 < len(seeds))
         with torch.no_grad():
             for name in layers:
-                r = _rotate(acts[name], deltas[name], eigen.q_a[name].to(acts[name]), eigen.q_s[name].to(acts[name]),
-                            routes[name])
+                r = _rotate(
+                    acts[name],
+                    deltas[name],
+                    eigen.q_a[name].to(acts[name]),
+                    eigen.q_s[name].to(acts[name]),
+                    routes[name],
+                )
                 squares[name] = r.square().sum(0) + squares.get(name, 0)
     stats = EigenvalueStats()
     for name in layers:
@@ -585,8 +659,9 @@ def _rotate(prepared: Tensor, delta: Tensor, q_a: Tensor, q_s: Tensor, route: Ro
     return q_s.T @ _outer(delta, prepared) @ q_a
 
 
-def query_stats(model: nn.Module, layers: Layers, images: Tensor, labels: Tensor, *,
-                logits_fn: LogitsFn | None = None) -> QueryStats:
+def query_stats(
+    model: nn.Module, layers: Layers, images: Tensor, labels: Tensor, *, logits_fn: LogitsFn | None = None
+) -> QueryStats:
     """Pass 3: per-class query gradient sums of one batch of query images with image-level labels.
 
     For each class c present in the batch: one backward of dz = e_c (sigmoid(z_c) - 1) / C over the
@@ -624,6 +699,7 @@ def query_stats(model: nn.Module, layers: Layers, images: Tensor, labels: Tensor
 # Preconditioner
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Preconditioner:
     """The damped inverse curvature per layer: precond(V) = Q_S [(Q_S^T V Q_A) / D] Q_A^T with
@@ -632,8 +708,8 @@ class Preconditioner:
     kind: Hessian
     q_a: dict[str, Tensor] = field(default_factory=dict)
     q_s: dict[str, Tensor] = field(default_factory=dict)
-    denom: dict[str, Tensor] = field(default_factory=dict)    # d_out x d_in, Lambda + lambda_l
-    damping: dict[str, float] = field(default_factory=dict)   # lambda_l actually used per layer
+    denom: dict[str, Tensor] = field(default_factory=dict)  # d_out x d_in, Lambda + lambda_l
+    damping: dict[str, float] = field(default_factory=dict)  # lambda_l actually used per layer
 
     def precondition(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """name -> (..., d_out, d_in) gradient matrices -> preconditioned matrices of the same shape."""
@@ -645,8 +721,12 @@ class Preconditioner:
             out[n] = q_s @ ((q_s.T @ g @ q_a) / denom) @ q_a.T
         return out
 
-    def self_influence(self, grads: Mapping[str, Tensor], acts: Mapping[str, Tensor] | None = None,
-                       deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+    def self_influence(
+        self,
+        grads: Mapping[str, Tensor],
+        acts: Mapping[str, Tensor] | None = None,
+        deltas: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
         """sum_l <precond(G_l), G_l> for per-sample gradients name -> B x d_out x d_in; returns (B,).
 
         Given the layer inputs ``acts`` and output gradients ``deltas`` (B x d x T) that formed
@@ -693,9 +773,14 @@ class Preconditioner:
         return cls(kind, **parts)  # type: ignore[arg-type]
 
 
-def fit_preconditioner(kind: Hessian, eigen: KroneckerEigen | None = None,
-                       eigenvalues: Mapping[str, Tensor] | None = None, *,
-                       damping: float = 0.1, damping_mode: DampingMode = "relative") -> Preconditioner:
+def fit_preconditioner(
+    kind: Hessian,
+    eigen: KroneckerEigen | None = None,
+    eigenvalues: Mapping[str, Tensor] | None = None,
+    *,
+    damping: float = 0.1,
+    damping_mode: DampingMode = "relative",
+) -> Preconditioner:
     """Build the preconditioner from merged statistics.
 
     ``ekfac`` needs ``eigen`` (``FactorStats.finalize()``) and ``eigenvalues``
@@ -708,8 +793,10 @@ def fit_preconditioner(kind: Hessian, eigen: KroneckerEigen | None = None,
     if kind not in ("ekfac", "kfac"):
         raise ValueError(f"unknown hessian '{kind}' (ekfac, kfac, none)")
     if eigen is None or (kind == "ekfac" and eigenvalues is None):
-        raise ValueError(f"hessian '{kind}' needs the factor eigendecompositions"
-                         + (" and the EK-FAC eigenvalues" if kind == "ekfac" else ""))
+        raise ValueError(
+            f"hessian '{kind}' needs the factor eigendecompositions"
+            + (" and the EK-FAC eigenvalues" if kind == "ekfac" else "")
+        )
     if damping_mode not in ("relative", "absolute"):
         raise ValueError(f"unknown damping mode '{damping_mode}' (relative, absolute)")
     if damping < 0:
@@ -729,20 +816,29 @@ def fit_preconditioner(kind: Hessian, eigen: KroneckerEigen | None = None,
 # Scoring a batch of training images
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class BatchInfluence:
     """Influence of one batch of training images (B images, C classes, maps on an h x w grid)."""
 
-    self_influence: Tensor   # B        g_i^T H^-1 g_i (>= 0)
-    per_class: Tensor        # B x C    <precond(V_c), g_i>, positive = helps class c's queries
-    maps: Tensor | None      # B x C x h x w; maps.sum((-2, -1)) == per_class (to rounding) where computed
-    loss: Tensor             # B        per-sample loss (1/C) sum_c BCE
-    probs: Tensor            # B x C    the classifier's sigmoid scores (for label suggestions)
+    self_influence: Tensor  # B        g_i^T H^-1 g_i (>= 0)
+    per_class: Tensor  # B x C    <precond(V_c), g_i>, positive = helps class c's queries
+    maps: Tensor | None  # B x C x h x w; maps.sum((-2, -1)) == per_class (to rounding) where computed
+    loss: Tensor  # B        per-sample loss (1/C) sum_c BCE
+    probs: Tensor  # B x C    the classifier's sigmoid scores (for label suggestions)
 
 
-def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner,
-                queries: Mapping[str, Tensor], images: Tensor, labels: Tensor, *,
-                maps: MapMode = "labelled", logits_fn: LogitsFn | None = None) -> BatchInfluence:
+def score_batch(
+    model: nn.Module,
+    layers: Layers,
+    preconditioner: Preconditioner,
+    queries: Mapping[str, Tensor],
+    images: Tensor,
+    labels: Tensor,
+    *,
+    maps: MapMode = "labelled",
+    logits_fn: LogitsFn | None = None,
+) -> BatchInfluence:
     """Pass 4: self-influence, per-class influence and spatial maps of a batch of training images.
 
     ``queries``: the preconditioned per-class query gradients,
@@ -765,8 +861,9 @@ def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner
     with torch.no_grad():
         grads = {n: _outer(deltas[n], acts[n]) for n in layers}
         self_inf = preconditioner.self_influence(grads, acts, deltas)
-        per_class = sum(torch.einsum("boi,coi->bc", grads[n], queries[n].to(grads[n].device, grads[n].dtype))
-                        for n in layers)
+        per_class = sum(
+            torch.einsum("boi,coi->bc", grads[n], queries[n].to(grads[n].device, grads[n].dtype)) for n in layers
+        )
         spatial = None
         if maps != "none":
             spatial = _spatial_maps(acts, deltas, queries, cap.grids(), labels > 0.5 if maps == "labelled" else None)
@@ -774,8 +871,13 @@ def score_batch(model: nn.Module, layers: Layers, preconditioner: Preconditioner
     return BatchInfluence(self_inf, per_class, spatial, loss, torch.sigmoid(logits))
 
 
-def _spatial_maps(acts: Mapping[str, Tensor], deltas: Mapping[str, Tensor], queries: Mapping[str, Tensor],
-                  grids: Mapping[str, tuple[int, ...]], mask: Tensor | None) -> Tensor:
+def _spatial_maps(
+    acts: Mapping[str, Tensor],
+    deltas: Mapping[str, Tensor],
+    queries: Mapping[str, Tensor],
+    grids: Mapping[str, tuple[int, ...]],
+    mask: Tensor | None,
+) -> Tensor:
     """maps[b, c, u] = sum_l delta_{b,u}^T Vt_{c,l} a_{b,u}, each layer sum-pooled to the coarsest
     grid; only where ``mask[b, c]`` (B x Q bool) when a mask is given, zeros elsewhere."""
     target = min(grids.values(), key=lambda g: g[0] * g[1])
@@ -792,9 +894,9 @@ def _spatial_maps(acts: Mapping[str, Tensor], deltas: Mapping[str, Tensor], quer
                 continue
             a_c, d_c = a[rows], delta[rows]
             if d_c.shape[1] <= a_c.shape[1]:
-                terms = ((vt[c] @ a_c) * d_c).sum(1)        # (Vt a_u) . delta_u
+                terms = ((vt[c] @ a_c) * d_c).sum(1)  # (Vt a_u) . delta_u
             else:
-                terms = ((vt[c].T @ d_c) * a_c).sum(1)      # (Vt^T delta_u) . a_u
+                terms = ((vt[c].T @ d_c) * a_c).sum(1)  # (Vt^T delta_u) . a_u
             terms = _sum_pool_to(terms.reshape(terms.shape[0], 1, *grids[name]), target, name)[:, 0]
             total[rows, c] += terms
     return total
@@ -805,8 +907,10 @@ def _sum_pool_to(maps: Tensor, grid: tuple[int, ...], name: str) -> Tensor:
     if (h, w) == tuple(grid):
         return maps
     if h % grid[0] or w % grid[1]:
-        raise ValueError(f"{name}: output grid {h}x{w} is not an integer multiple of {grid[0]}x{grid[1]}; "
-                         "track layers on one grid to get maps")
+        raise ValueError(
+            f"{name}: output grid {h}x{w} is not an integer multiple of {grid[0]}x{grid[1]}; "
+            "track layers on one grid to get maps"
+        )
     kernel = (h // grid[0], w // grid[1])
     return F.avg_pool2d(maps, kernel, divisor_override=1)  # a sum pool: the map keeps its total
 
@@ -814,6 +918,7 @@ def _sum_pool_to(maps: Tensor, grid: tuple[int, ...], name: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # From scores to an atypicality ranking and sample weights
 # ---------------------------------------------------------------------------------------------
+
 
 def robust_zscores(values: Tensor) -> Tensor:
     """(v - median) / (1.4826 MAD): a z-score that a few extreme values cannot drag."""
@@ -834,8 +939,9 @@ def atypicality(self_influence: Tensor, eps: float = 1e-30) -> Tensor:
     return robust_zscores(torch.log(self_influence.double().clamp_min(eps)))
 
 
-def sample_weights(score: Tensor, w_min: float = 0.2, w_max: float = 2.0, threshold: float = 1.0,
-                   temperature: float = 1.0) -> Tensor:
+def sample_weights(
+    score: Tensor, w_min: float = 0.2, w_max: float = 2.0, threshold: float = 1.0, temperature: float = 1.0
+) -> Tensor:
     """Per-sample loss weights for round 2 from an atypicality score (e.g. ``atypicality(...)``).
 
     Rule: ``raw_i = exp(-max(score_i - threshold, 0) / temperature)`` (images up to ``threshold``
@@ -858,8 +964,14 @@ def sample_weights(score: Tensor, w_min: float = 0.2, w_max: float = 2.0, thresh
     return raw.mul(0.5 * (lo + hi)).clamp(w_min, w_max).float()
 
 
-def suggest_labels(labels: Tensor, probs: Tensor, score: Tensor, threshold: float = 1.0,
-                   confidence: float = 0.5, drop_below: float = 0.0) -> Tensor:
+def suggest_labels(
+    labels: Tensor,
+    probs: Tensor,
+    score: Tensor,
+    threshold: float = 1.0,
+    confidence: float = 0.5,
+    drop_below: float = 0.0,
+) -> Tensor:
     """Suggested image labels (N x C bool) for the images that look mislabelled.
 
     An image is a suspect when its atypicality ``score`` exceeds ``threshold``. A suspect is

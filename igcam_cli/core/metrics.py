@@ -12,8 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import xlogy
 
-__all__ = ["confusion_matrix", "threshold_confusions", "scores", "best_threshold", "class_prior_loss",
-           "image_prior_losses", "learned_fractions"]
+__all__ = [
+    "confusion_matrix",
+    "threshold_confusions",
+    "scores",
+    "best_threshold",
+    "class_prior_loss",
+    "image_prior_losses",
+    "learned_fractions",
+]
 
 
 def _check_labels(name: str, values: np.ndarray, num_labels: int) -> None:
@@ -22,9 +29,7 @@ def _check_labels(name: str, values: np.ndarray, num_labels: int) -> None:
         return
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= num_labels:
-        raise ValueError(
-            f"{name} values must lie in [0, {num_labels}); found range [{lo}, {hi}]"
-        )
+        raise ValueError(f"{name} values must lie in [0, {num_labels}); found range [{lo}, {hi}]")
 
 
 def _counted_gt(gt: np.ndarray, shape: tuple[int, ...], num_labels: int, ignore: int):
@@ -40,9 +45,7 @@ def _counted_gt(gt: np.ndarray, shape: tuple[int, ...], num_labels: int, ignore:
     return keep, gt_kept
 
 
-def confusion_matrix(
-    gt: np.ndarray, pred: np.ndarray, num_labels: int, ignore: int = 255
-) -> np.ndarray:
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_labels: int, ignore: int = 255) -> np.ndarray:
     """(n, n) int64 confusion matrix, rows = GT, cols = prediction; GT pixels == ``ignore`` skipped.
 
     Raises ValueError on a shape mismatch or a label outside [0, n) (prediction: any pixel;
@@ -86,7 +89,7 @@ def threshold_confusions(
         peak = np.zeros(gt_kept.shape, dtype=np.float64)
         label = np.zeros(gt_kept.shape, dtype=np.int64)
     else:
-        kept_maps = maps[:, keep]                      # K x P
+        kept_maps = maps[:, keep]  # K x P
         peak = kept_maps.max(axis=0)
         label = classes[kept_maps.argmax(axis=0)]
     # T x P predictions: foreground label where the peak exceeds the threshold.
@@ -142,12 +145,8 @@ def scores(conf: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
     }
     if class_names is not None:
         if len(class_names) != conf.shape[0]:
-            raise ValueError(
-                f"{len(class_names)} class names for a {conf.shape[0]}-label confusion matrix"
-            )
-        result["per_class"] = {
-            name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)
-        }
+            raise ValueError(f"{len(class_names)} class names for a {conf.shape[0]}-label confusion matrix")
+        result["per_class"] = {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)}
     return result
 
 

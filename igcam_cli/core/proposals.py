@@ -428,8 +428,14 @@ def _hierarchy(labels: np.ndarray, feats: _PixelFeatures, terms: str) -> list[li
 
 
 def _similarities(
-    a: np.ndarray, b: np.ndarray, color: np.ndarray | None, tex: np.ndarray | None, size: np.ndarray, box: np.ndarray,
-    area: float, terms: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    color: np.ndarray | None,
+    tex: np.ndarray | None,
+    size: np.ndarray,
+    box: np.ndarray,
+    area: float,
+    terms: str,
 ) -> np.ndarray:
     """Selective-search similarity of regions a[i] and b[i], vectorised: the sum of the ``terms``
     among c(olour), t(exture), s(ize), f(ill)."""

@@ -42,7 +42,9 @@ def read_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
     if num_classes is not None:
         bad = (mask > num_classes) & (mask != 255)
         if bad.any():
-            raise BadData(f"mask {path} holds class index {int(mask[bad].max())}, but there are only {num_classes} classes")
+            raise BadData(
+                f"mask {path} holds class index {int(mask[bad].max())}, but there are only {num_classes} classes"
+            )
     return mask.astype(np.uint8)
 
 

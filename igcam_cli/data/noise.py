@@ -23,8 +23,9 @@ CORRUPTED_NAME = "corrupted.csv"
 NOISE_KINDS = ("swap", "add", "drop")
 
 
-def corrupt_labels(labels: dict[str, np.ndarray], num_classes: int, fraction: float, seed: int,
-                   kind: str = "swap") -> dict[str, np.ndarray]:
+def corrupt_labels(
+    labels: dict[str, np.ndarray], num_classes: int, fraction: float, seed: int, kind: str = "swap"
+) -> dict[str, np.ndarray]:
     """New labels for a seeded `fraction` of the ids (rounded). `swap`: one present class of each
     chosen image is swapped for a class it does not have (an image with every class loses one);
     `add`: a class it does not have is added (a wrong extra label); `drop`: one of its classes is
@@ -57,8 +58,9 @@ def corrupt_labels(labels: dict[str, np.ndarray], num_classes: int, fraction: fl
     return out
 
 
-def _add_or_drop(labels: dict[str, np.ndarray], ids: list[str], num_classes: int, count: int,
-                 rng: np.random.Generator, kind: str) -> dict[str, np.ndarray]:
+def _add_or_drop(
+    labels: dict[str, np.ndarray], ids: list[str], num_classes: int, count: int, rng: np.random.Generator, kind: str
+) -> dict[str, np.ndarray]:
     present = {i: [int(c) for c in labels[i]] for i in ids}
     if kind == "add":
         candidates = [i for i in ids if len(present[i]) < num_classes]
@@ -77,8 +79,9 @@ def _add_or_drop(labels: dict[str, np.ndarray], ids: list[str], num_classes: int
     return out
 
 
-def write_noisy_labels(root: Path, classes: list[str], labels: dict[str, np.ndarray], fraction: float,
-                       seed: int, kind: str = "swap") -> list[str]:
+def write_noisy_labels(
+    root: Path, classes: list[str], labels: dict[str, np.ndarray], fraction: float, seed: int, kind: str = "swap"
+) -> list[str]:
     """Corrupt `fraction` of the images in `labels` (their true class indices) in `root/labels.csv`
     (rewritten whole, then renamed over the old file) and list them in `root/corrupted.csv`.
     Returns the corrupted ids."""

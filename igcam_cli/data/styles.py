@@ -31,14 +31,42 @@ from igcam_cli.data import synthetic as syn
 
 STYLES: tuple[str, ...] = ("heads", "textured", "shapes", "lookalike", "scales", "clutter")
 
-_TEXTURE_FILES = ("brick.png", "grass.png", "gravel.png", "camera.png", "moon.png", "coins.png", "page.png",
-                  "text.png", "cell.png", "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
-                  "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "motorcycle_left.png")
+_TEXTURE_FILES = (
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "camera.png",
+    "moon.png",
+    "coins.png",
+    "page.png",
+    "text.png",
+    "cell.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "motorcycle_left.png",
+)
 # object bodies and clutter come from the strongly textured sources only; backgrounds from the
 # whole pool, photographs included
-_OBJECT_TEXTURES = tuple(_TEXTURE_FILES.index(name) for name in (
-    "brick.png", "grass.png", "gravel.png", "coins.png", "page.png", "text.png", "cell.png",
-    "hubble_deep_field.jpg", "ihc.png", "retina.jpg"))
+_OBJECT_TEXTURES = tuple(
+    _TEXTURE_FILES.index(name)
+    for name in (
+        "brick.png",
+        "grass.png",
+        "gravel.png",
+        "coins.png",
+        "page.png",
+        "text.png",
+        "cell.png",
+        "hubble_deep_field.jpg",
+        "ihc.png",
+        "retina.jpg",
+    )
+)
 _TEXTURE_SIDE = 256  # each source resized so that its short side is this many pixels
 
 
@@ -74,8 +102,18 @@ _LOOKALIKE_HEADS: tuple[syn.HeadStyle, ...] = (
     syn.HeadStyle((20, 205, 215), (10, 20, 80), "rings", 3.0, 0.0),
 )
 
-SHAPE_NAMES: tuple[str, ...] = ("blob", "star", "cross", "triangle", "crescent", "ring", "ell", "tee", "arrow",
-                                "hourglass")
+SHAPE_NAMES: tuple[str, ...] = (
+    "blob",
+    "star",
+    "cross",
+    "triangle",
+    "crescent",
+    "ring",
+    "ell",
+    "tee",
+    "arrow",
+    "hourglass",
+)
 
 
 def head_style(style: Style, cls: int) -> syn.HeadStyle:
@@ -97,8 +135,10 @@ def _textures() -> tuple[np.ndarray, ...]:
         with Image.open(folder / name) as im:
             im = im.convert("RGB")
             scale = _TEXTURE_SIDE / min(im.size)
-            im = im.resize((max(_TEXTURE_SIDE, round(im.size[0] * scale)), max(_TEXTURE_SIDE, round(im.size[1] * scale))),
-                           Image.BILINEAR)
+            im = im.resize(
+                (max(_TEXTURE_SIDE, round(im.size[0] * scale)), max(_TEXTURE_SIDE, round(im.size[1] * scale))),
+                Image.BILINEAR,
+            )
             pool.append(np.asarray(im, dtype=np.float32))
     return tuple(pool)
 
@@ -119,8 +159,11 @@ def texture_patch(rng: np.random.Generator, size: int, vivid: bool) -> np.ndarra
     grey = patch.mean(axis=2, keepdims=True)
     contrast = rng.uniform(0.9, 1.5) if vivid else rng.uniform(0.5, 1.1)
     grey = (grey - grey.mean()) * contrast + grey.mean()
-    tint = syn._hsv(rng.random(), rng.uniform(0.35, 0.8) if vivid else rng.uniform(0.05, 0.3),
-                    rng.uniform(0.55, 0.9) if vivid else rng.uniform(0.35, 0.7))
+    tint = syn._hsv(
+        rng.random(),
+        rng.uniform(0.35, 0.8) if vivid else rng.uniform(0.05, 0.3),
+        rng.uniform(0.55, 0.9) if vivid else rng.uniform(0.35, 0.7),
+    )
     keep = rng.uniform(0.0, 0.5)  # how much of the source's own colour survives
     tinted = grey / 128.0 * tint
     return (keep * patch + (1 - keep) * tinted).astype(np.float32)
@@ -211,8 +254,14 @@ def layout(style: Style, rng: np.random.Generator, size: int, num_classes: int, 
             if style.cue == "shape":
                 semi = rng.uniform(lo, hi) * size * shrink
                 kind = SHAPE_NAMES[cls - 1]
-                obj_px = _shape_pixels(kind, rng.uniform(0.15, 0.85) * size, rng.uniform(0.15, 0.85) * size,
-                                       semi, rng.uniform(0, 2 * math.pi), size)
+                obj_px = _shape_pixels(
+                    kind,
+                    rng.uniform(0.15, 0.85) * size,
+                    rng.uniform(0.15, 0.85) * size,
+                    semi,
+                    rng.uniform(0, 2 * math.pi),
+                    size,
+                )
                 head_px, hd, head_area = np.zeros_like(obj_px), None, 0.0
                 if obj_px.sum() < 0.4 * semi * semi:  # mostly outside the image
                     continue
@@ -239,16 +288,29 @@ def layout(style: Style, rng: np.random.Generator, size: int, num_classes: int, 
     return StyledLayout(classes, heads, owner, head, occluders)
 
 
-def _occlude(style: Style, rng: np.random.Generator, owner: np.ndarray, head: np.ndarray,
-             own_areas: list[tuple[int, int]], size: int) -> list[_Occluder]:
+def _occlude(
+    style: Style,
+    rng: np.random.Generator,
+    owner: np.ndarray,
+    head: np.ndarray,
+    own_areas: list[tuple[int, int]],
+    size: int,
+) -> list[_Occluder]:
     placed = []
     for _ in range(int(rng.integers(0, style.occluders + 1))):
-        o = _Occluder(rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size, rng.uniform(0.15, 0.45) * size,
-                      rng.uniform(0.02, 0.06) * size, rng.uniform(0, math.pi))
+        o = _Occluder(
+            rng.uniform(0.1, 0.9) * size,
+            rng.uniform(0.1, 0.9) * size,
+            rng.uniform(0.15, 0.45) * size,
+            rng.uniform(0.02, 0.06) * size,
+            rng.uniform(0, math.pi),
+        )
         bar = _bar(o, size)
-        ok = all(int(((owner == j) & ~bar).sum()) >= 0.5 * area
-                 and int(((owner == j) & head & ~bar).sum()) >= 0.5 * head_area
-                 for j, (area, head_area) in enumerate(own_areas))
+        ok = all(
+            int(((owner == j) & ~bar).sum()) >= 0.5 * area
+            and int(((owner == j) & head & ~bar).sum()) >= 0.5 * head_area
+            for j, (area, head_area) in enumerate(own_areas)
+        )
         if ok:
             owner[bar] = -1
             head[bar] = False

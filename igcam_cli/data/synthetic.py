@@ -44,7 +44,16 @@ from igcam_cli.data.base import Dataset, Sample
 from igcam_cli.errors import BadData, UsageError
 
 CLASS_NAMES: tuple[str, ...] = (
-    "ambra", "brio", "cobal", "dune", "ember", "fjord", "gala", "hazel", "indo", "jade",
+    "ambra",
+    "brio",
+    "cobal",
+    "dune",
+    "ember",
+    "fjord",
+    "gala",
+    "hazel",
+    "indo",
+    "jade",
 )
 SPLITS: tuple[str, ...] = ("train", "val")
 
@@ -196,8 +205,13 @@ _PLACEMENT_TRIES = 60
 SYNTH_MARKER = "igcam-synth.json"
 
 
-def _sample_body(rng: np.random.Generator, size: int, scale: float, semi_range: tuple[float, float] = (0.10, 0.225),
-                 centre_range: tuple[float, float] = (0.18, 0.82)) -> _Body:
+def _sample_body(
+    rng: np.random.Generator,
+    size: int,
+    scale: float,
+    semi_range: tuple[float, float] = (0.10, 0.225),
+    centre_range: tuple[float, float] = (0.18, 0.82),
+) -> _Body:
     """Semi-axis and centre ranges are fractions of the image side (data/styles.py widens them)."""
     semi = rng.uniform(*semi_range) * size * scale
     return _Body(
@@ -422,7 +436,9 @@ def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- generation
 
 
-def _streams(seed: int, split_index: int, index: int, style: str = "heads") -> tuple[np.random.Generator, np.random.Generator]:
+def _streams(
+    seed: int, split_index: int, index: int, style: str = "heads"
+) -> tuple[np.random.Generator, np.random.Generator]:
     """Layout and paint generators of one image, from `default_rng([seed, split_index, index])`
     (other styles than heads append their index, so that each style has its own scenes)."""
     from igcam_cli.data.styles import STYLES
@@ -438,7 +454,12 @@ def _make_layout(seed: int, split_index: int, index: int, size: int, num_classes
 
 
 def _render(
-    seed: int, split_index: int, index: int, size: int = 128, num_classes: int = 5, max_objects: int = 3,
+    seed: int,
+    split_index: int,
+    index: int,
+    size: int = 128,
+    num_classes: int = 5,
+    max_objects: int = 3,
     style: str = "heads",
 ) -> _Scene:
     """Generate one image with its GT mask and its per-object / head bookkeeping."""
@@ -460,8 +481,9 @@ def _render(
     )
 
 
-def _render_styled(seed: int, split_index: int, index: int, size: int, num_classes: int, max_objects: int,
-                   style: str) -> _Scene:
+def _render_styled(
+    seed: int, split_index: int, index: int, size: int, num_classes: int, max_objects: int, style: str
+) -> _Scene:
     from igcam_cli.data import styles
 
     spec = styles.STYLE_SPECS[style]
@@ -469,12 +491,19 @@ def _render_styled(seed: int, split_index: int, index: int, size: int, num_class
     lay = styles.layout(spec, layout_rng, size, num_classes, max_objects)
     mask = styles.class_mask(lay)
     img = styles.paint(spec, paint_rng, lay, size)
-    return _Scene(image=_finish(paint_rng, img), mask=mask, owner=lay.owner, head=lay.head, classes=lay.classes,
-                  labels=_labels_of(mask))
+    return _Scene(
+        image=_finish(paint_rng, img),
+        mask=mask,
+        owner=lay.owner,
+        head=lay.head,
+        classes=lay.classes,
+        labels=_labels_of(mask),
+    )
 
 
-def _layout_mask(seed: int, split_index: int, index: int, size: int, num_classes: int, max_objects: int,
-                 style: str) -> np.ndarray:
+def _layout_mask(
+    seed: int, split_index: int, index: int, size: int, num_classes: int, max_objects: int, style: str
+) -> np.ndarray:
     """The GT mask from the layout stream alone (no painting)."""
     if style == "heads":
         return _class_mask(_make_layout(seed, split_index, index, size, num_classes, max_objects))
@@ -549,8 +578,9 @@ class SyntheticDataset(Dataset):
     def labels(self, image_id: str) -> np.ndarray:
         if image_id not in self._labels:
             split_index, index = self._parse(image_id)
-            self._labels[image_id] = _labels_of(_layout_mask(self.seed, split_index, index, self.size,
-                                                             self.num_classes, self.max_objects, self.style))
+            self._labels[image_id] = _labels_of(
+                _layout_mask(self.seed, split_index, index, self.size, self.num_classes, self.max_objects, self.style)
+            )
         return self._labels[image_id].copy()
 
     def load(self, image_id: str, with_mask: bool = True) -> Sample:

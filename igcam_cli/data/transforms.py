@@ -33,8 +33,9 @@ def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
-def train_view(image: np.ndarray, crop: int, scale_min: float, scale_max: float, rng: np.random.Generator,
-               crop_height: int = 0) -> torch.Tensor:
+def train_view(
+    image: np.ndarray, crop: int, scale_min: float, scale_max: float, rng: np.random.Generator, crop_height: int = 0
+) -> torch.Tensor:
     """IRN-style augmentation: long side to s * crop, random flip, random crop padded with zeros.
     The canvas is crop x crop, or crop_height x crop (rows x columns) when crop_height is set."""
     image = resize_long(image, round(crop * rng.uniform(scale_min, scale_max)))
@@ -72,8 +73,9 @@ def _offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int
     return 0, int(rng.integers(0, crop - length + 1))
 
 
-def seg_train_view(image: np.ndarray, label: np.ndarray, crop: int, scale_min: float, scale_max: float,
-                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def seg_train_view(
+    image: np.ndarray, label: np.ndarray, crop: int, scale_min: float, scale_max: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Segmentation augmentation, the same on image and label: the image rescaled by s in
     [scale_min, scale_max] (label: nearest neighbour), a random flip, a random crop x crop window
     (image padded with zeros after normalisation, i.e. the mean colour; label padded with 255).

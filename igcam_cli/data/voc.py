@@ -117,9 +117,7 @@ class VocDataset(Dataset):
         for obj in tree.getroot().iter("object"):
             name = (obj.findtext("name") or "").strip()
             if name not in self._class_index:
-                raise BadData(
-                    f"{path}: class '{name}' is not in the class list ({format_class_list(self.classes)})"
-                )
+                raise BadData(f"{path}: class '{name}' is not in the class list ({format_class_list(self.classes)})")
             indices.add(self._class_index[name])
         return np.array(sorted(indices), dtype=np.int64)
 

@@ -51,7 +51,7 @@ class CamClassifier(nn.Module):
 
     def tail(self, h: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """The last `tail_blocks` blocks of stage 4 (0: none): `tail(trunk(x, k), k) == features(x)`."""
-        return self.backbone.layer4[len(self.backbone.layer4) - tail_blocks:](h)
+        return self.backbone.layer4[len(self.backbone.layer4) - tail_blocks :](h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits B x C, raw class maps B x C x h x w before ReLU)."""
@@ -99,7 +99,7 @@ def build_classifier(backbone: str, num_classes: int, pretrained: str = "none") 
         return model
     state = imagenet_state(backbone) if pretrained == "imagenet" else read_state_file(Path(pretrained))
     if any(k.startswith("backbone.") for k in state):  # igcam's own classifier checkpoint
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     load_backbone(model.backbone, state, pretrained, backbone)
     return model
 
@@ -129,8 +129,10 @@ def load_backbone(module: nn.Module, state: dict[str, torch.Tensor], pretrained:
         raise BadData(f"--pretrained {pretrained}: weights do not fit a {name} ({mismatch})") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise BadData(f"--pretrained {pretrained}: weights do not fit a {name} "
-                      f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+        raise BadData(
+            f"--pretrained {pretrained}: weights do not fit a {name} "
+            f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
 
 
 def imagenet_state(backbone: str) -> dict[str, torch.Tensor]:

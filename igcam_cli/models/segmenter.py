@@ -56,7 +56,9 @@ class Segmenter(nn.Module):
         plus = arch.startswith("deeplabv3plus")
         layers = {"layer1": "low", "layer4": "out"} if plus else {"layer4": "out"}
         self.backbone = IntermediateLayerGetter(resnet, return_layers=layers)
-        self.classifier = PlusHead(channels, 64, num_classes, rates) if plus else DeepLabHead(channels, num_classes, rates)
+        self.classifier = (
+            PlusHead(channels, 64, num_classes, rates) if plus else DeepLabHead(channels, num_classes, rates)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
@@ -88,7 +90,9 @@ class PlusHead(nn.Module):
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 def _dilate_basic_blocks(layer: nn.Sequential, dilation: int, previous: int) -> None:
@@ -125,20 +129,23 @@ def build_segmenter(arch: str, num_classes: int, pretrained: str = "none") -> tu
     own = model.classifier.state_dict()
     unknown = sorted(set(head) - set(own))
     if unknown:
-        raise BadData(f"--pretrained {pretrained}: its head does not fit a {arch} (unexpected keys, e.g. {unknown[:2]})")
+        raise BadData(
+            f"--pretrained {pretrained}: its head does not fit a {arch} (unexpected keys, e.g. {unknown[:2]})"
+        )
     fitting = {k: v for k, v in head.items() if v.shape == own[k].shape}
     model.classifier.load_state_dict(fitting, strict=False)
     skipped = len(own) - len(fitting)
-    return model, f"backbone and head from {pretrained}" + (f" ({skipped} head tensors of another shape left at init)"
-                                                            if skipped else "")
+    return model, f"backbone and head from {pretrained}" + (
+        f" ({skipped} head tensors of another shape left at init)" if skipped else ""
+    )
 
 
 def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(backbone, head) of a weights file's state dict; head is {} when it has none."""
     if not any(k.startswith("backbone.") for k in state):  # a plain torchvision ResNet
         return state, {}
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    head = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k[len("classifier.") :]: v for k, v in state.items() if k.startswith("classifier.")}
     return backbone, head  # an igcam classifier's `head.*` is not a segmentation head: backbone only
 
 

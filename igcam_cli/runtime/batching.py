@@ -34,5 +34,10 @@ def image_loader(images: TorchDataset, batch_size: int, workers: int, device: to
     """Items one at a time from `workers` processes (at most one per core), two batches ahead;
     `same_size_batches` groups them. Pinned memory when feeding a GPU."""
     workers = min(workers, os.cpu_count() or 1)
-    return DataLoader(images, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=2 * batch_size if workers else None)
+    return DataLoader(
+        images,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 * batch_size if workers else None,
+    )

@@ -37,6 +37,7 @@ def parse_shard(text: str | None) -> Shard:
 
 # ---- training under torchrun (DDP) -----------------------------------------------------------
 
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

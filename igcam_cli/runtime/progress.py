@@ -10,7 +10,15 @@ from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.text import Text
-from rich.progress import BarColumn, ProgressColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    ProgressColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 T = TypeVar("T")
 LOG_INTERVAL_S = 30.0  # progress lines in a log file: at most one per this many seconds, but the last
@@ -33,8 +41,9 @@ class StageLog:
         if not self.quiet:
             console.print(message, highlight=False, markup=False, soft_wrap=True)  # one line per message, never wrapped
 
-    def track(self, items: Iterable[T], total: int, description: str, unit: str = "img",
-              min_interval: float = LOG_INTERVAL_S) -> Iterator[T]:
+    def track(
+        self, items: Iterable[T], total: int, description: str, unit: str = "img", min_interval: float = LOG_INTERVAL_S
+    ) -> Iterator[T]:
         """Iterate with a rich bar on a TTY; otherwise (a cluster's log file) a line at each ~10 % of
         the way that comes at least `min_interval` seconds after the last one, and one at the end.
         `total` may be an estimate (batches of same-size images): the last line gives the real count."""
@@ -67,8 +76,15 @@ class StageLog:
 
 @contextmanager
 def _bar(unit: str):
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         yield bar
 

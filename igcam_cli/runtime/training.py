@@ -22,7 +22,9 @@ def sgd(model, cfg) -> tuple[torch.optim.SGD, list[float]]:
     backbone_params, head_params = model.param_groups()
     optimizer = torch.optim.SGD(
         [{"params": backbone_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.lr * cfg.head_lr_mult}],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
     )
     return optimizer, [g["lr"] for g in optimizer.param_groups]
 
@@ -34,17 +36,25 @@ def poly_lr(optimizer, base_lrs: list[float], step: int, total_steps: int, warmu
         group["lr"] = base * warm * (1 - step / total_steps) ** POLY_POWER
 
 
-def train_loader(data: TorchDataset, indices: list[int], batch_size: int, workers: int,
-                 device: torch.device) -> DataLoader:
+def train_loader(
+    data: TorchDataset, indices: list[int], batch_size: int, workers: int, device: torch.device
+) -> DataLoader:
     """Batches of `data[indices]` in that order (the epoch's seeded permutation, already sharded)."""
     workers = min(workers, os.cpu_count() or 1)
-    return DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+    return DataLoader(
+        torch.utils.data.Subset(data, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
-def epoch_batches(data: TorchDataset, epoch: int, epochs: int, seed: int, batch_size: int, workers: int,
-                  device: torch.device, log) -> Iterable:
+def epoch_batches(
+    data: TorchDataset, epoch: int, epochs: int, seed: int, batch_size: int, workers: int, device: torch.device, log
+) -> Iterable:
     """One epoch's training batches: this rank's share of a permutation seeded by (seed, epoch), so a
     resumed run sees the same order; `data.epoch` seeds its augmentation. Tracked in the stage log."""
     data.epoch = epoch
@@ -60,8 +70,15 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fit_epoch(batches: Iterable, optimizer, base_lrs: list[float], step: int, total_steps: int,
-              loss_of: Callable[[object], torch.Tensor], warmup_steps: int = 0) -> tuple[float, int]:
+def fit_epoch(
+    batches: Iterable,
+    optimizer,
+    base_lrs: list[float],
+    step: int,
+    total_steps: int,
+    loss_of: Callable[[object], torch.Tensor],
+    warmup_steps: int = 0,
+) -> tuple[float, int]:
     """One epoch of SGD with the poly schedule (after `warmup_steps` of linear warm-up): `loss_of(batch)`
     moves a batch to the device and returns its loss. Returns the mean loss (nan without batches)
     and the step count after it."""
@@ -88,8 +105,9 @@ def restore(path: Path, cfg, keys: Iterable[str], model, optimizer) -> dict:
         raise BadData(f"--resume: cannot read {path} ({exc}); rerun without --resume to start over") from None
     changed = [k for k in keys if saved.get(k, getattr(type(cfg), k, None)) != getattr(cfg, k)]
     if changed:
-        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; "
-                         "rerun without --resume to start over")
+        raise UsageError(
+            f"--resume: {path} was trained with different {', '.join(changed)}; rerun without --resume to start over"
+        )
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

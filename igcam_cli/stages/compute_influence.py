@@ -68,8 +68,12 @@ class _Images(TorchDataset):
     def __getitem__(self, index: int) -> _Item:
         sample = self.dataset.load(self.ids[index], with_mask=False)
         image = resize_long(sample.image, self.size) if self.size else sample.image
-        return _Item(sample.id, normalize(image), multi_hot(sample.labels, self.dataset.num_classes),
-                     tuple(sample.image.shape[:2]))
+        return _Item(
+            sample.id,
+            normalize(image),
+            multi_hot(sample.labels, self.dataset.num_classes),
+            tuple(sample.image.shape[:2]),
+        )
 
 
 @dataclass
@@ -87,8 +91,15 @@ class _Context:
     files: io.StateFiles
 
 
-def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False,
-        wait: bool = False, wait_timeout_s: float = 24 * 3600.0) -> dict:
+def run(
+    cfg: ComputeInfluenceConfig,
+    ws: Workspace,
+    opts: RunOptions,
+    shard: Shard = Shard(),
+    force: bool = False,
+    wait: bool = False,
+    wait_timeout_s: float = 24 * 3600.0,
+) -> dict:
     """Runs every pass this shard can; returns {"phase": "done" | "waiting", "scored": n}."""
     log = StageLog(ws.log_path(STAGE), quiet=opts.quiet)
     dataset = ws.dataset()
@@ -99,8 +110,10 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     model_path, round_ = ws.cls_model(cfg.round)
     model = load_checkpoint(model_path, ws.command("train-cls") + (f" --round {round_}" if round_ > 1 else ""))
     if model.num_classes != dataset.num_classes:
-        raise BadData(f"{model_path} has {model.num_classes} classes but the dataset has {dataset.num_classes}: "
-                      f"retrain with `{ws.command('train-cls')}`")
+        raise BadData(
+            f"{model_path} has {model.num_classes} classes but the dataset has {dataset.num_classes}: "
+            f"retrain with `{ws.command('train-cls')}`"
+        )
     device = local_device(resolve_device(opts.device))
     model.to(device, memory_format=memory_format(device)).eval()
     try:
@@ -125,13 +138,25 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
     store.remove_temporaries(rank=shard.index)
 
     cls_record = ws.classifier_run(round_)
-    classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id"),
-                  "sha256": model_sha}
-    record = ws.start(STAGE, to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier,
-                      inputs={classifier_key(round_): cls_record["id"]} if cls_record else {})
-    log(f"{STAGE} '{cfg.split}' shard {shard}: classifier round {round_} ({model_path}), hessian {cfg.hessian}, "
+    classifier = {
+        "round": round_,
+        "path": str(model_path.relative_to(ws.root)),
+        "run": (cls_record or {}).get("id"),
+        "sha256": model_sha,
+    }
+    record = ws.start(
+        STAGE,
+        to_dict(cfg),
+        split=cfg.split,
+        shard=str(shard),
+        classifier=classifier,
+        inputs={classifier_key(round_): cls_record["id"]} if cls_record else {},
+    )
+    log(
+        f"{STAGE} '{cfg.split}' shard {shard}: classifier round {round_} ({model_path}), hessian {cfg.hessian}, "
         f"damping {cfg.damping} ({cfg.damping_mode}), {len(layers)} tracked layers ({cfg.scope}), "
-        f"queries '{cfg.query_split}' ({len(query_ids)} images), device {device}")
+        f"queries '{cfg.query_split}' ({len(query_ids)} images), device {device}"
+    )
     ctx = _Context(cfg, model, layers, device, dataset, key, directory, shard, log, opts.seed, files)
     with record:
         result = _passes(ctx, ids, query_ids, store, model_sha, wait, wait_timeout_s)
@@ -139,21 +164,34 @@ def run(cfg: ComputeInfluenceConfig, ws: Workspace, opts: RunOptions, shard: Sha
         fit = None
         if coverage == len(ids) and result["phase"] == "done":
             fit = _write_scores(ctx, store, ids)
-        record.finish(outputs=[str(directory)], metrics={"images": coverage, "split_images": len(ids),
-                                                         "phase": result["phase"], **({"fit": fit} if fit else {})})
+        record.finish(
+            outputs=[str(directory)],
+            metrics={
+                "images": coverage,
+                "split_images": len(ids),
+                "phase": result["phase"],
+                **({"fit": fit} if fit else {}),
+            },
+        )
     if result["phase"] == "waiting":
-        log(f"shard {shard}: {result['missing']} of {shard.count} shards still lack '{result['stage']}' statistics; "
-            "rerun this command when they are done (or pass --wait)")
+        log(
+            f"shard {shard}: {result['missing']} of {shard.count} shards still lack '{result['stage']}' statistics; "
+            "rerun this command when they are done (or pass --wait)"
+        )
     else:
-        log(f"influence/{cfg.split}: {coverage} of {len(ids)} images"
-            + (f"; wrote {directory / io.SCORES_NAME}" if coverage == len(ids) else ""))
+        log(
+            f"influence/{cfg.split}: {coverage} of {len(ids)} images"
+            + (f"; wrote {directory / io.SCORES_NAME}" if coverage == len(ids) else "")
+        )
     return result
 
 
 # ---- the passes ------------------------------------------------------------------------------
 
-def _passes(ctx: _Context, ids: list[str], query_ids: list[str], store: MapStore, model_sha: str, wait: bool,
-            timeout: float) -> dict:
+
+def _passes(
+    ctx: _Context, ids: list[str], query_ids: list[str], store: MapStore, model_sha: str, wait: bool, timeout: float
+) -> dict:
     cfg, shard, directory = ctx.cfg, ctx.shard, ctx.directory
     own = io.stats_path(directory, "factors", shard.index, shard.count)
     if ctx.files.load(own) is None:
@@ -175,13 +213,17 @@ def _passes(ctx: _Context, ids: list[str], query_ids: list[str], store: MapStore
         lam_states = _gather(ctx, "lambda", wait, timeout)
         if lam_states is None:
             return _waiting(ctx, "lambda")
-        eigenvalues = inf.EigenvalueStats.merge(inf.EigenvalueStats.from_state(s["lambda"]) for s in lam_states).finalize()
+        eigenvalues = inf.EigenvalueStats.merge(
+            inf.EigenvalueStats.from_state(s["lambda"]) for s in lam_states
+        ).finalize()
     pre = _preconditioner(ctx, eigen, eigenvalues).to(ctx.device)
     class_queries = pre.precondition({n: q.to(ctx.device) for n, q in queries.finalize().items()})
     done = store.ids()
     todo = [i for i in shard.select(ids) if i not in done]
     ctx.log(f"scores: {len(todo)} images to do, {len(shard.select(ids)) - len(todo)} already done")
-    with store.writer(rank=shard.index, source=STAGE, attrs={"model_sha256": model_sha, "hessian": cfg.hessian}) as writer:
+    with store.writer(
+        rank=shard.index, source=STAGE, attrs={"model_sha256": model_sha, "hessian": cfg.hessian}
+    ) as writer:
         for batch in _batches(ctx, todo, "scores"):
             _score(ctx, pre, class_queries, batch, writer)
     return {"phase": "done", "scored": len(todo)}
@@ -192,8 +234,15 @@ def _factor_pass(ctx: _Context, ids: list[str], query_ids: list[str]) -> tuple[i
     if ctx.cfg.hessian != "none":
         for batch in _batches(ctx, ids, "factors"):
             x, y = _stack(ctx, batch)
-            factors = factors + inf.covariance_stats(ctx.model, ctx.layers, x, y, fisher=ctx.cfg.fisher,
-                                                     generator=_generator(ctx, batch, 1), logits_fn=_logits_fn(ctx))
+            factors = factors + inf.covariance_stats(
+                ctx.model,
+                ctx.layers,
+                x,
+                y,
+                fisher=ctx.cfg.fisher,
+                generator=_generator(ctx, batch, 1),
+                logits_fn=_logits_fn(ctx),
+            )
     for batch in _batches(ctx, query_ids, "queries"):
         x, y = _stack(ctx, batch)
         queries = queries + inf.query_stats(ctx.model, ctx.layers, x, y, logits_fn=_logits_fn(ctx))
@@ -205,8 +254,16 @@ def _lambda_pass(ctx: _Context, eigen: inf.KroneckerEigen, ids: list[str]) -> in
     eigen = eigen.to(ctx.device)
     for batch in _batches(ctx, ids, "eigenvalues"):
         x, y = _stack(ctx, batch)
-        total = total + inf.eigenvalue_stats(ctx.model, ctx.layers, eigen, x, y, fisher=ctx.cfg.fisher,
-                                             generator=_generator(ctx, batch, 2), logits_fn=_logits_fn(ctx))
+        total = total + inf.eigenvalue_stats(
+            ctx.model,
+            ctx.layers,
+            eigen,
+            x,
+            y,
+            fisher=ctx.cfg.fisher,
+            generator=_generator(ctx, batch, 2),
+            logits_fn=_logits_fn(ctx),
+        )
     return total.to("cpu")
 
 
@@ -231,8 +288,9 @@ def _preconditioner(ctx: _Context, eigen, eigenvalues) -> inf.Preconditioner:
 def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_Item], writer) -> None:
     x, y = _stack(ctx, batch)
     out = inf.score_batch(ctx.model, ctx.layers, pre, queries, x, y, maps=ctx.cfg.maps, logits_fn=_logits_fn(ctx))
-    self_inf, per_class, loss, probs = (t.double().cpu().numpy()
-                                        for t in (out.self_influence, out.per_class, out.loss, out.probs))
+    self_inf, per_class, loss, probs = (
+        t.double().cpu().numpy() for t in (out.self_influence, out.per_class, out.loss, out.probs)
+    )
     maps = out.maps.double().cpu().numpy() if out.maps is not None else None
     for b, item in enumerate(batch):
         labels = (torch.nonzero(item.target).flatten() + 1).numpy().astype(np.uint8)
@@ -243,9 +301,19 @@ def _score(ctx: _Context, pre: inf.Preconditioner, queries: dict, batch: list[_I
             item_maps = maps[b, classes.astype(np.int64) - 1]
         peak = np.abs(item_maps).reshape(len(classes), -1).max(axis=1) if len(classes) else np.zeros(0)
         scale = np.where(peak > 0, peak, 1.0)
-        writer.write(item.id, (item_maps / scale.reshape(-1, 1, 1)).astype(np.float32), classes,
-                     self_influence=float(self_inf[b]), loss=float(loss[b]), per_class=per_class[b],
-                     labels=labels, probs=probs[b], map_scale=scale, image_height=item.size[0], image_width=item.size[1])
+        writer.write(
+            item.id,
+            (item_maps / scale.reshape(-1, 1, 1)).astype(np.float32),
+            classes,
+            self_influence=float(self_inf[b]),
+            loss=float(loss[b]),
+            per_class=per_class[b],
+            labels=labels,
+            probs=probs[b],
+            map_scale=scale,
+            image_height=item.size[0],
+            image_width=item.size[1],
+        )
 
 
 def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> dict:
@@ -258,32 +326,51 @@ def _write_scores(ctx: _Context, store: MapStore, ids: list[str]) -> dict:
         labels[k, torch.as_tensor(np.atleast_1d(attrs[i]["labels"]).astype(np.int64) - 1)] = True
     if all("probs" in attrs[i] for i in ids):
         probs = torch.tensor(np.stack([np.asarray(attrs[i]["probs"], dtype=np.float64) for i in ids]))
-        suggested = inf.suggest_labels(labels, probs, atyp, cfg.relabel_threshold, cfg.relabel_confidence,
-                                       cfg.relabel_drop_below)
+        suggested = inf.suggest_labels(
+            labels, probs, atyp, cfg.relabel_threshold, cfg.relabel_confidence, cfg.relabel_drop_below
+        )
     else:
-        ctx.log("note: these influence parts predate label suggestions (no classifier scores stored); "
-                "rerun with --force for them")
+        ctx.log(
+            "note: these influence parts predate label suggestions (no classifier scores stored); "
+            "rerun with --force for them"
+        )
         suggested = labels
     losses = np.array([float(attrs[i]["loss"]) for i in ids])
     fit = _fit(cfg, losses, labels.numpy(), int((suggested != labels).any(dim=1).sum()))
     if fit["suggestions_suppressed"]:
         suggested = labels
     relabelled = (suggested != labels).any(dim=1)
-    weights = inf.damp_weights(inf.sample_weights(atyp, w_min=cfg.w_min, w_max=cfg.w_max, threshold=cfg.w_threshold,
-                                                  temperature=cfg.w_temperature).double(), fit["trust"])
+    weights = inf.damp_weights(
+        inf.sample_weights(
+            atyp, w_min=cfg.w_min, w_max=cfg.w_max, threshold=cfg.w_threshold, temperature=cfg.w_temperature
+        ).double(),
+        fit["trust"],
+    )
 
     def text(row: torch.Tensor) -> str:
         return " ".join(str(int(c) + 1) for c in torch.nonzero(row).flatten())
 
-    rows = [io.ImageScore(i, text(labels[k]), float(attrs[i]["loss"]), float(self_inf[k]), float(atyp[k]),
-                          float(weights[k]), text(suggested[k])) for k, i in enumerate(ids)]
+    rows = [
+        io.ImageScore(
+            i,
+            text(labels[k]),
+            float(attrs[i]["loss"]),
+            float(self_inf[k]),
+            float(atyp[k]),
+            float(weights[k]),
+            text(suggested[k]),
+        )
+        for k, i in enumerate(ids)
+    ]
     (ctx.directory / io.FIT_NAME).unlink(missing_ok=True)  # never beside scores.csv of another run
     io.write_scores(ctx.directory, rows)
     io.write_fit(ctx.directory, fit)
     ctx.log(io.describe_fit(fit, cfg.split))
     low = int((weights < 1).sum())
-    ctx.log(f"sample weights: mean {float(weights.mean()):.3f}, {low} images below 1, min {float(weights.min()):.3f}; "
-            f"{int(relabelled.sum())} images with suggested labels")
+    ctx.log(
+        f"sample weights: mean {float(weights.mean()):.3f}, {low} images below 1, min {float(weights.min()):.3f}; "
+        f"{int(relabelled.sum())} images with suggested labels"
+    )
     return fit
 
 
@@ -302,13 +389,20 @@ def _fit(cfg: ComputeInfluenceConfig, losses: np.ndarray, labels: np.ndarray, wo
     image_prior = image_prior_losses(labels)
     g = float(np.median(learned_fractions(losses, labels)))
     suppressed = g < cfg.learned_high
-    return {"learned_fraction": g, "prior_loss": float(image_prior.mean()), "mean_loss": float(losses.mean()),
-            "trust": inf.fit_trust(g, cfg.learned_low, cfg.learned_high),
-            "learned_low": cfg.learned_low, "learned_high": cfg.learned_high,
-            "suggestions_suppressed": suppressed, "suggestions_withheld": would_suggest if suppressed else 0}
+    return {
+        "learned_fraction": g,
+        "prior_loss": float(image_prior.mean()),
+        "mean_loss": float(losses.mean()),
+        "trust": inf.fit_trust(g, cfg.learned_low, cfg.learned_high),
+        "learned_low": cfg.learned_low,
+        "learned_high": cfg.learned_high,
+        "suggestions_suppressed": suppressed,
+        "suggestions_withheld": would_suggest if suppressed else 0,
+    }
 
 
 # ---- reductions across shards --------------------------------------------------------------
+
 
 def _gather(ctx: _Context, phase: str, wait: bool, timeout: float) -> list[dict] | None:
     """Every shard's saved state of `phase` in rank order, or None (not all there, not waiting)."""
@@ -348,12 +442,19 @@ def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
 
 # ---- helpers -------------------------------------------------------------------------------
 
+
 def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceConfig:
-    checks = {"hessian": ("ekfac", "kfac", "none"), "damping_mode": ("relative", "absolute"),
-              "fisher": ("ggn", "sampled", "empirical"), "maps": ("labelled", "all", "none")}
+    checks = {
+        "hessian": ("ekfac", "kfac", "none"),
+        "damping_mode": ("relative", "absolute"),
+        "fisher": ("ggn", "sampled", "empirical"),
+        "maps": ("labelled", "all", "none"),
+    }
     for name, allowed in checks.items():
         if getattr(cfg, name) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'")
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'"
+            )
     if cfg.damping < 0 or cfg.size < 0 or cfg.batch_size < 1:
         raise UsageError("--damping and --size must be >= 0 and --batch-size >= 1")
     if not cfg.w_min <= 1.0 <= cfg.w_max or cfg.w_temperature <= 0:
@@ -363,8 +464,10 @@ def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceC
     if not cfg.learned_low <= cfg.learned_high:
         raise UsageError(f"learned_low must be <= learned_high, got {cfg.learned_low} and {cfg.learned_high}")
     if not 0 <= cfg.relabel_drop_below < 1 - cfg.relabel_confidence + 1e-9:
-        raise UsageError(f"relabel_drop_below must be in [0, {1 - cfg.relabel_confidence:g}] (1 - relabel_confidence), "
-                         f"got {cfg.relabel_drop_below}")
+        raise UsageError(
+            f"relabel_drop_below must be in [0, {1 - cfg.relabel_confidence:g}] (1 - relabel_confidence), "
+            f"got {cfg.relabel_drop_below}"
+        )
     for split in (cfg.split, cfg.query_split):
         if split is not None and split not in dataset.splits():
             raise BadData(f"dataset has no split '{split}' (splits: {', '.join(dataset.splits())})")
@@ -380,8 +483,9 @@ def _scope(text: str):
 
 def _key(cfg: ComputeInfluenceConfig, model_sha: str, ids: list[str], query_ids: list[str], count: int) -> str:
     relevant = {k: v for k, v in to_dict(cfg).items() if k not in cfg.NOT_IN_RESULTS}
-    text = json.dumps({"cfg": relevant, "model": model_sha, "ids": ids, "queries": query_ids, "shards": count},
-                      sort_keys=True)
+    text = json.dumps(
+        {"cfg": relevant, "model": model_sha, "ids": ids, "queries": query_ids, "shards": count}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -391,7 +495,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 def _batches(ctx: _Context, ids: list[str], what: str):

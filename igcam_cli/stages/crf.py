@@ -45,13 +45,21 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     source_record = ws.latest(PRODUCER[cfg.source], cfg.split)
     oracle = bool(maps.attrs.get("oracle", False) or (source_record or {}).get("oracle", False))
     alpha = cfg.bg_alpha if cfg.bg_alpha is not None else FILLED_ALPHA if maps.attrs.get("guided") else PEAKED_ALPHA
-    record = ws.start("crf", to_dict(cfg), split=cfg.split, shard=str(shard), oracle=oracle,
-                      **({"bg_alpha": alpha} if cfg.bg_mode == "power" else {}),
-                      inputs={input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {})
+    record = ws.start(
+        "crf",
+        to_dict(cfg),
+        split=cfg.split,
+        shard=str(shard),
+        oracle=oracle,
+        **({"bg_alpha": alpha} if cfg.bg_mode == "power" else {}),
+        inputs={input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {},
+    )
     params = PRESETS[cfg.preset]
     background = f"(1 - max)^{alpha}" if cfg.bg_mode == "power" else f"constant {cfg.bg_tau}"
-    log(f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {background}) shard {shard}: "
-        f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)")
+    log(
+        f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {background}) shard {shard}: "
+        f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)"
+    )
     with record:
         jobs = _jobs(dataset, maps, todo, params, cfg, alpha)
         with process_pool(cfg.workers) as pool:  # images are read here, a few ahead of the workers
@@ -67,11 +75,14 @@ def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig, alph
     for image_id, record in maps.iter_records(ids):
         image = dataset.load(image_id, with_mask=False).image
         if image.shape[:2] != record.maps.shape[1:]:
-            raise BadData(f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
-                          f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force")
+            raise BadData(
+                f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
+                f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force"
+            )
         yield image_id, (image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence)
 
 
 def _crf_job(image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence) -> np.ndarray:
-    return crf_labels(image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha,
-                      confidence=confidence or None)
+    return crf_labels(
+        image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha, confidence=confidence or None
+    )

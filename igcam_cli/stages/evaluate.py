@@ -35,8 +35,9 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
     dataset = ws.dataset()
     ids = dataset.ids(cfg.split)
     if not dataset.has_masks(cfg.split):
-        raise BadData(f"split '{cfg.split}' has no ground-truth masks for every image ({dataset.gt_source}): "
-                      "evaluate needs them")
+        raise BadData(
+            f"split '{cfg.split}' has no ground-truth masks for every image ({dataset.gt_source}): evaluate needs them"
+        )
     names = ["background", *dataset.classes]
     n = len(names)
     producer = _ARTIFACT_STAGE[cfg.artifact]
@@ -52,8 +53,11 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
         best, tau, curve = best_threshold(confs, taus)
         conf = confs[best]
         oracle = bool(store.attrs.get("oracle", False))
-        threshold: dict[str, Any] = {"tau": tau, "tuned_on": cfg.split if len(taus) > 1 else None,
-                                     "curve": {"tau": [float(t) for t in taus], "miou": [float(m) for m in curve]}}
+        threshold: dict[str, Any] = {
+            "tau": tau,
+            "tuned_on": cfg.split if len(taus) > 1 else None,
+            "curve": {"tau": [float(t) for t in taus], "miou": [float(m) for m in curve]},
+        }
     else:
         if cfg.artifact == "seg":
             labels = ws.predictions(cfg.split)
@@ -63,16 +67,18 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
             labels, what, command = ws.pseudo(cfg.split), "pseudo-labels", ws.command("crf", cfg.split)
         missing = [i for i in ids if i not in labels]
         if missing:
-            raise MissingArtifact(f"{what} for split '{cfg.split}' missing for {len(missing)} of {len(ids)} "
-                                  f"images: run `{command}` first")
+            raise MissingArtifact(
+                f"{what} for split '{cfg.split}' missing for {len(missing)} of {len(ids)} images: run `{command}` first"
+            )
         conf = np.zeros((n, n), dtype=np.int64)
         for image_id in log.track(ids, len(ids), f"evaluate {cfg.artifact}"):
             pred = labels.read(image_id)
             mask = _mask(dataset, image_id, pred.shape, cfg.artifact)
             pred = np.where(pred == 255, 0, pred)  # ignored pseudo-label pixels count as background
             if pred.max(initial=0) >= n:
-                raise BadData(f"{labels.path(image_id)} holds class index {int(pred.max())}, "
-                              f"but there are only {n - 1} classes")
+                raise BadData(
+                    f"{labels.path(image_id)} holds class index {int(pred.max())}, but there are only {n - 1} classes"
+                )
             conf += confusion_matrix(mask, pred, n)
         oracle = bool((source_record or {}).get("oracle", False))
         threshold = {"tau": None, "tuned_on": None, "curve": None}
@@ -83,13 +89,20 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
     result["classifier_round"] = (cams_record.get("classifier") or {}).get("round")
     result["stale"] = bool(source_record and ws.is_stale(source_record))
     if result["stale"]:
-        log(f"note: {cfg.artifact} of '{cfg.split}' is stale: a stage it was made from ran again since "
-            f"(`igcam status -w {ws.root}` shows which); this evaluates them as they are")
+        log(
+            f"note: {cfg.artifact} of '{cfg.split}' is stale: a stage it was made from ran again since "
+            f"(`igcam status -w {ws.root}` shows which); this evaluates them as they are"
+        )
     json_path, md_path = _write(ws, cfg, result, conf)
     seg_flags = {"upper_bound": result["upper_bound"]} if cfg.artifact == "seg" else {}
-    ws.start("evaluate", to_dict(cfg), split=cfg.split, oracle=oracle, **seg_flags,
-             inputs={input_key(producer, cfg.split): source_record["id"]} if source_record else {}
-             ).finish(outputs=[str(json_path), str(md_path)], metrics={"miou": result["miou"]})
+    ws.start(
+        "evaluate",
+        to_dict(cfg),
+        split=cfg.split,
+        oracle=oracle,
+        **seg_flags,
+        inputs={input_key(producer, cfg.split): source_record["id"]} if source_record else {},
+    ).finish(outputs=[str(json_path), str(md_path)], metrics={"miou": result["miou"]})
     if not opts.quiet:
         print_result(result)
     log(f"wrote {json_path}")
@@ -100,8 +113,10 @@ def _check_seg_source(ws: Workspace, split: str, record: dict | None, has_output
     """pred/<split>/ must hold predict's output for the dataset split, not a folder's of that name."""
     if has_output and record is not None and record["config"].get("split") != split:
         source = record["config"].get("images") or f"split '{record['config'].get('split')}'"
-        raise BadData(f"pred/{split} holds predictions of {source}, not of split '{split}': "
-                      f"run `{ws.command('predict', split)} --force` first")
+        raise BadData(
+            f"pred/{split} holds predictions of {source}, not of split '{split}': "
+            f"run `{ws.command('predict', split)} --force` first"
+        )
 
 
 def _taus(cfg: EvaluateConfig) -> np.ndarray:
@@ -117,13 +132,15 @@ def _mask(dataset, image_id: str, shape: tuple[int, ...], artifact: str) -> np.n
     if mask is None:
         raise BadData(f"no ground-truth mask for image '{image_id}'")
     if mask.shape != tuple(shape):
-        raise BadData(f"{artifact} of '{image_id}' is {shape[1]}x{shape[0]} but its GT mask is "
-                      f"{mask.shape[1]}x{mask.shape[0]}")
+        raise BadData(
+            f"{artifact} of '{image_id}' is {shape[1]}x{shape[0]} but its GT mask is {mask.shape[1]}x{mask.shape[0]}"
+        )
     return mask
 
 
-def _result(cfg, s: dict, names: list[str], threshold: dict, n_images: int, dataset, oracle: bool,
-            source_record: dict | None) -> dict[str, Any]:
+def _result(
+    cfg, s: dict, names: list[str], threshold: dict, n_images: int, dataset, oracle: bool, source_record: dict | None
+) -> dict[str, Any]:
     per = lambda values: {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, values)}  # noqa: E731
     return {
         "artifact": cfg.artifact,
@@ -160,8 +177,11 @@ def _cams_record(ws: Workspace, record: dict | None) -> dict | None:
         seen.add(record["id"])
         if record["stage"] == "make-cams":
             return record
-        parents = [by_id.get(run) for key, run in record.get("inputs", {}).items()
-                   if key.split(":")[0] in ("make-cams", "refine", "crf", "train-seg", "predict")]
+        parents = [
+            by_id.get(run)
+            for key, run in record.get("inputs", {}).items()
+            if key.split(":")[0] in ("make-cams", "refine", "crf", "train-seg", "predict")
+        ]
         record = next((r for r in parents if r is not None), None)
     return None
 
@@ -185,8 +205,11 @@ def _write(ws: Workspace, cfg: EvaluateConfig, result: dict, conf: np.ndarray) -
 def describe(result: dict) -> str:
     """One honest line: what was measured, on what, with what."""
     tau = result["threshold"]
-    how = f"best background threshold {tau:.2f} tuned on {result['threshold_tuned_on']}" if result["threshold_tuned_on"] \
+    how = (
+        f"best background threshold {tau:.2f} tuned on {result['threshold_tuned_on']}"
+        if result["threshold_tuned_on"]
         else (f"background threshold {tau:.2f}" if tau is not None else "as labelled")
+    )
     oracle = "ORACLE (GT-guided, not weakly supervised)" if result["oracle"] else "weakly supervised"
     if result.get("upper_bound"):
         oracle = "UPPER BOUND (model trained on GT masks, fully supervised)"
@@ -197,8 +220,10 @@ def describe(result: dict) -> str:
         extra += f", {result['relabelled']} images with labels suggested by compute-influence"
     if result.get("stale"):
         extra += ", STALE (a stage it was made from ran again since)"
-    return (f"{result['artifact']} on split '{result['split']}' ({result['n_images']} images), GT {result['gt_source']}, "
-            f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}{extra}")
+    return (
+        f"{result['artifact']} on split '{result['split']}' ({result['n_images']} images), GT {result['gt_source']}, "
+        f"{'with' if result['crf'] else 'without'} CRF, {how}, {oracle}{extra}"
+    )
 
 
 def summary(result: dict) -> str:
@@ -224,10 +249,13 @@ def print_result(result: dict) -> None:
     if result["oracle"]:
         console.print("[bold white on red] ORACLE: ground-truth masks guided these maps; not weakly supervised [/]")
     if result.get("upper_bound"):
-        console.print("[bold white on blue] UPPER BOUND: the model was trained on ground-truth masks; "
-                      "not weakly supervised [/]")
-    table = Table(title=escape(f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %"),
-                  caption=escape(describe(result)))
+        console.print(
+            "[bold white on blue] UPPER BOUND: the model was trained on ground-truth masks; not weakly supervised [/]"
+        )
+    table = Table(
+        title=escape(f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %"),
+        caption=escape(describe(result)),
+    )
     for column in ("class", "IoU %", "precision %", "recall %"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, iou in result["per_class"].items():

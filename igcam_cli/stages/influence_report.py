@@ -56,19 +56,37 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
 
     source = ws.latest("compute-influence", cfg.split)
     fit = influence_io.read_fit(directory)
-    rows = [{"rank": r + 1, "id": i, "labels": label_names(scores[i].labels), "atypicality": scores[i].atypicality,
-             "self_influence": scores[i].self_influence, "loss": scores[i].loss, "weight": scores[i].weight,
-             "suggested": label_names(scores[i].suggested) if scores[i].relabelled else [],
-             **({"mislabelled": i in truth} if truth is not None else {})}
-            for r, i in enumerate(ranked[: cfg.top_k])]
-    result: dict[str, Any] = {"split": cfg.split, "n_images": len(ids), "top_k": cfg.top_k, "ranked_by": "atypicality",
-                              "n_suggested": sum(scores[i].relabelled for i in ids), "classifier_fit": fit,
-                              "rows": rows, "source_run": (source or {}).get("id"),
-                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    rows = [
+        {
+            "rank": r + 1,
+            "id": i,
+            "labels": label_names(scores[i].labels),
+            "atypicality": scores[i].atypicality,
+            "self_influence": scores[i].self_influence,
+            "loss": scores[i].loss,
+            "weight": scores[i].weight,
+            "suggested": label_names(scores[i].suggested) if scores[i].relabelled else [],
+            **({"mislabelled": i in truth} if truth is not None else {}),
+        }
+        for r, i in enumerate(ranked[: cfg.top_k])
+    ]
+    result: dict[str, Any] = {
+        "split": cfg.split,
+        "n_images": len(ids),
+        "top_k": cfg.top_k,
+        "ranked_by": "atypicality",
+        "n_suggested": sum(scores[i].relabelled for i in ids),
+        "classifier_fit": fit,
+        "rows": rows,
+        "source_run": (source or {}).get("id"),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if truth is not None:
         if not truth & set(ids):
-            raise BadData(f"{truth_path} names none of the {len(ids)} images of split '{cfg.split}' "
-                          "(one id per line, or corrupted.csv's id column)")
+            raise BadData(
+                f"{truth_path} names none of the {len(ids)} images of split '{cfg.split}' "
+                "(one id per line, or corrupted.csv's id column)"
+            )
         result.update(_truth_metrics(ids, scores, ranked, truth, truth_path))
     out = ws.path("eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -77,12 +95,22 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
     result["contact_sheet"] = str(sheet)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
-    ws.start("influence-report", to_dict(cfg), split=cfg.split,
-             inputs={input_key("compute-influence", cfg.split): source["id"]} if source else {}
-             ).finish(outputs=[str(out / f"{stem}.json"), str(out / f"{stem}.md"), str(sheet)],
-                      metrics={**{k: result[k] for k in ("auroc", "auroc_loss") if k in result},
-                               **({"learned_fraction": fit["learned_fraction"],
-                                   "suggestions_suppressed": fit["suggestions_suppressed"]} if fit else {})})
+    ws.start(
+        "influence-report",
+        to_dict(cfg),
+        split=cfg.split,
+        inputs={input_key("compute-influence", cfg.split): source["id"]} if source else {},
+    ).finish(
+        outputs=[str(out / f"{stem}.json"), str(out / f"{stem}.md"), str(sheet)],
+        metrics={
+            **{k: result[k] for k in ("auroc", "auroc_loss") if k in result},
+            **(
+                {"learned_fraction": fit["learned_fraction"], "suggestions_suppressed": fit["suggestions_suppressed"]}
+                if fit
+                else {}
+            ),
+        },
+    )
     if not opts.quiet:
         _print(result)
     log(f"wrote {out / stem}.md, .json and .png")
@@ -104,11 +132,14 @@ def _truth_metrics(ids: list[str], scores: dict, ranked: list[str], truth: set[s
     n_bad = int(positive.sum())
     found = sum(i in truth for i in ranked[:n_bad])
     suggested = [i for i in ids if scores[i].relabelled]
-    return {"truth": path, "n_mislabelled": n_bad,
-            "suggested_mislabelled": sum(i in truth for i in suggested),
-            "auroc": auroc(np.array([scores[i].atypicality for i in ids]), positive),
-            "auroc_loss": auroc(np.array([scores[i].loss for i in ids]), positive),
-            "precision_at_n_mislabelled": found / n_bad if n_bad else float("nan")}
+    return {
+        "truth": path,
+        "n_mislabelled": n_bad,
+        "suggested_mislabelled": sum(i in truth for i in suggested),
+        "auroc": auroc(np.array([scores[i].atypicality for i in ids]), positive),
+        "auroc_loss": auroc(np.array([scores[i].loss for i in ids]), positive),
+        "precision_at_n_mislabelled": found / n_bad if n_bad else float("nan"),
+    }
 
 
 def _sheet(dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
@@ -125,7 +156,7 @@ def _sheet(dataset, store: MapStore, rows: list[dict], path: Path) -> Path:
             heat = influence_heat(torch.from_numpy(maps), image.shape[:2]).numpy() if len(maps) else maps
             labelled = [(k, c) for k, c in enumerate(classes) if dataset.classes[int(c) - 1] in row["labels"]]
             for k, c in labelled:  # computed with --maps all, the store holds every class's map
-                blend = (0.45 * image + 0.55 * report.heatmap(heat[k: k + 1])).astype(np.uint8)
+                blend = (0.45 * image + 0.55 * report.heatmap(heat[k : k + 1])).astype(np.uint8)
                 tiles.append(report.caption(blend, dataset.classes[int(c) - 1]))
         tiles += [np.full((CELL, CELL, 3), 255, np.uint8)] * (width + 1 - len(tiles))
         sheet_rows.append(tiles)
@@ -137,8 +168,10 @@ def fit_line(result: dict) -> str:
     """What compute-influence measured of the classifier's fit, and what it did about it."""
     fit = result["classifier_fit"]
     if fit is None:
-        return ("classifier fit: not recorded (scores.csv predates it): rerun compute-influence to learn whether "
-                "the classifier has learned enough for this ranking to mean anything")
+        return (
+            "classifier fit: not recorded (scores.csv predates it): rerun compute-influence to learn whether "
+            "the classifier has learned enough for this ranking to mean anything"
+        )
     line = influence_io.describe_fit(fit, result["split"])
     if not fit["suggestions_suppressed"]:
         return line
@@ -150,36 +183,56 @@ def summary(result: dict) -> str:
     line = f"influence / {result['split']}: {result['n_suggested']} images with suggested labels"
     fit = result["classifier_fit"]
     if fit is not None and fit["suggestions_suppressed"]:
-        line += (f" (suggestions suppressed: the classifier has not learned, learned fraction "
-                 f"{fit['learned_fraction']:.2f} < {fit['learned_high']:g})")
+        line += (
+            f" (suggestions suppressed: the classifier has not learned, learned fraction "
+            f"{fit['learned_fraction']:.2f} < {fit['learned_high']:g})"
+        )
     if "auroc" in result:
-        line += (f", {result['suggested_mislabelled']} of them known mislabelled; AUROC {result['auroc']:.3f} "
-                 f"(per-image loss: {result['auroc_loss']:.3f}) against {result['n_mislabelled']} known mislabelled")
+        line += (
+            f", {result['suggested_mislabelled']} of them known mislabelled; AUROC {result['auroc']:.3f} "
+            f"(per-image loss: {result['auroc_loss']:.3f}) against {result['n_mislabelled']} known mislabelled"
+        )
     return line
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Possibly mislabelled images of '{result['split']}' ({result['n_images']} images)", "",
-             "Ranked by atypicality: robust z-score of log self-influence (compute-influence). "
-             "High = the classifier needs this image's labels unlike the others'.", "",
-             ("**Warning:** " if (result["classifier_fit"] or {}).get("suggestions_suppressed") else "")
-             + fit_line(result) + ".", ""]
+    lines = [
+        f"# Possibly mislabelled images of '{result['split']}' ({result['n_images']} images)",
+        "",
+        "Ranked by atypicality: robust z-score of log self-influence (compute-influence). "
+        "High = the classifier needs this image's labels unlike the others'.",
+        "",
+        ("**Warning:** " if (result["classifier_fit"] or {}).get("suggestions_suppressed") else "")
+        + fit_line(result)
+        + ".",
+        "",
+    ]
     if "auroc" in result:
-        lines += [f"Known mislabelled images: {result['n_mislabelled']} ({result['truth']}). "
-                  f"AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}); "
-                  f"{result['precision_at_n_mislabelled'] * 100:.1f} % of the top {result['n_mislabelled']} are mislabelled.", ""]
-    lines += [f"Suggested labels (atypical images whose labels the classifier confidently contradicts; "
-              f"`train-cls --round 2 --sample-weights influence` trains on them): {result['n_suggested']} images"
-              + (f", {result['suggested_mislabelled']} of them known mislabelled." if "auroc" in result else "."), ""]
+        lines += [
+            f"Known mislabelled images: {result['n_mislabelled']} ({result['truth']}). "
+            f"AUROC {result['auroc']:.3f} (per-image loss: {result['auroc_loss']:.3f}); "
+            f"{result['precision_at_n_mislabelled'] * 100:.1f} % of the top {result['n_mislabelled']} are mislabelled.",
+            "",
+        ]
+    lines += [
+        f"Suggested labels (atypical images whose labels the classifier confidently contradicts; "
+        f"`train-cls --round 2 --sample-weights influence` trains on them): {result['n_suggested']} images"
+        + (f", {result['suggested_mislabelled']} of them known mislabelled." if "auroc" in result else "."),
+        "",
+    ]
     known = "auroc" in result
-    lines += ["| rank | id | labels | suggested | atypicality | self-influence | loss | weight |"
-              + (" mislabelled |" if known else ""),
-              "|---:|---|---|---|---:|---:|---:|---:|" + ("---|" if known else "")]
+    lines += [
+        "| rank | id | labels | suggested | atypicality | self-influence | loss | weight |"
+        + (" mislabelled |" if known else ""),
+        "|---:|---|---|---|---:|---:|---:|---:|" + ("---|" if known else ""),
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['rank']} | {r['id']} | {' '.join(r['labels'])} | {' '.join(r['suggested'])} | "
-                     f"{r['atypicality']:.2f} | "
-                     f"{r['self_influence']:.3g} | {r['loss']:.3f} | {r['weight']:.2f} |"
-                     + (f" {'yes' if r['mislabelled'] else ''} |" if known else ""))
+        lines.append(
+            f"| {r['rank']} | {r['id']} | {' '.join(r['labels'])} | {' '.join(r['suggested'])} | "
+            f"{r['atypicality']:.2f} | "
+            f"{r['self_influence']:.3g} | {r['loss']:.3f} | {r['weight']:.2f} |"
+            + (f" {'yes' if r['mislabelled'] else ''} |" if known else "")
+        )
     lines += ["", f"Contact sheet: {result['contact_sheet']}", ""]
     return "\n".join(lines)
 
@@ -188,19 +241,34 @@ def _print(result: dict) -> None:
     known = "auroc" in result
     caption = "ranked by atypicality (robust z of log self-influence)"
     if known:
-        caption = (f"AUROC {result['auroc']:.3f} against {result['n_mislabelled']} known mislabelled images "
-                   f"(loss: {result['auroc_loss']:.3f})")
+        caption = (
+            f"AUROC {result['auroc']:.3f} against {result['n_mislabelled']} known mislabelled images "
+            f"(loss: {result['auroc_loss']:.3f})"
+        )
     table = Table(title=escape(f"possibly mislabelled images of '{result['split']}'"), caption=caption)
-    for column in ("rank", "id", "labels", "suggested", "atypicality", "self-influence", "weight") \
-            + (("mislabelled",) if known else ()):
+    for column in ("rank", "id", "labels", "suggested", "atypicality", "self-influence", "weight") + (
+        ("mislabelled",) if known else ()
+    ):
         table.add_column(column, justify="right" if column not in ("id", "labels", "suggested") else "left")
     for r in result["rows"]:
-        table.add_row(str(r["rank"]), escape(r["id"]), escape(" ".join(r["labels"])), escape(" ".join(r["suggested"])), f"{r['atypicality']:.2f}",
-                      f"{r['self_influence']:.3g}", f"{r['weight']:.2f}",
-                      *(("yes" if r["mislabelled"] else "",) if known else ()))
+        table.add_row(
+            str(r["rank"]),
+            escape(r["id"]),
+            escape(" ".join(r["labels"])),
+            escape(" ".join(r["suggested"])),
+            f"{r['atypicality']:.2f}",
+            f"{r['self_influence']:.3g}",
+            f"{r['weight']:.2f}",
+            *(("yes" if r["mislabelled"] else "",) if known else ()),
+        )
     console = Console(width=max(120, Console().width))
     fit = result["classifier_fit"]
     warn = fit is not None and fit["suggestions_suppressed"]
-    console.print(("warning: " if warn else "") + fit_line(result), markup=False, highlight=False, soft_wrap=True,
-                  style="bold yellow" if warn else None)
+    console.print(
+        ("warning: " if warn else "") + fit_line(result),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+        style="bold yellow" if warn else None,
+    )
     console.print(table)

@@ -29,8 +29,15 @@ def choose_preset(fmt: str, root: Path | None, preset: str = "auto") -> str:
     return "synthetic" if fmt == "synthetic" or from_synth else "standard"
 
 
-def run(path: Path, fmt: str, root: Path | None, classes: str | None, synthetic: dict[str, Any],
-        force: bool = False, preset: str = "auto") -> Workspace:
+def run(
+    path: Path,
+    fmt: str,
+    root: Path | None,
+    classes: str | None,
+    synthetic: dict[str, Any],
+    force: bool = False,
+    preset: str = "auto",
+) -> Workspace:
     spec: dict[str, Any] = {"format": fmt}
     if fmt == "synthetic":
         if root is not None:

@@ -33,8 +33,13 @@ class _Item:
 
 
 class _Images(TorchDataset):
-    def __init__(self, dataset: Dataset, ids: list[str], influence: MapStore | None = None,
-                 relabelled: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        ids: list[str],
+        influence: MapStore | None = None,
+        relabelled: dict[str, np.ndarray] | None = None,
+    ):
         self.dataset, self.ids, self.influence, self.relabelled = dataset, ids, influence, relabelled or {}
 
     def __len__(self) -> int:
@@ -63,8 +68,10 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     model_path, round_ = ws.cls_model(cfg.round)
     model = load_checkpoint(model_path, ws.command("train-cls") + (f" --round {round_}" if round_ > 1 else ""))
     if model.num_classes != dataset.num_classes:
-        raise BadData(f"{model_path} has {model.num_classes} classes but the dataset has "
-                      f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`")
+        raise BadData(
+            f"{model_path} has {model.num_classes} classes but the dataset has "
+            f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`"
+        )
     influence = _influence_store(ws, cfg, split_ids) if cfg.influence_fusion > 0 else None
     relabelled = _trained_labels(ws, cfg, round_, split_ids, dataset.num_classes)
     chosen = "chosen with --round" if cfg.round is not None else "the latest"
@@ -79,8 +86,10 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id")}
     previous = (ws.latest("make-cams", cfg.split) or {}).get("classifier")
     if len(store) > 0 and previous and previous.get("run") != classifier["run"]:
-        raise UsageError(f"cams for split '{cfg.split}' were made with classifier round {previous.get('round')} "
-                         f"({previous.get('path')}); pass --force to redo them with round {round_}")
+        raise UsageError(
+            f"cams for split '{cfg.split}' were made with classifier round {previous.get('round')} "
+            f"({previous.get('path')}); pass --force to redo them with round {round_}"
+        )
     store.remove_temporaries(rank=shard.index)
     done = store.ids()
     todo = [i for i in shard.select(split_ids) if i not in done]
@@ -90,20 +99,35 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     influence_record = ws.latest("compute-influence", cfg.split) if influence is not None else None
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
-    record = ws.start("make-cams", to_dict(cfg), split=cfg.split, shard=str(shard), classifier=classifier, inputs=inputs,
-                      **({"relabelled": len(relabelled)} if relabelled else {}))
+    record = ws.start(
+        "make-cams",
+        to_dict(cfg),
+        split=cfg.split,
+        shard=str(shard),
+        classifier=classifier,
+        inputs=inputs,
+        **({"relabelled": len(relabelled)} if relabelled else {}),
+    )
     log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
     if relabelled:
-        log(f"make-cams: {len(relabelled)} images of '{cfg.split}' use the labels classifier round {round_} was trained on "
-            f"({ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME}); --label-source labels uses the image labels")
-    log(f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
-        f"already done; scales {cfg.scales}, flip {cfg.flip}, influence fusion {cfg.influence_fusion}, device {device}")
+        log(
+            f"make-cams: {len(relabelled)} images of '{cfg.split}' use the labels classifier round {round_} was trained on "
+            f"({ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME}); --label-source labels uses the image labels"
+        )
+    log(
+        f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
+        f"already done; scales {cfg.scales}, flip {cfg.flip}, influence fusion {cfg.influence_fusion}, device {device}"
+    )
     with record:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
-            for batch in log.track(same_size_batches(_loader(dataset, todo, cfg, device, influence, relabelled),
-                                                     cfg.batch_size,
-                                                     _image_size),
-                                   total=-(-len(todo) // cfg.batch_size), description="cams", unit="batch"):
+            for batch in log.track(
+                same_size_batches(
+                    _loader(dataset, todo, cfg, device, influence, relabelled), cfg.batch_size, _image_size
+                ),
+                total=-(-len(todo) // cfg.batch_size),
+                description="cams",
+                unit="batch",
+            ):
                 _write_batch(batch, model, cfg, device, writer)
         coverage = len(store.ids() & set(split_ids))
         record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
@@ -137,21 +161,28 @@ def _influence_maps(item: _Item, classes: np.ndarray) -> torch.Tensor:
 def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -> MapStore:
     source = ws.latest("compute-influence", cfg.split)
     if source is not None and source["config"].get("maps") == "none":
-        raise UsageError(f"--influence-fusion: influence/{cfg.split} holds no spatial maps (computed with --maps none): "
-                         f"run `{ws.command('compute-influence', cfg.split)} --maps labelled --force` first")
+        raise UsageError(
+            f"--influence-fusion: influence/{cfg.split} holds no spatial maps (computed with --maps none): "
+            f"run `{ws.command('compute-influence', cfg.split)} --maps labelled --force` first"
+        )
     store = MapStore(ws.influence_dir(cfg.split))
     missing = len(set(split_ids) - store.ids())
     if missing:
-        state = ("missing" if missing == len(split_ids)
-                 else f"incomplete ({len(split_ids) - missing} of {len(split_ids)} images)")
-        raise MissingArtifact(f"influence maps for split '{cfg.split}' {state} (--influence-fusion): "
-                              f"run `{ws.command('compute-influence', cfg.split)}` first")
+        state = (
+            "missing"
+            if missing == len(split_ids)
+            else f"incomplete ({len(split_ids) - missing} of {len(split_ids)} images)"
+        )
+        raise MissingArtifact(
+            f"influence maps for split '{cfg.split}' {state} (--influence-fusion): "
+            f"run `{ws.command('compute-influence', cfg.split)}` first"
+        )
     return store
 
 
-
-def _trained_labels(ws: Workspace, cfg: MakeCamsConfig, round_: int, split_ids: list[str],
-                    num_classes: int) -> dict[str, np.ndarray]:
+def _trained_labels(
+    ws: Workspace, cfg: MakeCamsConfig, round_: int, split_ids: list[str], num_classes: int
+) -> dict[str, np.ndarray]:
     """--label-source auto: the split's images that classifier round `round_` trained on suggested
     labels (its relabelled.csv), with those labels; {} for the other sources and plain rounds."""
     path = ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME
@@ -161,8 +192,14 @@ def _trained_labels(ws: Workspace, cfg: MakeCamsConfig, round_: int, split_ids: 
     return {i: labels for i, labels in influence_io.read_relabelled(path, num_classes).items() if i in wanted}
 
 
-def _loader(dataset: Dataset, ids: list[str], cfg: MakeCamsConfig, device: torch.device,
-            influence: MapStore | None = None, relabelled: dict[str, np.ndarray] | None = None) -> DataLoader:
+def _loader(
+    dataset: Dataset,
+    ids: list[str],
+    cfg: MakeCamsConfig,
+    device: torch.device,
+    influence: MapStore | None = None,
+    relabelled: dict[str, np.ndarray] | None = None,
+) -> DataLoader:
     return image_loader(_Images(dataset, ids, influence, relabelled), cfg.batch_size, cfg.workers, device)
 
 

@@ -76,8 +76,10 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
     dataset = ws.dataset()
     model, meta = load_segmenter(ws.seg_dir / "model.pt", ws.command("train-seg"))
     if model.num_classes != dataset.num_classes + 1:
-        raise BadData(f"{ws.seg_dir / 'model.pt'} predicts {model.num_classes} labels but the dataset has "
-                      f"{dataset.num_classes} classes + background: retrain with `{ws.command('train-seg')}`")
+        raise BadData(
+            f"{ws.seg_dir / 'model.pt'} predicts {model.num_classes} labels but the dataset has "
+            f"{dataset.num_classes} classes + background: retrain with `{ws.command('train-seg')}`"
+        )
     ids, make_images, cfg = _source(cfg, dataset)
     name = cfg.out
     store = ws.predictions(name)
@@ -88,22 +90,37 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
             _overlay_path(store, image_id).unlink(missing_ok=True)
     seg_record = ws.latest("train-seg", done=True)  # the run that wrote model.pt, not a later failed one
     seg_id = seg_record["id"] if seg_record else None
-    ws.check_resumable("predict", name, cfg, has_output=len(store) > 0, inputs={input_key("train-seg"): seg_id},
-                       what=f"pred/{name}", remedy="pass --force to redo it, or --out NAME to write elsewhere")
+    ws.check_resumable(
+        "predict",
+        name,
+        cfg,
+        has_output=len(store) > 0,
+        inputs={input_key("train-seg"): seg_id},
+        what=f"pred/{name}",
+        remedy="pass --force to redo it, or --out NAME to write elsewhere",
+    )
     done = store.ids()
     todo = [i for i in mine if i not in done]
 
     provenance = {key: bool(meta.get(key) or (seg_record or {}).get(key)) for key in ("oracle", "upper_bound")}
     provenance["labels"] = meta.get("labels", "pseudo")
-    record = ws.start("predict", to_dict(cfg), split=name, shard=str(shard), **provenance,
-                      inputs={input_key("train-seg"): seg_id} if seg_id else {})
+    record = ws.start(
+        "predict",
+        to_dict(cfg),
+        split=name,
+        shard=str(shard),
+        **provenance,
+        inputs={input_key("train-seg"): seg_id} if seg_id else {},
+    )
     device = local_device(resolve_device(opts.device))
     model.to(device, memory_format=memory_format(device)).eval()
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
     crf = f"CRF ({cfg.preset}, {cfg.workers} worker(s))" if cfg.crf else "no CRF"
-    log(f"predict {what} -> pred/{name} shard {shard}: {len(todo)} to do, {len(mine) - len(todo)} already done; "
+    log(
+        f"predict {what} -> pred/{name} shard {shard}: {len(todo)} to do, {len(mine) - len(todo)} already done; "
         f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
-        + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else ""))
+        + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else "")
+    )
     with record:
         loader = image_loader(make_images(todo), cfg.batch_size, cfg.workers, device)
         with process_pool(cfg.workers if cfg.crf else 0) as pool, torch.no_grad():
@@ -159,8 +176,9 @@ def _overlay_path(store: LabelStore, image_id: str) -> Path:
     return store.directory / OVERLAYS / f"{image_id}.jpg"
 
 
-def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,
-                   device: torch.device) -> Iterator[tuple[list[_Item], torch.Tensor]]:
+def _probabilities(
+    loader: DataLoader, model: Segmenter, cfg: PredictConfig, device: torch.device
+) -> Iterator[tuple[list[_Item], torch.Tensor]]:
     """(items, B x L x H x W probabilities averaged over scales and flips), batching images of one size."""
     passes = len(cfg.scales) * (2 if cfg.flip else 1)
 
@@ -174,8 +192,9 @@ def _probabilities(loader: DataLoader, model: Segmenter, cfg: PredictConfig,
         yield batch, multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
 
 
-def _labels(predictions: Iterator[tuple[list[_Item], torch.Tensor]], cfg: PredictConfig,
-            pool) -> Iterator[tuple[_Item, np.ndarray]]:
+def _labels(
+    predictions: Iterator[tuple[list[_Item], torch.Tensor]], cfg: PredictConfig, pool
+) -> Iterator[tuple[_Item, np.ndarray]]:
     """(item, H x W uint8 label map): the arg-max, or the CRF over the classes that win some pixel."""
     if not cfg.crf:
         for batch, probs in predictions:

@@ -53,30 +53,50 @@ class _Guided(TorchDataset):
         record = self.cams.read(image_id)
         sample = self.dataset.load(image_id, with_mask=self.cfg.guidance == "gt")
         if sample.image.shape[:2] != record.maps.shape[1:]:
-            raise BadData(f"cams of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} but the image is "
-                          f"{sample.image.shape[1]}x{sample.image.shape[0]}: rerun make-cams with --force")
+            raise BadData(
+                f"cams of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} but the image is "
+                f"{sample.image.shape[1]}x{sample.image.shape[0]}: rerun make-cams with --force"
+            )
         maps = record.maps
         if self.cfg.guidance == "proposals":
-            proposals = propose(sample.image, scales=(self.cfg.proposal_scale,), sigma=self.cfg.proposal_sigma,
-                                min_size=self.cfg.proposal_min_size)
+            proposals = propose(
+                sample.image,
+                scales=(self.cfg.proposal_scale,),
+                sigma=self.cfg.proposal_sigma,
+                min_size=self.cfg.proposal_min_size,
+            )
             maps = instance_guidance(maps, proposals, self.params)
         elif self.cfg.guidance == "gt":
             if sample.mask is None:
                 raise BadData(f"--guidance gt needs a GT mask, and image '{image_id}' has none")
             maps = gt_guidance(maps, sample.mask, record.classes, self.params)
         image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))
-        return RefineItem(image_id, image, torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), record.classes)
+        return RefineItem(
+            image_id, image, torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), record.classes
+        )
 
 
 def guidance_params(cfg: RefineConfig) -> GuidanceParams:
-    return GuidanceParams(anchor_threshold=cfg.anchor_threshold, min_anchor_cover=cfg.min_anchor_cover,
-                          max_area=cfg.max_area, select_threshold=cfg.select_threshold, min_share=cfg.min_share,
-                          fill_gain=cfg.fill_gain, outside_damping=cfg.outside_damping)
+    return GuidanceParams(
+        anchor_threshold=cfg.anchor_threshold,
+        min_anchor_cover=cfg.min_anchor_cover,
+        max_area=cfg.max_area,
+        select_threshold=cfg.select_threshold,
+        min_share=cfg.min_share,
+        fill_gain=cfg.fill_gain,
+        outside_damping=cfg.outside_damping,
+    )
 
 
 def boundary_params(cfg: RefineConfig) -> BoundaryParams:
-    return BoundaryParams(scales=tuple(cfg.scales), min_side=cfg.min_scale_side, iterations=cfg.iterations,
-                          dilations=tuple(cfg.dilations), sigma_rgb=cfg.sigma_rgb, sigma_xy=cfg.sigma_xy)
+    return BoundaryParams(
+        scales=tuple(cfg.scales),
+        min_side=cfg.min_scale_side,
+        iterations=cfg.iterations,
+        dilations=tuple(cfg.dilations),
+        sigma_rgb=cfg.sigma_rgb,
+        sigma_xy=cfg.sigma_xy,
+    )
 
 
 def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
@@ -104,17 +124,26 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     done = store.ids()
     todo = [i for i in shard.select(split_ids) if i not in done]
     cams_record = ws.latest("make-cams", cfg.split)
-    record = ws.start("refine", to_dict(cfg), split=cfg.split, shard=str(shard), oracle=oracle,
-                      inputs={input_key("make-cams", cfg.split): cams_record["id"]} if cams_record else {})
+    record = ws.start(
+        "refine",
+        to_dict(cfg),
+        split=cfg.split,
+        shard=str(shard),
+        oracle=oracle,
+        inputs={input_key("make-cams", cfg.split): cams_record["id"]} if cams_record else {},
+    )
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
-    log(f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
-        f"done; guidance {cfg.guidance}, boundary {boundary}, device {device}")
+    log(
+        f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
+        f"done; guidance {cfg.guidance}, boundary {boundary}, device {device}"
+    )
     params = boundary_params(cfg)
     with record:
-        with store.writer(rank=shard.index, source="refine",
-                          attrs={"oracle": oracle, "guided": cfg.guidance != "none"}) as writer:
+        with store.writer(
+            rank=shard.index, source="refine", attrs={"oracle": oracle, "guided": cfg.guidance != "none"}
+        ) as writer:
             batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 for item, maps in zip(batch, boundary_batch(batch, cfg.boundary, params, device)):
@@ -125,8 +154,9 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     return len(todo)
 
 
-def boundary_batch(batch: list[RefineItem], enabled: bool, params: BoundaryParams,
-                   device: torch.device) -> list[np.ndarray]:
+def boundary_batch(
+    batch: list[RefineItem], enabled: bool, params: BoundaryParams, device: torch.device
+) -> list[np.ndarray]:
     """Boundary enhancement of a same-size batch; maps are zero-padded to the batch's largest K."""
     if not enabled:
         return [item.maps.numpy() for item in batch]

@@ -30,9 +30,17 @@ def run(ws: Workspace) -> list[dict]:
         record = row["record"]
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
         ended = (record.get("ended") or "-")[:16].replace("T", " ")
-        table.add_row(row["stage"], escape(row["split"] or "-"), escape(row["shard"] or "-"),
-                      f"[{style[row['state']]}]{row['state']}[/]", ended, escape(metrics or record.get("error", "")))
-    Console(width=max(120, Console().width)).print(table if rows else escape(f"workspace {ws.root}: no stage has run yet"))
+        table.add_row(
+            row["stage"],
+            escape(row["split"] or "-"),
+            escape(row["shard"] or "-"),
+            f"[{style[row['state']]}]{row['state']}[/]",
+            ended,
+            escape(metrics or record.get("error", "")),
+        )
+    Console(width=max(120, Console().width)).print(
+        table if rows else escape(f"workspace {ws.root}: no stage has run yet")
+    )
     return rows
 
 

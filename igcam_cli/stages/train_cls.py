@@ -51,8 +51,16 @@ class TrainOptions:
 class _ClassifierImages(TorchDataset):
     """Augmented training views (train=True) or fixed-size views with multi-hot targets."""
 
-    def __init__(self, dataset: Dataset, ids: list[str], cfg: TrainClsConfig, seed: int, train: bool,
-                 weights: list[float] | None = None, relabelled: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        ids: list[str],
+        cfg: TrainClsConfig,
+        seed: int,
+        train: bool,
+        weights: list[float] | None = None,
+        relabelled: dict[str, np.ndarray] | None = None,
+    ):
         self.dataset, self.ids, self.cfg, self.seed, self.train = dataset, ids, cfg, seed, train
         self.weights, self.relabelled = weights, relabelled or {}
         self.epoch = 0
@@ -70,8 +78,9 @@ class _ClassifierImages(TorchDataset):
         target = multi_hot(self.relabelled.get(sample.id, sample.labels), self.dataset.num_classes)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            view = train_view(sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng,
-                              self.cfg.crop_height)
+            view = train_view(
+                sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng, self.cfg.crop_height
+            )
         else:
             view = eval_view(sample.image, self.cfg.crop, self.cfg.crop_height)
         return view, target, torch.tensor(1.0 if self.weights is None else self.weights[index])
@@ -93,8 +102,10 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     model = _initial_model(cfg, dataset.num_classes, train.init_from, ws)
     if cfg.freeze_bn and _random_start(cfg, train.init_from):
         # BN frozen at its random initialisation (identity statistics, unit scale) stops the loss moving
-        log(f"train-cls: freeze_bn ignored: the backbone starts from random weights (pretrained {cfg.pretrained}), "
-            "so its BatchNorm layers are trained")
+        log(
+            f"train-cls: freeze_bn ignored: the backbone starts from random weights (pretrained {cfg.pretrained}), "
+            "so its BatchNorm layers are trained"
+        )
     elif cfg.freeze_bn:
         model.freeze_batchnorm()
     model.to(device, memory_format=memory_format(device))
@@ -107,8 +118,13 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, model, optimizer)
         latest = ws.classifier_run(cfg.round, done=False)
-        if (start_epoch >= schedule.epochs and model_path.is_file() and latest and latest["status"] == "done"
-                and latest["config"] == to_dict(cfg)):
+        if (
+            start_epoch >= schedule.epochs
+            and model_path.is_file()
+            and latest
+            and latest["status"] == "done"
+            and latest["config"] == to_dict(cfg)
+        ):
             # Finished already: a new record would mark everything downstream stale for the same weights.
             log(f"train-cls: {model_path} already holds all {schedule.epochs} epochs; nothing to do")
             return model
@@ -122,12 +138,29 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         inputs = {classifier_key(cfg.round - 1): previous["id"]} if previous else {}
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
-    record = ws.start("train-cls", to_dict(cfg), seed=opts.seed, device=str(device), round=cfg.round,
-                      classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
-                      inputs=inputs) if ddp.is_main() else None
+    record = (
+        ws.start(
+            "train-cls",
+            to_dict(cfg),
+            seed=opts.seed,
+            device=str(device),
+            round=cfg.round,
+            classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
+            inputs=inputs,
+        )
+        if ddp.is_main()
+        else None
+    )
     net = ddp.wrap(model, device)
-    train_data = _ClassifierImages(dataset, ids, cfg, opts.seed, train=True, weights=weights,
-                                   relabelled={r.id: influence_io.class_list(r.suggested, dataset.num_classes) for r in relabelled or []})
+    train_data = _ClassifierImages(
+        dataset,
+        ids,
+        cfg,
+        opts.seed,
+        train=True,
+        weights=weights,
+        relabelled={r.id: influence_io.class_list(r.suggested, dataset.num_classes) for r in relabelled or []},
+    )
     prior = class_prior_loss(torch.stack([train_data.target(i) for i in range(len(ids))]).numpy(), weights)
     steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
     check_at = {schedule.epochs, max(LEARNED_CHECK_EPOCHS, -(-LEARNED_CHECK_STEPS // steps_per_epoch))}
@@ -135,9 +168,12 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     # at most a quarter of the run: a short run (a test's single epoch) would otherwise never reach its lr
     warmup_steps = min(steps_per_epoch * schedule.warmup_epochs, total_steps // 4)
     how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
-    log(f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
+    log(
+        f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
         f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
-        f"crop {_crop_said(cfg)}, device {device}")
+        f"crop {_crop_said(cfg)}, device {device}"
+    )
+
     def loss_of(batch) -> torch.Tensor:
         x, y, w = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device):
@@ -152,11 +188,13 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     try:
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, schedule.epochs):
-                batches = training.epoch_batches(train_data, epoch, schedule.epochs, opts.seed, cfg.batch_size,
-                                                 cfg.workers, device, log)
+                batches = training.epoch_batches(
+                    train_data, epoch, schedule.epochs, opts.seed, cfg.batch_size, cfg.workers, device, log
+                )
                 net.train()
-                loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of,
-                                                warmup_steps=warmup_steps)
+                loss, step = training.fit_epoch(
+                    batches, optimizer, base_lrs, step, total_steps, loss_of, warmup_steps=warmup_steps
+                )
                 metrics = {"epoch": epoch + 1, "train_loss": loss}
                 if val_ids and ddp.is_main():
                     metrics["val_map"] = evaluate_map(model, dataset, val_ids, cfg, device)
@@ -169,18 +207,26 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             if ddp.is_main():
                 _save_final(model_path, cfg, model, dataset.classes)
                 _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
-                record.finish(outputs=[str(model_path)], metrics={
-                    **metrics, "lr": schedule.lr, "epochs": schedule.epochs, "prior_loss": prior,
-                    **({"learned": learned} if learned is not None else {}),
-                    **({"relabelled": len(relabelled)} if relabelled is not None else {})})
+                record.finish(
+                    outputs=[str(model_path)],
+                    metrics={
+                        **metrics,
+                        "lr": schedule.lr,
+                        "epochs": schedule.epochs,
+                        "prior_loss": prior,
+                        **({"learned": learned} if learned is not None else {}),
+                        **({"relabelled": len(relabelled)} if relabelled is not None else {}),
+                    },
+                )
                 log(f"saved {model_path}")
     finally:
         ddp.barrier()
     return model
 
 
-def evaluate_map(model: CamClassifier, dataset: Dataset, ids: list[str], cfg: TrainClsConfig,
-                 device: torch.device) -> float:
+def evaluate_map(
+    model: CamClassifier, dataset: Dataset, ids: list[str], cfg: TrainClsConfig, device: torch.device
+) -> float:
     """Mean average precision of the image-level predictions on `ids`."""
     data = _ClassifierImages(dataset, ids, cfg, seed=0, train=False)
     loader = training.train_loader(data, list(range(len(ids))), cfg.batch_size, cfg.workers, device)
@@ -197,7 +243,6 @@ def evaluate_map(model: CamClassifier, dataset: Dataset, ids: list[str], cfg: Tr
     return mean_average_precision(torch.cat(scores).numpy(), torch.cat(targets).numpy())
 
 
-
 def _random_start(cfg: TrainClsConfig, init_from: str | None) -> bool:
     """Whether the backbone starts from random weights (not ImageNet, a file, --init-from or a previous round)."""
     return cfg.pretrained == "none" and init_from is None and cfg.round == 1
@@ -207,10 +252,15 @@ def _check_learned(loss: float, prior: float, epoch: int, last: bool, log) -> bo
     """Whether the training loss is clearly below the class-prior loss; warns when it is not."""
     if loss <= (LEARNED_MARGIN if last else EARLY_MARGIN) * prior:
         return True
-    verdict = ("the classifier has not learned, and its CAMs will be near chance" if last else
-               "the classifier has not learned so far, and its CAMs would be near chance")
-    log(f"warning: train-cls: training loss {loss:.3f} after {epoch} epochs is not clearly below the class-prior "
-        f"loss {prior:.3f} (labels alone); {verdict}")
+    verdict = (
+        "the classifier has not learned, and its CAMs will be near chance"
+        if last
+        else "the classifier has not learned so far, and its CAMs would be near chance"
+    )
+    log(
+        f"warning: train-cls: training loss {loss:.3f} after {epoch} epochs is not clearly below the class-prior "
+        f"loss {prior:.3f} (labels alone); {verdict}"
+    )
     return False
 
 
@@ -232,8 +282,10 @@ def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
     if cfg.finetune_lr_mult <= 0 or cfg.finetune_epochs < 0:
         raise UsageError("--finetune-lr-mult must be > 0 and --finetune-epochs >= 0")
     if cfg.sample_weights != "none" and cfg.round == 1:
-        raise UsageError("--sample-weights influence needs --round 2 or later (round 1 is the plain training "
-                         "whose model compute-influence reads)")
+        raise UsageError(
+            "--sample-weights influence needs --round 2 or later (round 1 is the plain training "
+            "whose model compute-influence reads)"
+        )
 
 
 def _schedule(cfg: TrainClsConfig) -> TrainClsConfig:
@@ -241,12 +293,14 @@ def _schedule(cfg: TrainClsConfig) -> TrainClsConfig:
     round's model, gently (lr x finetune_lr_mult, half the epochs unless finetune_epochs is set)."""
     if cfg.round == 1:
         return cfg
-    return replace(cfg, lr=cfg.lr * cfg.finetune_lr_mult, epochs=cfg.finetune_epochs or max(1, cfg.epochs // 2),
-                   warmup_epochs=0)
+    return replace(
+        cfg, lr=cfg.lr * cfg.finetune_lr_mult, epochs=cfg.finetune_epochs or max(1, cfg.epochs // 2), warmup_epochs=0
+    )
 
 
-def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log
-                    ) -> tuple[list[float] | None, list[influence_io.ImageScore] | None, dict | None]:
+def _sample_weights(
+    cfg: TrainClsConfig, ws: Workspace, ids: list[str], log
+) -> tuple[list[float] | None, list[influence_io.ImageScore] | None, dict | None]:
     """Per-image loss weights in `ids` order from compute-influence's scores.csv (None: unweighted),
     the images to train on their suggested labels (None: no relabelling) and the influence run."""
     if cfg.sample_weights == "none":
@@ -262,9 +316,11 @@ def _sample_weights(cfg: TrainClsConfig, ws: Workspace, ids: list[str], log
     fresh = {r.id for r in relabelled or []}
     weights = [1.0 if i in fresh else scores[i].weight for i in ids]
     low = sum(w < 1 for w in weights)
-    log(f"sample weights from {ws.influence_dir(cfg.split) / influence_io.SCORES_NAME} "
+    log(
+        f"sample weights from {ws.influence_dir(cfg.split) / influence_io.SCORES_NAME} "
         f"(classifier round {used}): {low} of {len(ids)} images down-weighted, min {min(weights):.3f}"
-        + (f"; {len(fresh)} images relabelled as compute-influence suggests" if relabelled is not None else ""))
+        + (f"; {len(fresh)} images relabelled as compute-influence suggests" if relabelled is not None else "")
+    )
     return weights, relabelled, record
 
 
@@ -273,15 +329,19 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
         path, _ = ws.cls_model(cfg.round - 1)
         command = ws.command("train-cls") + (f" --round {cfg.round - 1}" if cfg.round > 2 else "")
         if not path.is_file():
-            raise MissingArtifact(f"round {cfg.round} fine-tunes round {cfg.round - 1}'s classifier, and {path} "
-                                  f"is missing: run `{command}` first")
+            raise MissingArtifact(
+                f"round {cfg.round} fine-tunes round {cfg.round - 1}'s classifier, and {path} "
+                f"is missing: run `{command}` first"
+            )
         init_from = str(path)
     if init_from is None:
         return build_classifier(cfg.backbone, num_classes, cfg.pretrained)
     model = load_checkpoint(Path(init_from), f"igcam train-cls -w {ws.root}")
     if model.backbone_name != cfg.backbone or model.num_classes != num_classes:
-        raise BadData(f"--init-from {init_from}: a {model.backbone_name} with {model.num_classes} classes, "
-                      f"but this run trains a {cfg.backbone} with {num_classes} classes")
+        raise BadData(
+            f"--init-from {init_from}: a {model.backbone_name} with {model.num_classes} classes, "
+            f"but this run trains a {cfg.backbone} with {num_classes} classes"
+        )
     return model
 
 
@@ -290,15 +350,26 @@ _FINETUNE_KEYS = ("relabel", "finetune_lr_mult", "finetune_epochs")  # no effect
 
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
     # Every setting of the results must match (`round` picks the checkpoint itself).
-    keys = [f.name for f in fields(cfg) if f.name not in (*cfg.NOT_IN_RESULTS, "round")
-            and (cfg.round > 1 or f.name not in _FINETUNE_KEYS)]
+    keys = [
+        f.name
+        for f in fields(cfg)
+        if f.name not in (*cfg.NOT_IN_RESULTS, "round") and (cfg.round > 1 or f.name not in _FINETUNE_KEYS)
+    ]
     ckpt = training.restore(path, cfg, keys, model, optimizer)
     return ckpt["epoch"], ckpt["step"]
 
 
 def _save(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoch: int, step: int) -> None:
-    training.atomic_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "epoch": epoch, "step": step}, path)
+    training.atomic_save(
+        {
+            "config": to_dict(cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+        },
+        path,
+    )
 
 
 def _save_relabelled(path: Path, relabelled: list[influence_io.ImageScore] | None) -> None:
@@ -310,6 +381,13 @@ def _save_relabelled(path: Path, relabelled: list[influence_io.ImageScore] | Non
 
 
 def _save_final(path: Path, cfg: TrainClsConfig, model: CamClassifier, classes: list[str]) -> None:
-    training.atomic_save({"backbone": cfg.backbone, "num_classes": model.num_classes, "classes": classes,
-                  "config": to_dict(cfg), "model": model.state_dict()}, path)
-
+    training.atomic_save(
+        {
+            "backbone": cfg.backbone,
+            "num_classes": model.num_classes,
+            "classes": classes,
+            "config": to_dict(cfg),
+            "model": model.state_dict(),
+        },
+        path,
+    )

@@ -55,8 +55,9 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _SegImages(TorchDataset):
     """(image, label) pairs: augmented crops (train=True) or whole images. `labels=None` reads GT masks."""
 
-    def __init__(self, dataset: Dataset, ids: list[str], labels: LabelStore | None, cfg: TrainSegConfig,
-                 seed: int, train: bool):
+    def __init__(
+        self, dataset: Dataset, ids: list[str], labels: LabelStore | None, cfg: TrainSegConfig, seed: int, train: bool
+    ):
         self.dataset, self.ids, self.labels, self.cfg, self.seed, self.train = dataset, ids, labels, cfg, seed, train
         self.epoch = 0
 
@@ -74,8 +75,10 @@ class _SegImages(TorchDataset):
             image = self.dataset.load(image_id, with_mask=False).image
             label, what = self.labels.read(image_id), f"pseudo-label {self.labels.path(image_id)}"
         if image.shape[:2] != label.shape:
-            raise BadData(f"{what} is {label.shape[1]}x{label.shape[0]} but image '{image_id}' is "
-                          f"{image.shape[1]}x{image.shape[0]}")
+            raise BadData(
+                f"{what} is {label.shape[1]}x{label.shape[0]} but image '{image_id}' is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             return seg_train_view(image, label, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
@@ -104,8 +107,11 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     inputs = {input_key("crf", cfg.split): crf_record["id"]} if crf_record else {}
     if cls_record is not None and train.init_from is None:
         inputs[input_key("train-cls")] = cls_record["id"]
-    provenance = {"labels": cfg.labels, "upper_bound": cfg.labels == "gt",
-                  "oracle": bool((crf_record or {}).get("oracle", False))}
+    provenance = {
+        "labels": cfg.labels,
+        "upper_bound": cfg.labels == "gt",
+        "oracle": bool((crf_record or {}).get("oracle", False)),
+    }
     steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
     epochs = run_epochs(cfg, steps_per_epoch)
     ws.seg_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +120,14 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, inputs, model, optimizer)
         latest = ws.latest("train-seg")
-        if (start_epoch >= epochs and model_path.is_file() and latest and latest["status"] == "done"
-                and latest["config"] == to_dict(cfg) and latest.get("inputs") == inputs):
+        if (
+            start_epoch >= epochs
+            and model_path.is_file()
+            and latest
+            and latest["status"] == "done"
+            and latest["config"] == to_dict(cfg)
+            and latest.get("inputs") == inputs
+        ):
             # Finished already: a new record would mark every prediction stale for the same weights.
             log(f"train-seg: {model_path} already holds all {epochs} epochs; nothing to do")
             return model
@@ -123,18 +135,24 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     elif train.resume:
         log(f"--resume: no {last_path} yet, starting from scratch")
 
-    record = (ws.start("train-seg", to_dict(cfg), seed=opts.seed, device=str(device), inputs=inputs, **provenance)
-              if ddp.is_main() else None)
+    record = (
+        ws.start("train-seg", to_dict(cfg), seed=opts.seed, device=str(device), inputs=inputs, **provenance)
+        if ddp.is_main()
+        else None
+    )
     net = ddp.wrap(model, device)
     train_data = _SegImages(dataset, ids, labels, cfg, opts.seed, train=True)
     total_steps = max(1, steps_per_epoch * epochs)
     source = "GT masks (UPPER BOUND, fully supervised)" if cfg.labels == "gt" else f"pseudo/{cfg.split}"
     if provenance["oracle"]:
         log("ORACLE: these pseudo-labels come from GT-guided maps (refine --guidance gt); not weakly supervised")
-    log(f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
+    log(
+        f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
         f"{_epochs_said(cfg, epochs, steps_per_epoch)}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
         f"crop {cfg.crop}, device {device}"
-        + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else ""))
+        + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else "")
+    )
+
     def loss_of(batch) -> torch.Tensor:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device):
@@ -146,8 +164,9 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, epochs):
                 torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
-                batches = training.epoch_batches(train_data, epoch, epochs, opts.seed, cfg.batch_size,
-                                                 cfg.workers, device, log)
+                batches = training.epoch_batches(
+                    train_data, epoch, epochs, opts.seed, cfg.batch_size, cfg.workers, device, log
+                )
                 net.train()
                 loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
                 metrics = {"epoch": epoch + 1, "train_loss": loss}
@@ -177,8 +196,9 @@ def _epochs_said(cfg: TrainSegConfig, epochs: int, steps_per_epoch: int) -> str:
     return f"{epochs} epochs ({cfg.epochs} raised for min_steps {cfg.min_steps}: {steps_per_epoch} steps an epoch)"
 
 
-def evaluate_miou(model: Segmenter, dataset: Dataset, ids: list[str], cfg: TrainSegConfig,
-                  device: torch.device) -> float:
+def evaluate_miou(
+    model: Segmenter, dataset: Dataset, ids: list[str], cfg: TrainSegConfig, device: torch.device
+) -> float:
     """Single-scale mIoU against the GT masks of `ids` (the per-epoch validation score)."""
     data = _SegImages(dataset, ids, None, cfg, seed=0, train=False)
     loader = image_loader(data, cfg.batch_size, cfg.workers, device)
@@ -195,7 +215,6 @@ def evaluate_miou(model: Segmenter, dataset: Dataset, ids: list[str], cfg: Train
                 conf += confusion_matrix(y.numpy(), p, n)
     model.train(was_training)
     return scores(conf)["miou"]
-
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -215,8 +234,9 @@ def _check(cfg: TrainSegConfig, dataset: Dataset) -> None:
         raise UsageError("need 0 < scale_min <= scale_max")
 
 
-def _label_source(cfg: TrainSegConfig, ws: Workspace, dataset: Dataset,
-                  ids: list[str]) -> tuple[LabelStore | None, dict | None]:
+def _label_source(
+    cfg: TrainSegConfig, ws: Workspace, dataset: Dataset, ids: list[str]
+) -> tuple[LabelStore | None, dict | None]:
     """(pseudo-label store, the crf run that wrote it), or (None, None) for GT masks."""
     if cfg.labels == "gt":
         if not dataset.has_masks(cfg.split):
@@ -227,8 +247,9 @@ def _label_source(cfg: TrainSegConfig, ws: Workspace, dataset: Dataset,
     missing = [i for i in ids if i not in have]
     if missing:
         state = "missing" if len(missing) == len(ids) else f"missing for {len(missing)} of {len(ids)} images"
-        raise MissingArtifact(f"pseudo-labels for split '{cfg.split}' {state}: "
-                              f"run `{ws.command('crf', cfg.split)}` first")
+        raise MissingArtifact(
+            f"pseudo-labels for split '{cfg.split}' {state}: run `{ws.command('crf', cfg.split)}` first"
+        )
     record = ws.latest("crf", cfg.split)
     return store, record
 
@@ -246,12 +267,15 @@ def _pretrained(cfg: TrainSegConfig, ws: Workspace) -> tuple[str, dict | None]:
         return cfg.pretrained, None
     path, round_ = ws.cls_model()
     if not path.is_file():
-        raise MissingArtifact(f"--pretrained cls: no trained classifier at {path}: run `{ws.command('train-cls')}` first")
+        raise MissingArtifact(
+            f"--pretrained cls: no trained classifier at {path}: run `{ws.command('train-cls')}` first"
+        )
     return str(path), ws.classifier_run(round_)
 
 
-def _initial_model(cfg: TrainSegConfig, num_classes: int, pretrained: str,
-                   init_from: str | None) -> tuple[Segmenter, str]:
+def _initial_model(
+    cfg: TrainSegConfig, num_classes: int, pretrained: str, init_from: str | None
+) -> tuple[Segmenter, str]:
     if init_from is None:
         return build_segmenter(cfg.arch, num_classes, pretrained)
     path = Path(init_from)
@@ -259,28 +283,47 @@ def _initial_model(cfg: TrainSegConfig, num_classes: int, pretrained: str,
         raise BadData(f"--init-from: file not found: {path}")
     model, meta = load_segmenter(path, "igcam train-seg")
     if model.arch != cfg.arch or model.num_classes != num_classes:
-        raise BadData(f"--init-from {init_from}: a {model.arch} with {model.num_classes} outputs, "
-                      f"but this run trains a {cfg.arch} with {num_classes} (background + classes)")
+        raise BadData(
+            f"--init-from {init_from}: a {model.arch} with {model.num_classes} outputs, "
+            f"but this run trains a {cfg.arch} with {num_classes} (background + classes)"
+        )
     return model, f"weights from {path}"
-
-
 
 
 def _restore(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer) -> tuple[int, int]:
     keys = [f.name for f in fields(cfg) if f.name not in cfg.NOT_IN_RESULTS]  # every setting of the results
     ckpt = training.restore(path, cfg, keys, model, optimizer)
     if ckpt.get("inputs", {}) != inputs:
-        raise UsageError(f"--resume: the pseudo-labels or the backbone they start from changed since {path} was "
-                         "written (crf or train-cls ran again); rerun without --resume to start over")
+        raise UsageError(
+            f"--resume: the pseudo-labels or the backbone they start from changed since {path} was "
+            "written (crf or train-cls ran again); rerun without --resume to start over"
+        )
     return ckpt["epoch"], ckpt["step"]
 
 
 def _save(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer, epoch: int, step: int) -> None:
-    training.atomic_save({"config": to_dict(cfg), "inputs": inputs, "model": model.state_dict(),
-                  "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, path)
+    training.atomic_save(
+        {
+            "config": to_dict(cfg),
+            "inputs": inputs,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+        },
+        path,
+    )
 
 
 def _save_final(path: Path, cfg: TrainSegConfig, model: Segmenter, classes: list[str], provenance: dict) -> None:
-    training.atomic_save({"arch": cfg.arch, "num_classes": model.num_classes, "classes": classes, "config": to_dict(cfg),
-                  **provenance, "model": model.state_dict()}, path)
-
+    training.atomic_save(
+        {
+            "arch": cfg.arch,
+            "num_classes": model.num_classes,
+            "classes": classes,
+            "config": to_dict(cfg),
+            **provenance,
+            "model": model.state_dict(),
+        },
+        path,
+    )
