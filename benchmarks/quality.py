@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from style_args import add_style_options, chosen_styles  # benchmarks/, on the path when run as a script
 
 from igcam_cli import ablation, chain
 from igcam_cli.config import EvaluateConfig, MakeCamsConfig, RunOptions, build
 from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
 from igcam_cli.stages import evaluate, init, make_cams
 from igcam_cli.workspace import Workspace
-from style_args import add_style_options, chosen_styles  # benchmarks/, on the path when run as a script
 
 FIXED_TAU = {"cams": 0.15, "refined": 0.15}
 

@@ -28,10 +28,10 @@ import torch
 from igcam_cli.config import RefineConfig
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
 from igcam_cli.core.guidance import instance_guidance
-from igcam_cli.core.metrics import confusion_matrix, scores, threshold_confusions, best_threshold
+from igcam_cli.core.metrics import best_threshold, confusion_matrix, scores, threshold_confusions
 from igcam_cli.core.proposals import propose
-from igcam_cli.stages.crf import FILLED_ALPHA, PEAKED_ALPHA
 from igcam_cli.stages import refine as refine_stage
+from igcam_cli.stages.crf import FILLED_ALPHA, PEAKED_ALPHA
 from igcam_cli.stages.refine import boundary_params, guidance_params
 from igcam_cli.workspace import Workspace
 

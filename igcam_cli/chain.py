@@ -15,8 +15,9 @@ GT masks. Like the demo and the ablation it drives the stage modules; stages nev
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape

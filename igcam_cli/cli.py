@@ -7,7 +7,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,15 +33,15 @@ app = typer.Typer(
 
 # ---- shared options ------------------------------------------------------------------------
 WorkspaceOpt = Annotated[
-    Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory \\[default: $IGCAM_WORKSPACE or .]")
+    Path | None, typer.Option("--workspace", "-w", help="Workspace directory \\[default: $IGCAM_WORKSPACE or .]")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results")]
-SplitOpt = Annotated[Optional[str], typer.Option(help="Dataset split, e.g. train, val, train_aug")]
-ShardOpt = Annotated[Optional[str], typer.Option(help="Process shard i/n of the images (automatic under torchrun)")]
+SplitOpt = Annotated[str | None, typer.Option(help="Dataset split, e.g. train, val, train_aug")]
+ShardOpt = Annotated[str | None, typer.Option(help="Process shard i/n of the images (automatic under torchrun)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo images that are already done")]
-WorkersOpt = Annotated[Optional[int], typer.Option(min=0, help="Worker processes")]
+WorkersOpt = Annotated[int | None, typer.Option(min=0, help="Worker processes")]
 
 
 class DatasetFormat(str, Enum):
@@ -91,7 +91,7 @@ def handles_errors(fn):
     return wrapper
 
 
-def _ws(path: Optional[Path]) -> Workspace:
+def _ws(path: Path | None) -> Workspace:
     return Workspace.open(path if path is not None else default_workspace())
 
 
@@ -103,7 +103,7 @@ def _config(ws: Workspace, stage: str, **overrides):
     return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
 
 
-def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+def _floats(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -133,8 +133,8 @@ def _root(
 def init(
     workspace: WorkspaceOpt = None,
     dataset: Annotated[DatasetFormat, typer.Option(help="Dataset layout")] = DatasetFormat.synthetic,
-    root: Annotated[Optional[Path], typer.Option(help="Dataset root (voc, folder)")] = None,
-    classes: Annotated[Optional[str], typer.Option(help="Class list: a file (one per line) or a,b,c")] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset root (voc, folder)")] = None,
+    classes: Annotated[str | None, typer.Option(help="Class list: a file (one per line) or a,b,c")] = None,
     n_train: Annotated[int, typer.Option(min=1, help="Synthetic: training images")] = 320,
     n_val: Annotated[int, typer.Option(min=1, help="Synthetic: validation images")] = 80,
     image_size: Annotated[int, typer.Option(min=32, help="Synthetic: image side in pixels")] = 128,
@@ -217,46 +217,46 @@ def synth(
 @handles_errors
 def train_cls(
     workspace: WorkspaceOpt = None,
-    backbone: Annotated[Optional[str], typer.Option(help="resnet18|resnet34|resnet50|resnet101")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="imagenet, none, or a weights file")] = None,
+    backbone: Annotated[str | None, typer.Option(help="resnet18|resnet34|resnet50|resnet101")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="imagenet, none, or a weights file")] = None,
     split: SplitOpt = None,
-    val_split: Annotated[Optional[str], typer.Option(help="Split for the per-epoch validation mAP")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    crop: Annotated[Optional[int], typer.Option(min=16)] = None,
+    val_split: Annotated[str | None, typer.Option(help="Split for the per-epoch validation mAP")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    crop: Annotated[int | None, typer.Option(min=16)] = None,
     crop_height: Annotated[
-        Optional[int], typer.Option(min=0, help="Rows of the training canvas (0: --crop, a square)")
+        int | None, typer.Option(min=0, help="Rows of the training canvas (0: --crop, a square)")
     ] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
-    freeze_bn: Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
+    freeze_bn: Annotated[bool | None, typer.Option("--freeze-bn/--no-freeze-bn")] = None,
     warmup_epochs: Annotated[
-        Optional[int], typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")
+        int | None, typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")
     ] = None,
     workers: WorkersOpt = None,
     round: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/"
         ),
     ] = None,
     sample_weights: Annotated[
-        Optional[str], typer.Option(help="none, or influence: per-image loss weights from compute-influence")
+        str | None, typer.Option(help="none, or influence: per-image loss weights from compute-influence")
     ] = None,
     relabel: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--relabel/--no-relabel",
             help="With --sample-weights influence: train on compute-influence's suggested labels \\[default: relabel]",
         ),
     ] = None,
     finetune_lr_mult: Annotated[
-        Optional[float], typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) \\[default: 0.2]")
+        float | None, typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) \\[default: 0.2]")
     ] = None,
     finetune_epochs: Annotated[
-        Optional[int], typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")
+        int | None, typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from this classifier checkpoint")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Start from this classifier checkpoint")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -304,21 +304,21 @@ def train_cls(
 def make_cams(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales \\[default: 1.0,0.5,1.5,2.0]")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    scales: Annotated[str | None, typer.Option(help="Comma-separated scales \\[default: 1.0,0.5,1.5,2.0]")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     label_source: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) \\[default: auto]"
         ),
     ] = None,
     influence_fusion: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)"),
     ] = None,
     round: Annotated[
-        Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
+        int | None, typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
     ] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
@@ -352,23 +352,21 @@ def compute_influence(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
     query_split: Annotated[
-        Optional[str], typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")
+        str | None, typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")
     ] = None,
-    hessian: Annotated[Optional[str], typer.Option(help="ekfac, kfac or none (gradient dot products)")] = None,
+    hessian: Annotated[str | None, typer.Option(help="ekfac, kfac or none (gradient dot products)")] = None,
     damping: Annotated[
-        Optional[float], typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")
+        float | None, typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")
     ] = None,
-    damping_mode: Annotated[Optional[str], typer.Option(help="relative or absolute")] = None,
-    fisher: Annotated[Optional[str], typer.Option(help="Curvature: ggn (exact), sampled or empirical")] = None,
-    scope: Annotated[
-        Optional[str], typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")
-    ] = None,
-    maps: Annotated[Optional[str], typer.Option(help="Spatial maps for labelled classes, all classes or none")] = None,
-    size: Annotated[Optional[int], typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
+    damping_mode: Annotated[str | None, typer.Option(help="relative or absolute")] = None,
+    fisher: Annotated[str | None, typer.Option(help="Curvature: ggn (exact), sampled or empirical")] = None,
+    scope: Annotated[str | None, typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")] = None,
+    maps: Annotated[str | None, typer.Option(help="Spatial maps for labelled classes, all classes or none")] = None,
+    size: Annotated[int | None, typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
     round: Annotated[
-        Optional[int], typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
+        int | None, typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait for the other shards' statistics (default under torchrun)")
@@ -421,9 +419,9 @@ def compute_influence(
 def influence_report(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="Images to list")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Images to list")] = None,
     truth: Annotated[
-        Optional[Path], typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")
+        Path | None, typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -444,29 +442,25 @@ def influence_report(
 def refine(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    guidance: Annotated[
-        Optional[str], typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")
-    ] = None,
+    guidance: Annotated[str | None, typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")] = None,
     boundary: Annotated[
-        Optional[bool], typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")
+        bool | None, typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")
     ] = None,
     scales: Annotated[
-        Optional[str], typer.Option(help="Boundary scales, coarse to fine \\[default: 0.25,0.5,1.0]")
+        str | None, typer.Option(help="Boundary scales, coarse to fine \\[default: 0.25,0.5,1.0]")
     ] = None,
-    iterations: Annotated[Optional[int], typer.Option(min=0, help="Propagation steps per scale")] = None,
+    iterations: Annotated[int | None, typer.Option(min=0, help="Propagation steps per scale")] = None,
     fill_gain: Annotated[
-        Optional[float], typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")
+        float | None, typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")
     ] = None,
     outside_damping: Annotated[
-        Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")
+        float | None, typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")
     ] = None,
     max_area: Annotated[
-        Optional[float], typer.Option(min=0.0, max=1.0, help="Guidance: largest region, fraction of the image")
+        float | None, typer.Option(min=0.0, max=1.0, help="Guidance: largest region, fraction of the image")
     ] = None,
-    proposal_scale: Annotated[
-        Optional[float], typer.Option(min=1.0, help="Proposals: graph-segmentation scale")
-    ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    proposal_scale: Annotated[float | None, typer.Option(min=1.0, help="Proposals: graph-segmentation scale")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -505,14 +499,12 @@ def refine(
 def crf(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    source: Annotated[Optional[str], typer.Option(help="refined (default) or cams")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="psa, irn, deeplab or toco")] = None,
-    bg_mode: Annotated[Optional[str], typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
-    bg_alpha: Annotated[Optional[float], typer.Option(min=0.0)] = None,
-    bg_tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
-    confidence: Annotated[
-        Optional[float], typer.Option(min=0.0, max=1.0, help="Marginals below this become 255")
-    ] = None,
+    source: Annotated[str | None, typer.Option(help="refined (default) or cams")] = None,
+    preset: Annotated[str | None, typer.Option(help="psa, irn, deeplab or toco")] = None,
+    bg_mode: Annotated[str | None, typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
+    bg_alpha: Annotated[float | None, typer.Option(min=0.0)] = None,
+    bg_tau: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    confidence: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Marginals below this become 255")] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -544,34 +536,30 @@ def crf(
 def train_seg(
     workspace: WorkspaceOpt = None,
     arch: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="deeplabv3_resnet50|deeplabv3_resnet101, or small CPU models deeplabv3_resnet18|deeplabv3plus_resnet18"
         ),
     ] = None,
     pretrained: Annotated[
-        Optional[str], typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")
+        str | None, typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")
     ] = None,
     labels: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="pseudo (crf pseudo-labels) or gt (GT masks: the fully supervised UPPER BOUND)"),
     ] = None,
     split: SplitOpt = None,
-    val_split: Annotated[
-        Optional[str], typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")
-    ] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    val_split: Annotated[str | None, typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
     min_steps: Annotated[
-        Optional[int], typer.Option(min=0, help="Raise --epochs until the run takes this many SGD steps (0: off)")
+        int | None, typer.Option(min=0, help="Raise --epochs until the run takes this many SGD steps (0: off)")
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    crop: Annotated[Optional[int], typer.Option(min=16)] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    crop: Annotated[int | None, typer.Option(min=16)] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
-    init_from: Annotated[
-        Optional[Path], typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")
-    ] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -607,23 +595,21 @@ def train_seg(
 @handles_errors
 def predict(
     workspace: WorkspaceOpt = None,
-    split: Annotated[Optional[str], typer.Option(help="Predict a dataset split ...")] = None,
+    split: Annotated[str | None, typer.Option(help="Predict a dataset split ...")] = None,
     images: Annotated[
-        Optional[Path], typer.Option(help="... or every JPEG/PNG file of a folder (ids = file stems)")
+        Path | None, typer.Option(help="... or every JPEG/PNG file of a folder (ids = file stems)")
     ] = None,
     out: Annotated[
-        Optional[str], typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")
+        str | None, typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")
     ] = None,
-    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales \\[default: 1.0,0.75,1.25]")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
+    scales: Annotated[str | None, typer.Option(help="Comma-separated scales \\[default: 1.0,0.75,1.25]")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     crf: Annotated[
-        Optional[bool], typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")
+        bool | None, typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")
     ] = None,
-    preset: Annotated[Optional[str], typer.Option(help="CRF preset: deeplab, psa, irn or toco")] = None,
-    overlays: Annotated[
-        Optional[bool], typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")
-    ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    preset: Annotated[str | None, typer.Option(help="CRF preset: deeplab, psa, irn or toco")] = None,
+    overlays: Annotated[bool | None, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -657,12 +643,12 @@ def predict(
 def evaluate(
     workspace: WorkspaceOpt = None,
     artifact: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/); influence: the mislabel report"),
     ] = None,
     split: SplitOpt = None,
     bg_tau: Annotated[
-        Optional[float], typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")
+        float | None, typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -715,12 +701,12 @@ def status(workspace: WorkspaceOpt = None):
 @handles_errors
 def demo(
     workspace: Annotated[
-        Optional[Path], typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")
+        Path | None, typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")
     ] = None,
     n_train: Annotated[int, typer.Option(min=8)] = 320,
     n_val: Annotated[int, typer.Option(min=4)] = 80,
     epochs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             min=1,
             help="Both models train this many epochs, with no step minimum (a quick look) \\[default: the synthetic preset's]",
@@ -745,13 +731,13 @@ def demo(
 @handles_errors
 def run_chain(
     workspace: WorkspaceOpt = None,
-    until: Annotated[Optional[str], typer.Option(help="Stop after this stage")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage")] = None,
     start: Annotated[
-        Optional[str], typer.Option("--from", help="Rerun this stage and every later one from scratch")
+        str | None, typer.Option("--from", help="Rerun this stage and every later one from scratch")
     ] = None,
-    split: Annotated[Optional[str], typer.Option(help="Pseudo-label split \\[default: train-seg's split]")] = None,
+    split: Annotated[str | None, typer.Option(help="Pseudo-label split \\[default: train-seg's split]")] = None,
     val_split: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Split to predict and evaluate the model on ('' for none) \\[default: train-seg's val_split]"
         ),

@@ -14,10 +14,11 @@ import platform
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from igcam_cli import __version__
 from igcam_cli.config import TOML_NAME, read_toml, to_dict, write_toml
@@ -37,7 +38,7 @@ def default_workspace() -> Path:
 class StageRun:
     """A manifest record being written by a running stage."""
 
-    workspace: "Workspace"
+    workspace: Workspace
     record: dict[str, Any]
 
     @property
@@ -50,7 +51,7 @@ class StageRun:
     def fail(self, error: str) -> None:
         self._update(status="failed", error=error)
 
-    def __enter__(self) -> "StageRun":
+    def __enter__(self) -> StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -78,7 +79,7 @@ class Workspace:
         dataset_spec: dict[str, Any],
         stage_defaults: dict[str, dict] | None = None,
         overwrite: bool = False,
-    ) -> "Workspace":
+    ) -> Workspace:
         ws = cls(root)
         if ws.toml_path.exists() and not overwrite:
             raise UsageError(f"{ws.toml_path} already exists; pass --force to overwrite it")
@@ -87,7 +88,7 @@ class Workspace:
         return ws
 
     @classmethod
-    def open(cls, root: Path) -> "Workspace":
+    def open(cls, root: Path) -> Workspace:
         ws = cls(root)
         if not ws.toml_path.is_file():
             raise MissingArtifact(

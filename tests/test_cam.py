@@ -9,7 +9,6 @@ from torch import nn
 
 from igcam_cli.core.cam import multiscale_cams, normalize_cams
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -14,7 +14,6 @@ from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models import classifier as clf
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -40,10 +40,12 @@ from igcam_cli.stages import (
     crf,
     evaluate,
     influence_report,
-    init as init_stage,
     make_cams,
     refine,
     train_cls,
+)
+from igcam_cli.stages import (
+    init as init_stage,
 )
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace

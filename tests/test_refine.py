@@ -138,7 +138,6 @@ def test_ablation_table_has_every_variant_with_and_without_crf(chain_ws):
 def test_each_shard_runs_its_own_chain_and_the_union_equals_the_unsharded_run(trained_ws):
     """A job array task runs make-cams, refine and crf on its shard without waiting for the others."""
     from cli_helpers import CAMS
-
     from igcam_cli.store import LabelStore
 
     for shard in ("0/2", "1/2"):

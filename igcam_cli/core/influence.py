@@ -87,8 +87,9 @@ or output after it ran (checked through tensor version counters; torchvision Res
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Mapping, Self, Sequence
+from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -482,7 +483,7 @@ class KroneckerEigen:
     q_s: dict[str, Tensor]
     l_s: dict[str, Tensor]
 
-    def to(self, device: torch.device | str) -> "KroneckerEigen":
+    def to(self, device: torch.device | str) -> KroneckerEigen:
         return KroneckerEigen(
             *({k: v.to(device) for k, v in d.items()} for d in (self.q_a, self.l_a, self.q_s, self.l_s))
         )
@@ -495,7 +496,7 @@ class KroneckerEigen:
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Tensor], device: torch.device | str = "cpu") -> "KroneckerEigen":
+    def from_state(cls, state: Mapping[str, Tensor], device: torch.device | str = "cpu") -> KroneckerEigen:
         parts = {
             p: {k.split("/", 1)[1]: torch.as_tensor(v).to(device) for k, v in state.items() if k.split("/", 1)[0] == p}
             for p in ("q_a", "l_a", "q_s", "l_s")
@@ -748,7 +749,7 @@ class Preconditioner:
             total = term if total is None else total + term
         return total
 
-    def to(self, device: torch.device | str) -> "Preconditioner":
+    def to(self, device: torch.device | str) -> Preconditioner:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return Preconditioner(self.kind, move(self.q_a), move(self.q_s), move(self.denom), dict(self.damping))
 
@@ -760,7 +761,7 @@ class Preconditioner:
         return state
 
     @classmethod
-    def from_state(cls, state: Mapping[str, object], device: torch.device | str = "cpu") -> "Preconditioner":
+    def from_state(cls, state: Mapping[str, object], device: torch.device | str = "cpu") -> Preconditioner:
         kind = state["kind"]
         kind = kind.decode() if isinstance(kind, bytes) else str(kind)
         parts: dict[str, dict] = {"q_a": {}, "q_s": {}, "denom": {}, "damping": {}}

@@ -73,7 +73,7 @@ class CamClassifier(nn.Module):
                 for p in module.parameters():
                     p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "CamClassifier":
+    def train(self, mode: bool = True) -> CamClassifier:
         super().train(mode)
         if self.bn_frozen:
             for module in self.backbone.modules():

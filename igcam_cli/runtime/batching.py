@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 T = TypeVar("T")
 

@@ -11,7 +11,6 @@ from igcam_cli.data.synthetic import SYNTH_MARKER
 from igcam_cli.errors import UsageError
 from igcam_cli.workspace import Workspace
 
-
 PRESETS = ("auto", "synthetic", "standard")
 SIZE_SAMPLE = 32  # images read to find the size of a dataset's images
 STRIDE = 16

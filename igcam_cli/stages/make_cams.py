@@ -6,19 +6,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
-from igcam_cli.config import MakeCamsConfig, RunOptions, to_dict
 from igcam_cli import influence_io
+from igcam_cli.config import MakeCamsConfig, RunOptions, to_dict
 from igcam_cli.core.cam import multiscale_cams, normalize_cams
 from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
-from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace, classifier_key, input_key

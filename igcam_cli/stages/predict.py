@@ -9,13 +9,14 @@ pixel. Output: `pred/<name>/<id>.png` (VOC palette, the input's size) and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import report
 from igcam_cli.config import PredictConfig, RunOptions, to_dict

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli.config import RefineConfig, RunOptions, to_dict
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
@@ -20,9 +21,9 @@ from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidan
 from igcam_cli.core.proposals import propose
 from igcam_cli.data.base import Dataset
 from igcam_cli.errors import BadData, UsageError
+from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
-from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace, input_key
