@@ -1,4 +1,5 @@
-"""Options the per-style benchmarks share (quality.py, mislabels.py): which styles, how many images, where to keep the workspaces."""
+"""Options the per-style benchmarks share (quality.py, mislabels.py): which styles, how many images, where to keep
+the workspaces."""
 
 from __future__ import annotations
 

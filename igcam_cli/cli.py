@@ -310,7 +310,8 @@ def make_cams(
     label_source: Annotated[
         str | None,
         typer.Option(
-            help="auto (the labels the classifier round trained on), labels (as given) or predicted (classifier scores) \\[default: auto]"
+            help="auto (the labels the classifier round trained on), labels (as given) or predicted "
+            "(classifier scores) \\[default: auto]"
         ),
     ] = None,
     influence_fusion: Annotated[
@@ -388,7 +389,7 @@ def compute_influence(
     Sharded: each `--shard i/n` writes its curvature sums; once all n are there, every shard fits the
     same preconditioner from their total and scores its images. Without --wait a shard stops after
     its own statistics; run it again when the others have theirs.
-    """
+    """  # noqa: E501 (the first line is the command's one-line help in `igcam --help`: it stays one line)
     import os
 
     from igcam_cli.stages import compute_influence as stage
@@ -709,7 +710,8 @@ def demo(
         int | None,
         typer.Option(
             min=1,
-            help="Both models train this many epochs, with no step minimum (a quick look) \\[default: the synthetic preset's]",
+            help="Both models train this many epochs, with no step minimum (a quick look) "
+            "\\[default: the synthetic preset's]",
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=0)] = 2,

@@ -188,7 +188,8 @@ class CrfConfig:
 class TrainSegConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "val_split")  # val_split: only the logged val mIoU
 
-    arch: str = "deeplabv3_resnet101"  # deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_resnet18 | deeplabv3plus_resnet18 (small, CPU)
+    # deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_resnet18 | deeplabv3plus_resnet18 (small, CPU)
+    arch: str = "deeplabv3_resnet101"
     pretrained: str = "imagenet"  # imagenet | none | cls (this workspace's classifier backbone) | PATH (ResNet,
     #                               igcam classifier or segmenter weights)
     labels: str = "pseudo"  # pseudo: pseudo/<split> from crf | gt: GT masks (fully supervised UPPER BOUND)

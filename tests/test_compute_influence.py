@@ -44,9 +44,7 @@ from igcam_cli.stages import (
     refine,
     train_cls,
 )
-from igcam_cli.stages import (
-    init as init_stage,
-)
+from igcam_cli.stages import init as init_stage
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace
 

@@ -170,7 +170,10 @@ def test_class_prior_loss_is_the_loss_of_the_best_constant_predictor(weights):
     prior = class_prior_loss(LABELS, weights)
     assert prior == pytest.approx(_constant_predictor_loss(LABELS, w, p), rel=1e-12)
     if weights is None:  # by hand: mean of the binary entropies of 3/5, 1/5, 4/5 (nats)
-        h = lambda q: -q * math.log(q) - (1 - q) * math.log(1 - q)
+
+        def h(q):
+            return -q * math.log(q) - (1 - q) * math.log(1 - q)
+
         assert prior == pytest.approx((h(0.6) + h(0.2) + h(0.8)) / 3, rel=1e-12)
     # the best one: any other constant does worse
     rng = np.random.default_rng(0)

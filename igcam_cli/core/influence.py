@@ -516,11 +516,11 @@ class FactorStats(_Sums):
         """
         q_a, l_a, q_s, l_s = {}, {}, {}, {}
         for name in self.layers("A"):
-            for part, q, l in (("A", q_a, l_a), ("S", q_s, l_s)):
+            for part, q, lam in (("A", q_a, l_a), ("S", q_s, l_s)):
                 mat = self.sums[f"{part}/{name}"] / self.counts[f"{part}/{name}"].clamp_min(1)
                 mat = 0.5 * (mat + mat.T)
                 vals, vecs = torch.linalg.eigh(mat.to(eigh_dtype))
-                q[name], l[name] = vecs.float(), vals.clamp_min(0).float()
+                q[name], lam[name] = vecs.float(), vals.clamp_min(0).float()
         return KroneckerEigen(q_a, l_a, q_s, l_s)
 
 

@@ -16,7 +16,7 @@ The textures are the sample images that scikit-image ships (brick, grass, gravel
 the cat, coffee, the rocket, ...): real photographic statistics, no download. Grey ones are tinted.
 Like `heads`, image `i` of split `s` comes from `default_rng([seed, s, i])`: a layout stream (object
 geometry, occluders: all a mask needs) and a paint stream, so `labels()` never paints.
-"""
+"""  # noqa: E501 (a markdown table's rows cannot wrap)
 
 from __future__ import annotations
 

@@ -112,8 +112,9 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
     if relabelled:
         log(
-            f"make-cams: {len(relabelled)} images of '{cfg.split}' use the labels classifier round {round_} was trained on "
-            f"({ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME}); --label-source labels uses the image labels"
+            f"make-cams: {len(relabelled)} images of '{cfg.split}' use the labels classifier round {round_} was "
+            f"trained on ({ws.cls_round_dir(round_) / influence_io.RELABELLED_NAME}); --label-source labels uses the "
+            "image labels"
         )
     log(
         f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
