@@ -173,11 +173,16 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
                 eval_split,
                 eval_cfg,
                 _file_exists(ws, artifact, eval_split),
-                lambda force, c=eval_cfg: evaluate.run(c, ws, quiet),
+                _evaluate_step(eval_cfg, ws, quiet),
                 artifact=artifact,
             )
         )
     return steps
+
+
+def _evaluate_step(cfg: Any, ws: Workspace, opts: RunOptions) -> Callable[[bool], Any]:
+    """evaluate always scores afresh: `force` does not apply."""
+    return lambda force: evaluate.run(cfg, ws, opts)
 
 
 def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -56,9 +55,15 @@ class NoiseKind(str, Enum):
     drop = "drop"
 
 
-SynthStyle = Enum(
-    "SynthStyle", {name: name for name in ("heads", "textured", "shapes", "lookalike", "scales", "clutter")}, type=str
-)
+class SynthStyle(str, Enum):
+    heads = "heads"
+    textured = "textured"
+    shapes = "shapes"
+    lookalike = "lookalike"
+    scales = "scales"
+    clutter = "clutter"
+
+
 StyleOpt = Annotated[
     SynthStyle,
     typer.Option(
@@ -763,4 +768,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

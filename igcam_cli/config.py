@@ -11,7 +11,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import tomli_w
 
@@ -98,12 +98,12 @@ class ComputeInfluenceConfig:
 
     split: str = "train"
     query_split: str | None = None  # None: 'val' when the dataset has it (and it is not `split`), else `split`
-    hessian: str = "ekfac"  # ekfac | kfac | none (plain gradient dot products)
+    hessian: Literal["ekfac", "kfac", "none"] = "ekfac"  # none: plain gradient dot products
     damping: float = 0.1
-    damping_mode: str = "relative"  # relative: damping x mean eigenvalue per layer | absolute
-    fisher: str = "ggn"  # ggn (exact, C seeds) | sampled | empirical
+    damping_mode: Literal["relative", "absolute"] = "relative"  # relative: damping x mean eigenvalue per layer
+    fisher: Literal["ggn", "sampled", "empirical"] = "ggn"  # ggn: exact, C seeds
     scope: str = "last_block"  # last_block | layer4 | comma-separated module names (e.g. head)
-    maps: str = "labelled"  # spatial maps for: labelled classes | all classes | none
+    maps: Literal["labelled", "all", "none"] = "labelled"  # spatial maps for: labelled classes | all classes | none
     size: int = 0  # long side the images are resized to (0: as they are)
     round: int | None = None  # classifier round; None = the latest
     w_min: float = 0.2  # sample weights (core/influence.py sample_weights)

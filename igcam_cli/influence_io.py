@@ -163,12 +163,14 @@ def read_scores(directory: Path, ids: list[str], command: str, num_classes: int)
         for text in (r["labels"], suggested):
             class_list(text, num_classes, where)
         try:
-            numbers = [float(r[k]) for k in ("loss", "self_influence", "atypicality", "weight")]
+            loss, self_influence, atypicality, weight = (
+                float(r[k]) for k in ("loss", "self_influence", "atypicality", "weight")
+            )
         except ValueError as exc:
             raise BadData(f"{where}: {exc}") from None
-        if not (np.isfinite(numbers[3]) and numbers[3] >= 0):
+        if not (np.isfinite(weight) and weight >= 0):
             raise BadData(f"{where}: weight {r['weight']} is not a finite number >= 0")
-        scores[r["id"]] = ImageScore(r["id"], r["labels"], *numbers, suggested)
+        scores[r["id"]] = ImageScore(r["id"], r["labels"], loss, self_influence, atypicality, weight, suggested)
     missing = [i for i in ids if i not in scores]
     if missing:
         raise MissingArtifact(

@@ -46,7 +46,7 @@ def contact_sheet(rows: list[list[np.ndarray]], titles: list[str], path: Path, c
         draw.text((pad + c * (cell + pad) + 2, 3), title, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
+            tile = Image.fromarray(img).resize((cell, cell), Image.Resampling.NEAREST)
             sheet.paste(tile, (pad + c * (cell + pad), header + r * (cell + pad)))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
@@ -70,7 +70,7 @@ def write_overlay(path: Path, image: np.ndarray, label: np.ndarray, quality: int
 
 def caption(image: np.ndarray, text: str, cell: int = 128) -> np.ndarray:
     """The image resized to cell x cell with `text` on a white band at its top (for contact sheets)."""
-    tile = Image.fromarray(np.ascontiguousarray(image)).convert("RGB").resize((cell, cell), Image.BILINEAR)
+    tile = Image.fromarray(np.ascontiguousarray(image)).convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(tile)
     lines = text.split("\n")
     draw.rectangle((0, 0, cell, 11 * len(lines)), fill=(255, 255, 255))

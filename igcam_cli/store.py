@@ -34,6 +34,14 @@ PART_RE = re.compile(r"^part-r(\d+)-(\d+)\.h5$")
 TEMP_RE = re.compile(r"^\.part-r(\d+)-(\d+)\.h5\.tmp$")
 
 
+def _part_numbers(name: str) -> tuple[int, int]:
+    """(rank, sequence number) of a complete part's file name."""
+    m = PART_RE.match(name)
+    if m is None:
+        raise ValueError(f"not a part file name: {name}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def check_id(image_id: str) -> str:
     """Return `image_id` unchanged, or raise ValueError if it cannot be a group or file name."""
     if not isinstance(image_id, str) or image_id in ("", ".", "..") or "/" in image_id or "\0" in image_id:
@@ -191,8 +199,7 @@ class MapStore:
 
     def next_seq(self, rank: int) -> int:
         """One more than the largest complete part sequence number of `rank` (0 if none)."""
-        matches = (PART_RE.match(name) for name in self._list_parts())
-        seqs = [int(m.group(2)) for m in matches if int(m.group(1)) == rank]
+        seqs = [seq for r, seq in map(_part_numbers, self._list_parts()) if r == rank]
         return max(seqs, default=-1) + 1
 
     def temporaries(self, rank: int | None = None) -> list[Path]:
@@ -219,7 +226,7 @@ class MapStore:
 
     def clear(self, rank: int | None = None) -> None:
         """Delete all parts and temporaries, or only those of `rank` (the directory itself stays)."""
-        own = [p for p in self.parts() if rank is None or int(PART_RE.match(p.name).group(1)) == rank]
+        own = [p for p in self.parts() if rank is None or _part_numbers(p.name)[0] == rank]
         for path in own + self.temporaries(rank):
             path.unlink(missing_ok=True)
         self._part_keys, self._index, self._index_state = {}, {}, None
@@ -263,7 +270,7 @@ class MapWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
 
-    def _open_part(self) -> None:
+    def _open_part(self) -> h5py.File:
         directory = self.store.directory
         directory.mkdir(parents=True, exist_ok=True)
         seq = max(self._next_seq, self.store.next_seq(self.rank))
@@ -275,6 +282,7 @@ class MapWriter:
         for key, value in self.store_attrs.items():
             self._file.attrs[key] = value
         self._ids = set()
+        return self._file
 
     def write(self, image_id: str, maps: np.ndarray, classes: np.ndarray, **attrs) -> None:
         """Add one image. `maps` K x H x W (stored as float16), `classes` K class indices.
@@ -301,9 +309,7 @@ class MapWriter:
             raise ValueError(f"{image_id}: maps hold NaN, inf or values beyond the float16 range")
         group_attrs = {"height": maps.shape[1], "width": maps.shape[2], "source": self.source, **attrs}
 
-        if self._file is None:
-            self._open_part()
-        f = self._file
+        f = self._file if self._file is not None else self._open_part()
         if image_id in self._ids:  # written twice into this part: the later write wins
             del f[image_id]
         try:
@@ -330,6 +336,7 @@ class MapWriter:
         if self._file is None:
             return
         f, tmp, final = self._file, self._tmp, self._final
+        assert tmp is not None and final is not None  # set with _file by _open_part
         self._file = None
         try:
             empty = not self._ids

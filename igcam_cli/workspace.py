@@ -54,11 +54,10 @@ class StageRun:
     def __enter__(self) -> StageRun:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         """Marks the record failed when the stage's work raises (Ctrl-C included); never swallows it."""
         if exc_type is not None and self.record.get("status") == "running":
             self.fail(f"{exc_type.__name__}: {exc}")
-        return False
 
     def _update(self, **changes) -> None:
         self.record.update(changes, ended=_now())

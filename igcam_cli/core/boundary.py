@@ -154,7 +154,7 @@ def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x, [pad] * 4, mode="replicate") if pad > 0 else x
 
 
-def _shifted(padded: torch.Tensor, offset: Offset, pad: int, size: tuple[int, int]) -> torch.Tensor:
+def _shifted(padded: torch.Tensor, offset: Offset, pad: int, size: Sequence[int]) -> torch.Tensor:
     """View of ``x[..., p + offset]`` for every pixel p, from ``_pad(x, pad)`` (no copy)."""
     (dy, dx), (h, w) = offset, size
     return padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
@@ -301,7 +301,7 @@ def _scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Bilinear resize (antialiased when shrinking). Convex weights: values stay in [min, max]."""
     if tuple(x.shape[-2:]) == size:
         return x

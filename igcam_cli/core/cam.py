@@ -17,7 +17,7 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
     back before summing, so the result of a flipped image is the flipped result.
     """
     size = images.shape[-2:]
-    total = None
+    total: torch.Tensor | None = None
     for scale in scales:
         # recompute_scale_factor: sample with the exact in/out ratio, so that resizing commutes with
         # a horizontal flip also when size * scale is not an integer (e.g. 375 * 1.5).
@@ -35,6 +35,8 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
             out = cam_fn(x).float()
         out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         total = out if total is None else total + out
+    if total is None:
+        raise ValueError("multiscale_cams needs at least one scale")
     return total
 
 

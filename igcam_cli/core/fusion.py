@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from igcam_cli.core.cam import normalize_cams
 
 
-def influence_heat(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def influence_heat(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Spatial influence maps (K x h x w, any scale and sign) -> K x H x W in [0, 1]: the positive
     part (regions that help their class), bilinearly upsampled to `size`, divided by its maximum
     (an all-non-positive map becomes all zero)."""

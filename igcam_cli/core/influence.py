@@ -86,10 +86,12 @@ or output after it ran (checked through tensor version counters; torchvision Res
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Self
+from typing import Literal, Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +152,7 @@ def tracked_layers(model: nn.Module, scope: str | Sequence[str] = "last_block") 
             raise ValueError(f"scope '{scope}' needs a CamClassifier-like model (backbone.layer4 and head)")
         prefix = "backbone.layer4."
         if scope == "last_block":
-            prefix += f"{len(model.backbone.layer4) - 1}."
+            prefix += f"{len(cast(nn.Sequential, model.backbone.layer4)) - 1}."
         names = [
             n
             for n, m in named.items()
@@ -400,8 +402,9 @@ def per_sample_gradients(
 
 def weight_matrix(module: nn.Module) -> Tensor:
     """A tracked layer's parameters as the d_out x d_in matrix the gradients use (bias last)."""
-    w = module.weight.reshape(module.weight.shape[0], -1)
-    return w if module.bias is None else torch.cat([w, module.bias[:, None]], dim=1)
+    weight, bias = cast(Tensor, module.weight), cast(Tensor | None, module.bias)  # Conv2d or Linear
+    w = weight.reshape(weight.shape[0], -1)
+    return w if bias is None else torch.cat([w, bias[:, None]], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +517,10 @@ class FactorStats(_Sums):
         Eigenvalues are clamped at 0 (rounding); the decomposition runs in ``eigh_dtype`` and the
         result is stored in float32.
         """
-        q_a, l_a, q_s, l_s = {}, {}, {}, {}
+        q_a: dict[str, Tensor] = {}
+        l_a: dict[str, Tensor] = {}
+        q_s: dict[str, Tensor] = {}
+        l_s: dict[str, Tensor] = {}
         for name in self.layers("A"):
             for part, q, lam in (("A", q_a, l_a), ("S", q_s, l_s)):
                 mat = self.sums[f"{part}/{name}"] / self.counts[f"{part}/{name}"].clamp_min(1)
@@ -613,7 +619,9 @@ def eigenvalue_stats(
     cap = _capture(model, layers, images, logits_fn)
     logits = cap.logits.detach()
     seeds = _fisher_seeds(logits, _as_labels(labels, logits), fisher, _as_weights(weights, logits), generator)
-    acts, routes, squares = cap.activations(layers), {}, {}
+    acts = cap.activations(layers)
+    routes: dict[str, Route] = {}
+    squares: dict[str, Tensor] = {}
     with torch.no_grad():
         for name, a in acts.items():
             routes[name] = _rotation_route(a.shape[1], eigen.q_s[name].shape[0], a.shape[2], len(seeds))
@@ -676,7 +684,7 @@ def query_stats(
     dz_all = _loss_grad(logits, labels) * (labels > 0.5)
     present = [c for c in range(num_classes) if bool((labels[:, c] > 0.5).any())]
     acts = cap.activations(layers)
-    sums = {n: None for n in layers}
+    sums: dict[str, Tensor] = {}
     for k, c in enumerate(present):
         dz = torch.zeros_like(dz_all)
         dz[:, c] = dz_all[:, c]
@@ -684,13 +692,13 @@ def query_stats(
         with torch.no_grad():
             for name in layers:
                 grad = torch.einsum("bot,bit->oi", deltas[name], acts[name])
-                if sums[name] is None:
+                if name not in sums:
                     sums[name] = grad.new_zeros((num_classes,) + grad.shape)
                 sums[name][c] = grad
     counts = (labels > 0.5).sum(0).double()
     stats = QueryStats()
     for name, module in layers.items():
-        if sums[name] is None:  # no positive label in this batch
+        if name not in sums:  # no positive label in this batch
             sums[name] = torch.zeros((num_classes,) + tuple(weight_matrix(module).shape), device=logits.device)
         stats.accumulate(f"grad/{name}", sums[name], counts)
     return stats
@@ -734,19 +742,26 @@ class Preconditioner:
         G, each rotation Q_S^T G Q_A takes the cheaper route (``_rotation_route``): rotating a and
         delta beats rotating G when there are few locations (small images), e.g. 8x fewer
         multiply-adds for a ResNet conv at 8 x 8 outputs."""
-        total = None
+        total: Tensor | None = None
         for n, g in grads.items():
             if self.kind == "none":
                 term = g.square().sum((1, 2))
             else:
                 q_a, q_s, denom = (t.to(g.device, g.dtype) for t in (self.q_a[n], self.q_s[n], self.denom[n]))
                 a = acts[n] if acts is not None else None
-                if a is not None and _rotation_route(a.shape[1], deltas[n].shape[1], a.shape[2], 1) == "factors":
-                    rotated = _rotate(_prepare_rotation(a, q_a, "factors"), deltas[n], q_a, q_s, "factors")
+                d = deltas[n] if deltas is not None else None
+                if (
+                    a is not None
+                    and d is not None
+                    and _rotation_route(a.shape[1], d.shape[1], a.shape[2], 1) == "factors"
+                ):
+                    rotated = _rotate(_prepare_rotation(a, q_a, "factors"), d, q_a, q_s, "factors")
                 else:
                     rotated = q_s.T @ g @ q_a
                 term = (rotated.square() / denom).sum((1, 2))
             total = term if total is None else total + term
+        if total is None:
+            raise ValueError("self_influence needs the gradients of at least one layer")
         return total
 
     def to(self, device: torch.device | str) -> Preconditioner:
@@ -802,9 +817,10 @@ def fit_preconditioner(
         raise ValueError(f"unknown damping mode '{damping_mode}' (relative, absolute)")
     if damping < 0:
         raise ValueError("damping must be >= 0")
+    ekfac_values = eigenvalues if kind == "ekfac" else None  # not None for ekfac (checked above)
     denom, used = {}, {}
     for name in eigen.q_a:
-        lam = eigenvalues[name] if kind == "ekfac" else torch.outer(eigen.l_s[name], eigen.l_a[name])
+        lam = ekfac_values[name] if ekfac_values is not None else torch.outer(eigen.l_s[name], eigen.l_a[name])
         lam = lam.float().clamp_min(0)
         used[name] = float(damping * lam.mean()) if damping_mode == "relative" else float(damping)
         if used[name] <= 0:
@@ -862,8 +878,9 @@ def score_batch(
     with torch.no_grad():
         grads = {n: _outer(deltas[n], acts[n]) for n in layers}
         self_inf = preconditioner.self_influence(grads, acts, deltas)
-        per_class = sum(
-            torch.einsum("boi,coi->bc", grads[n], queries[n].to(grads[n].device, grads[n].dtype)) for n in layers
+        per_class = functools.reduce(
+            operator.add,
+            (torch.einsum("boi,coi->bc", grads[n], queries[n].to(grads[n].device, grads[n].dtype)) for n in layers),
         )
         spatial = None
         if maps != "none":
@@ -890,9 +907,11 @@ def _spatial_maps(
     for name, a in acts.items():
         delta, vt = deltas[name], queries[name].to(a.device, a.dtype)
         for c in range(n_queries):  # one class at a time bounds memory to B x min(d_in, d_out) x T
-            rows = slice(None) if mask is None else mask[:, c].nonzero().flatten()
-            if mask is not None and rows.numel() == 0:
-                continue
+            rows: slice | Tensor = slice(None)
+            if mask is not None:
+                rows = mask[:, c].nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
             a_c, d_c = a[rows], delta[rows]
             if d_c.shape[1] <= a_c.shape[1]:
                 terms = ((vt[c] @ a_c) * d_c).sum(1)  # (Vt a_u) . delta_u

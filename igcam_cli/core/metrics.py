@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import xlogy
 
 __all__ = [
@@ -206,7 +207,7 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     return -(xlogy(p, p) + xlogy(1 - p, 1 - p))
 
 
-def class_prior_loss(targets: np.ndarray, weights: np.ndarray | None = None) -> float:
+def class_prior_loss(targets: np.ndarray, weights: ArrayLike | None = None) -> float:
     """The multi-label soft-margin loss (mean over classes, then over images, each image's loss
     times its weight) of the best constant predictor, which knows only the labels' frequencies:
     ``mean(w) * mean_c H(p_c)`` with ``p_c = sum_i w_i y_ic / sum_i w_i`` (the logit of p_c is that

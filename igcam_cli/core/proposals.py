@@ -86,7 +86,8 @@ class Proposals:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.segments.shape  # type: ignore[return-value]
+        h, w = self.segments.shape
+        return h, w
 
     @property
     def num_segments(self) -> int:
@@ -218,8 +219,8 @@ def propose(
             add(np.sort(group), -1)
     for index, (i_part, terms, space) in enumerate(_strategies(len(partitions), similarities, color_spaces)):
         feats = _pixel_features(image, space, color="c" in terms, texture="t" in terms)
-        for group in _hierarchy(partitions[i_part], feats, terms):
-            add(np.sort(np.concatenate([members[i_part][p] for p in group])), index)
+        for merged in _hierarchy(partitions[i_part], feats, terms):
+            add(np.sort(np.concatenate([members[i_part][p] for p in merged])), index)
     return Proposals(segments, regions, np.asarray(strategy, dtype=np.int16))
 
 

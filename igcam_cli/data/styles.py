@@ -132,12 +132,12 @@ def _textures() -> tuple[np.ndarray, ...]:
     folder = Path(skimage.data.__file__).parent
     pool = []
     for name in _TEXTURE_FILES:
-        with Image.open(folder / name) as im:
-            im = im.convert("RGB")
+        with Image.open(folder / name) as source:
+            im = source.convert("RGB")
             scale = _TEXTURE_SIDE / min(im.size)
             im = im.resize(
                 (max(_TEXTURE_SIDE, round(im.size[0] * scale)), max(_TEXTURE_SIDE, round(im.size[1] * scale))),
-                Image.BILINEAR,
+                Image.Resampling.BILINEAR,
             )
             pool.append(np.asarray(im, dtype=np.float32))
     return tuple(pool)
@@ -349,7 +349,9 @@ def paint(style: Style, rng: np.random.Generator, lay: StyledLayout, size: int) 
         hs = head_style(style, cls)
         head_px = mine & lay.head
         accent = syn._head_pattern(hs, hd, size, rng)
-        colours = np.where(accent[head_px][:, None], np.float32(hs.accent), np.float32(hs.color))
+        colours = np.where(
+            accent[head_px][:, None], np.asarray(hs.accent, np.float32), np.asarray(hs.color, np.float32)
+        )
         grain = texture_patch(rng, size, vivid=False)[head_px].mean(axis=1, keepdims=True) / 128.0
         img[head_px] = colours * (0.8 + 0.2 * grain)  # heads keep their colours, with a little real grain
     for o in lay.occluders:

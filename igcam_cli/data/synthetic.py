@@ -164,7 +164,7 @@ def _body_mask(body: _Body, size: int) -> np.ndarray:
 
 
 def _wobble(body: _Body, phi: np.ndarray | float) -> np.ndarray | float:
-    w = 1.0
+    w: np.ndarray | float = 1.0
     for k, (amp, phase) in enumerate(body.wobble, start=2):
         w = w + amp * np.cos(k * phi + phase)
     return w
@@ -419,7 +419,9 @@ def _paint_objects(rng: np.random.Generator, img: np.ndarray, layout: _Layout) -
         style = HEAD_STYLES[obj.cls - 1]
         head_px = mine & layout.head
         accent = _head_pattern(style, obj.head, size, rng)
-        colours = np.where(accent[head_px][:, None], np.float32(style.accent), np.float32(style.color))
+        colours = np.where(
+            accent[head_px][:, None], np.asarray(style.accent, np.float32), np.asarray(style.color, np.float32)
+        )
         img[head_px] = colours
 
 

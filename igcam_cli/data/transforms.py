@@ -30,7 +30,7 @@ def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size == (w, h):
         return image
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 def train_view(
@@ -86,8 +86,8 @@ def seg_train_view(
     scale = rng.uniform(scale_min, scale_max)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size != (w, h):
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     x = normalize(image)

@@ -82,7 +82,7 @@ class CamClassifier(nn.Module):
         return self
 
 
-def _resnet_os16(name: str) -> nn.Module:
+def _resnet_os16(name: str) -> torchvision.models.ResNet:
     """ResNet whose last stage keeps stride 1 (dilated where the block type allows)."""
     builder, _ = BACKBONES[name]
     if name in ("resnet18", "resnet34"):  # BasicBlock cannot dilate; drop the stride instead

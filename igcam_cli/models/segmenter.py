@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
@@ -98,10 +99,11 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
 def _dilate_basic_blocks(layer: nn.Sequential, dilation: int, previous: int) -> None:
     """Turn a stride-2 stage of BasicBlocks into a stride-1 dilated one (as torchvision does for
     Bottlenecks): the first conv keeps the previous dilation, every other 3x3 conv gets `dilation`."""
-    first = layer[0]
+    first: BasicBlock = layer[0]
     first.conv1.stride = (1, 1)
     if first.downsample is not None:
         first.downsample[0].stride = (1, 1)
+    block: BasicBlock
     for i, block in enumerate(layer):
         for conv, d in ((block.conv1, previous if i == 0 else dilation), (block.conv2, dilation)):
             conv.dilation, conv.padding = (d, d), (d, d)
@@ -119,8 +121,9 @@ def build_segmenter(arch: str, num_classes: int, pretrained: str = "none") -> tu
     if pretrained == "none":
         return model, "random init"
     resnet_name = ARCHS[arch][1]
+    head: dict[str, torch.Tensor] = {}
     if pretrained == "imagenet":
-        backbone, head = imagenet_state(resnet_name), {}
+        backbone = imagenet_state(resnet_name)
     else:
         backbone, head = _split_state(read_state_file(Path(pretrained)))
     load_backbone(model.backbone, backbone, pretrained, f"{arch} backbone")

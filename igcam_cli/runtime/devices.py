@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from igcam_cli.errors import UsageError
 
@@ -38,6 +40,15 @@ def autocast(device: torch.device):
 
 def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def place_model(model: ModuleT, device: torch.device) -> ModuleT:
+    """Moves `model` to `device`, in `memory_format(device)`; returns it (the same object)."""
+    # Module.to(device, memory_format=...) is documented, but torch's stubs have no overload for it.
+    return model.to(device, memory_format=memory_format(device))  # type: ignore[call-overload]
 
 
 def seed_everything(seed: int) -> None:

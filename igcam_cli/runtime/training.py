@@ -17,6 +17,15 @@ from igcam_cli.runtime import distributed as ddp
 POLY_POWER = 0.9
 
 
+class EpochDataset(TorchDataset):
+    """A training set whose augmentation is seeded by `epoch`, which `epoch_batches` sets."""
+
+    epoch: int = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
 def sgd(model, cfg) -> tuple[torch.optim.SGD, list[float]]:
     """SGD with momentum over `model.param_groups()` (backbone at cfg.lr, head at cfg.lr * head_lr_mult);
     returns the optimizer and its base learning rates for `poly_lr`."""
@@ -54,7 +63,7 @@ def train_loader(
 
 
 def epoch_batches(
-    data: TorchDataset, epoch: int, epochs: int, seed: int, batch_size: int, workers: int, device: torch.device, log
+    data: EpochDataset, epoch: int, epochs: int, seed: int, batch_size: int, workers: int, device: torch.device, log
 ) -> Iterable:
     """One epoch's training batches: this rank's share of a permutation seeded by (seed, epoch), so a
     resumed run sees the same order; `data.epoch` seeds its augmentation. Tracked in the stage log."""

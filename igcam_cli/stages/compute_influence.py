@@ -40,7 +40,7 @@ from igcam_cli.data.transforms import multi_hot, normalize, resize_long
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import CamClassifier, load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
+from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
@@ -115,7 +115,7 @@ def run(
             f"retrain with `{ws.command('train-cls')}`"
         )
     device = local_device(resolve_device(opts.device))
-    model.to(device, memory_format=memory_format(device)).eval()
+    place_model(model, device).eval()
     try:
         layers = inf.tracked_layers(model, _scope(cfg.scope))
     except ValueError as exc:
@@ -205,7 +205,7 @@ def _passes(
     if cfg.hessian != "none":
         eigen = _eigen(ctx, states)
     eigenvalues = None
-    if cfg.hessian == "ekfac":
+    if cfg.hessian == "ekfac" and eigen is not None:  # ekfac always has eigen
         own = io.stats_path(directory, "lambda", shard.index, shard.count)
         if ctx.files.load(own) is None:
             lam = _lambda_pass(ctx, eigen, shard.select(ids))
@@ -411,9 +411,10 @@ def _gather(ctx: _Context, phase: str, wait: bool, timeout: float) -> list[dict]
     while True:
         paths = [io.stats_path(ctx.directory, phase, r, ctx.shard.count) for r in range(ctx.shard.count)]
         states = [ctx.files.load(p) for p in paths]
-        if all(s is not None for s in states):
+        loaded = [s for s in states if s is not None]
+        if len(loaded) == len(states):
             ctx.files.forget()
-            return states
+            return loaded
         if not wait:
             return None
         if time.time() - start > timeout:

@@ -18,7 +18,7 @@ from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
+from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
@@ -77,7 +77,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     relabelled = _trained_labels(ws, cfg, round_, split_ids, dataset.num_classes)
     chosen = "chosen with --round" if cfg.round is not None else "the latest"
     device = local_device(resolve_device(opts.device))
-    model.to(device, memory_format=memory_format(device)).eval()
+    place_model(model, device).eval()
 
     store = ws.maps("cams", cfg.split)
     if force:
@@ -155,9 +155,10 @@ def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.d
 
 def _influence_maps(item: _Item, classes: np.ndarray) -> torch.Tensor:
     """K x h x w influence maps of `classes` (zeros for a class compute-influence has no map of)."""
-    shape = next(iter(item.influence.values())).shape if item.influence else (1, 1)
+    influence = item.influence or {}  # set (maybe empty) whenever fusion is on
+    shape = next(iter(influence.values())).shape if influence else (1, 1)
     zeros = np.zeros(shape, dtype=np.float32)
-    return torch.from_numpy(np.stack([item.influence.get(int(c), zeros) for c in classes]))
+    return torch.from_numpy(np.stack([influence.get(int(c), zeros) for c in classes]))
 
 
 def _influence_store(ws: Workspace, cfg: MakeCamsConfig, split_ids: list[str]) -> MapStore:

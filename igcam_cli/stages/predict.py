@@ -9,7 +9,7 @@ pixel. Output: `pred/<name>/<id>.png` (VOC palette, the input's size) and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.segmenter import Segmenter, load_segmenter
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, resolve_device
+from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.pool import map_ordered, process_pool
 from igcam_cli.runtime.progress import StageLog
@@ -81,8 +81,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
             f"{ws.seg_dir / 'model.pt'} predicts {model.num_classes} labels but the dataset has "
             f"{dataset.num_classes} classes + background: retrain with `{ws.command('train-seg')}`"
         )
-    ids, make_images, cfg = _source(cfg, dataset)
-    name = cfg.out
+    ids, make_images, cfg, name = _source(cfg, dataset)
     store = ws.predictions(name)
     mine = shard.select(ids)
     if force:
@@ -114,7 +113,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
         inputs={input_key("train-seg"): seg_id} if seg_id else {},
     )
     device = local_device(resolve_device(opts.device))
-    model.to(device, memory_format=memory_format(device)).eval()
+    place_model(model, device).eval()
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
     crf = f"CRF ({cfg.preset}, {cfg.workers} worker(s))" if cfg.crf else "no CRF"
     log(
@@ -147,14 +146,17 @@ def _check(cfg: PredictConfig) -> None:
         raise UsageError("--batch-size must be >= 1")
 
 
-def _source(cfg: PredictConfig, dataset: Dataset):
-    """(ids, ids -> torch Dataset of _Items, cfg with `out` and an absolute `images` filled in)."""
+def _source(
+    cfg: PredictConfig, dataset: Dataset
+) -> tuple[list[str], Callable[[list[str]], TorchDataset], PredictConfig, str]:
+    """(ids, ids -> torch Dataset of _Items, cfg with `out` and an absolute `images` filled in, `out`)."""
     if cfg.split is not None:
         if cfg.split not in dataset.splits():
             raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
         ids = dataset.ids(cfg.split)
-        cfg = dataclasses.replace(cfg, out=_out_name(cfg.out or cfg.split))
-        return ids, lambda todo: _SplitImages(dataset, todo), cfg
+        out = _out_name(cfg.out or cfg.split)
+        return ids, lambda todo: _SplitImages(dataset, todo), dataclasses.replace(cfg, out=out), out
+    assert cfg.images is not None  # _check: exactly one of split and images
     folder = Path(cfg.images).expanduser()
     if not folder.is_dir():
         raise BadData(f"--images: no such folder: {folder}")
@@ -162,8 +164,13 @@ def _source(cfg: PredictConfig, dataset: Dataset):
     if not files:
         raise BadData(f"--images: no JPEG or PNG files in {folder}")
     folder = folder.resolve()
-    cfg = dataclasses.replace(cfg, images=str(folder), out=_out_name(cfg.out or folder.name))
-    return list(files), lambda todo: _FolderImages(files, todo), cfg
+    out = _out_name(cfg.out or folder.name)
+    return (
+        list(files),
+        lambda todo: _FolderImages(files, todo),
+        dataclasses.replace(cfg, images=str(folder), out=out),
+        out,
+    )
 
 
 def _out_name(name: str) -> str:

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io
 from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
@@ -25,7 +24,7 @@ from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime import training
-from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
+from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device, seed_everything
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import Workspace, classifier_key, input_key
 
@@ -48,7 +47,7 @@ class TrainOptions:
     init_from: str | None = None
 
 
-class _ClassifierImages(TorchDataset):
+class _ClassifierImages(training.EpochDataset):
     """Augmented training views (train=True) or fixed-size views with multi-hot targets."""
 
     def __init__(
@@ -108,7 +107,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         )
     elif cfg.freeze_bn:
         model.freeze_batchnorm()
-    model.to(device, memory_format=memory_format(device))
+    place_model(model, device)
     optimizer, base_lrs = training.sgd(model, schedule)
 
     out_dir = ws.cls_round_dir(cfg.round)
@@ -204,7 +203,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                     log(f"epoch {epoch + 1}/{schedule.epochs}: loss {loss:.4f}{val}")
                     if epoch + 1 in check_at:
                         learned = _check_learned(loss, prior, epoch + 1, epoch + 1 == schedule.epochs, log)
-            if ddp.is_main():
+            if record is not None:  # the main rank
                 _save_final(model_path, cfg, model, dataset.classes)
                 _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
                 record.finish(

@@ -15,12 +15,12 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli.config import RunOptions, TrainSegConfig, to_dict
 from igcam_cli.core.metrics import confusion_matrix, scores
@@ -31,7 +31,7 @@ from igcam_cli.models.segmenter import ARCHS, Segmenter, build_segmenter, load_s
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime import training
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, resolve_device, seed_everything
+from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device, seed_everything
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import LabelStore
 from igcam_cli.workspace import Workspace, input_key
@@ -52,7 +52,7 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != IGNORE).sum().clamp_min(1)
 
 
-class _SegImages(TorchDataset):
+class _SegImages(training.EpochDataset):
     """(image, label) pairs: augmented crops (train=True) or whole images. `labels=None` reads GT masks."""
 
     def __init__(
@@ -101,13 +101,13 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     model, weights = _initial_model(cfg, dataset.num_classes + 1, pretrained, train.init_from)
     if ddp.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=memory_format(device))
+    place_model(model, device)
     optimizer, base_lrs = training.sgd(model, cfg)
 
     inputs = {input_key("crf", cfg.split): crf_record["id"]} if crf_record else {}
     if cls_record is not None and train.init_from is None:
         inputs[input_key("train-cls")] = cls_record["id"]
-    provenance = {
+    provenance: dict[str, Any] = {
         "labels": cfg.labels,
         "upper_bound": cfg.labels == "gt",
         "oracle": bool((crf_record or {}).get("oracle", False)),
@@ -176,7 +176,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                     _save(last_path, cfg, inputs, model, optimizer, epoch + 1, step)
                     val = f", val mIoU {metrics['val_miou'] * 100:.1f} %" if "val_miou" in metrics else ""
                     log(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}{val}")
-            if ddp.is_main():
+            if record is not None:  # the main rank
                 _save_final(model_path, cfg, model, dataset.classes, provenance)
                 record.finish(outputs=[str(model_path)], metrics=metrics)
                 log(f"saved {model_path}")
