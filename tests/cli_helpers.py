@@ -1,7 +1,9 @@
-"""Helpers for the end-to-end tests: invoking the CLI, checking error output, tiny VOC folders."""
+"""Helpers shared by the tests: invoking the CLI, checking error output, tiny workspaces, stage configs
+and VOC folders. The fixtures built from them (trained workspaces shared by a session) are in conftest.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,27 +13,23 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from igcam_cli.cli import app
+from igcam_cli.config import RunOptions, TrainClsConfig, TrainSegConfig, build
+from igcam_cli.stages import init as init_stage
 from igcam_cli.store import voc_palette
+from igcam_cli.workspace import Workspace
 
 RUNNER = CliRunner()
 
-# Small, fast settings for every stage (the synthetic defaults in igcam.toml are for the demo).
-TRAIN = [
-    "--epochs",
-    "1",
-    "--batch-size",
-    "4",
-    "--crop",
-    "64",
-    "--workers",
-    "0",
-    "--backbone",
-    "resnet18",
-    "--pretrained",
-    "none",
-]
+# Small, fast settings for every stage through the CLI (the synthetic defaults in igcam.toml are for the demo).
+TRAIN = "--epochs 1 --batch-size 4 --crop 64 --workers 0 --backbone resnet18 --pretrained none".split()
 CAMS = ["--workers", "0", "--scales", "1.0,0.5"]
 CRF = ["--workers", "1", "--source", "cams"]
+SEG = "--epochs 1 --min-steps 0 --batch-size 4 --crop 48 --workers 0 --pretrained none --quiet".split()
+PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--no-crf", "--quiet"]
+
+# ... and through the stage modules.
+OPTS = RunOptions(device="cpu", seed=0, quiet=True)
+SYNTH = {"n_train": 8, "n_val": 4, "size": 64}  # `init`'s synthetic dataset: 8 train / 4 val images of 64 px
 
 
 def igcam(*args) -> Result:
@@ -106,6 +104,40 @@ def assert_intact(before: dict[str, tuple], root: Path) -> None:
 
 def pseudo_mtimes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in directory.glob("*.png")}
+
+
+def records(ws: Path) -> list[dict]:
+    """Every run record of the workspace's manifest, oldest first."""
+    return json.loads((Path(ws) / "manifest.json").read_text())["runs"]
+
+
+# ---- tiny synthetic workspaces and stage configs ------------------------------------------------
+
+
+def init_synthetic(ws: Path, n_train: int = 12, n_val: int = 4, size: int = 64) -> Path:
+    """`igcam init` of a synthetic workspace (nothing run yet)."""
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", n_train, "--n-val", n_val, "--image-size", size)
+    return ws
+
+
+def make_workspace(path: Path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:
+    """The same through the init stage's module."""
+    return init_stage.run(path, "synthetic", None, None, {"n_train": n_train, "n_val": n_val, "size": size})
+
+
+def tiny_cls_config(ws: Workspace, **overrides) -> TrainClsConfig:
+    """train-cls for tiny images: 32 px crops, batch 4, 2 epochs, no loader processes; the rest from igcam.toml."""
+    return build(
+        TrainClsConfig,
+        ws.stage_table("train-cls"),
+        {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 2, **overrides},
+    )
+
+
+def tiny_seg_config(ws: Workspace, **overrides) -> TrainSegConfig:
+    """train-seg for tiny images: 48 px crops, batch 4, 2 epochs and no step minimum, random init."""
+    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2, "min_steps": 0, "pretrained": "none"}
+    return build(TrainSegConfig, ws.stage_table("train-seg"), {**values, **overrides})
 
 
 # ---- a tiny VOC-layout dataset -----------------------------------------------------------------

@@ -1,31 +1,55 @@
-"""Shared fixtures: trained workspaces built once per session and copied for each test that uses them."""
+"""Shared fixtures: trained workspaces built once per session and copied for each test that uses them.
+
+The helpers they are built from (tiny configs, CLI settings, VOC folders) are in cli_helpers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import CAMS, CRF, TRAIN, build_voc, copy_workspace, ok, write_class_file
+from cli_helpers import (
+    CAMS,
+    CRF,
+    OPTS,
+    SYNTH,
+    TRAIN,
+    build_voc,
+    copy_workspace,
+    init_synthetic,
+    ok,
+    tiny_cls_config,
+    write_class_file,
+)
+from igcam_cli.stages import init as init_stage
+from igcam_cli.stages import train_cls
+
+
+@contextlib.contextmanager
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny tensors: one intra-op thread is as fast, and much faster on a shared CPU.
     Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def trained_template(tmp_path_factory) -> Path:
     """Synthetic 12 train / 4 val images of 64 px, classifier trained for 1 epoch. Do not modify."""
-    ws = tmp_path_factory.mktemp("trained") / "ws"
-    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 12, "--n-val", 4, "--image-size", 64)
+    ws = init_synthetic(tmp_path_factory.mktemp("trained") / "ws")
     ok("train-cls", "-w", ws, *TRAIN, "--quiet")
     return ws
 
@@ -54,9 +78,17 @@ def chain_ws(chain_template, tmp_path) -> Path:
 @pytest.fixture
 def fresh_ws(tmp_path) -> Path:
     """An initialised synthetic workspace where nothing has run."""
-    ws = tmp_path / "fresh"
-    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 12, "--n-val", 4, "--image-size", 64)
-    return ws
+    return init_synthetic(tmp_path / "fresh")
+
+
+@pytest.fixture(scope="session")
+def stage_trained_template(tmp_path_factory) -> Path:
+    """Synthetic 8 train / 4 val images of 64 px (`SYNTH`), round-1 classifier trained for 1 epoch at 32 px crops
+    through the stage module (`tiny_cls_config`), on one thread. Do not modify."""
+    ws = init_stage.run(tmp_path_factory.mktemp("stage-trained") / "ws", "synthetic", None, None, SYNTH)
+    with _single_thread():
+        train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions())
+    return ws.root
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_error, copy_workspace, igcam, ok
+from cli_helpers import assert_error, copy_workspace, igcam, init_synthetic, ok, records
 from igcam_cli.errors import UsageError
 from igcam_cli.workspace import Workspace
 
@@ -39,8 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ran_template(tmp_path_factory) -> Path:
     """A tiny synthetic workspace after one full `igcam run`. Do not modify."""
-    ws = tmp_path_factory.mktemp("chain") / "ws"
-    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 8, "--n-val", 4, "--image-size", 64)
+    ws = init_synthetic(tmp_path_factory.mktemp("chain") / "ws", n_train=8)
     workspace = Workspace.open(ws)
     for stage, values in TINY.items():
         workspace.set_stage_options(stage, values)
@@ -63,7 +62,7 @@ def steps(ws: Path, *args) -> dict[str, str]:
 
 
 def runs_of(ws: Path, stage: str) -> int:
-    return sum(r["stage"] == stage for r in json.loads((ws / "manifest.json").read_text())["runs"])
+    return sum(r["stage"] == stage for r in records(ws))
 
 
 def test_first_run_produces_every_artifact(ran_template):

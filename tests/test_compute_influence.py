@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli_helpers import assert_error, igcam, ok
+from cli_helpers import OPTS, assert_error, igcam, ok, tiny_cls_config
 from igcam_cli import influence_io
 from igcam_cli.config import (
     ComputeInfluenceConfig,
@@ -23,8 +23,6 @@ from igcam_cli.config import (
     InfluenceReportConfig,
     MakeCamsConfig,
     RefineConfig,
-    RunOptions,
-    TrainClsConfig,
     build,
 )
 from igcam_cli.core import influence as inf
@@ -44,21 +42,10 @@ from igcam_cli.stages import (
     refine,
     train_cls,
 )
-from igcam_cli.stages import init as init_stage
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace
 
-OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SYNTH = {"n_train": 8, "n_val": 4, "size": 64}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _train_cfg(ws: Workspace, **overrides) -> TrainClsConfig:
-    values = {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 1}
-    values.update(overrides)
-    return build(TrainClsConfig, ws.stage_table("train-cls"), values)
 
 
 # The 1-epoch classifier of these workspaces has not learned (its loss is above the class-prior
@@ -81,17 +68,9 @@ def _influence_cfg(ws: Workspace, **overrides) -> ComputeInfluenceConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A synthetic workspace (8 train / 4 val, 64 px) with a round-1 classifier. Do not modify."""
-    ws = init_stage.run(tmp_path_factory.mktemp("infl") / "ws", "synthetic", None, None, SYNTH)
-    train_cls.run(_train_cfg(ws), ws, OPTS, train_cls.TrainOptions())
-    return ws.root
-
-
-@pytest.fixture(scope="module")
-def influenced(trained, tmp_path_factory) -> Path:
-    """`trained` + compute-influence (EK-FAC on the head) for 'train'. Do not modify."""
-    root = Path(shutil.copytree(trained, tmp_path_factory.mktemp("influenced") / "ws"))
+def influenced(stage_trained_template, tmp_path_factory) -> Path:
+    """`stage_trained_template` + compute-influence (EK-FAC on the head) for 'train'. Do not modify."""
+    root = Path(shutil.copytree(stage_trained_template, tmp_path_factory.mktemp("influenced") / "ws"))
     ws = Workspace.open(root)
     compute_influence.run(_influence_cfg(ws), ws, OPTS)
     return root
@@ -115,8 +94,8 @@ def _stored(ws: Workspace, split: str = "train") -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sharded_stage_equals_unsharded(influenced, trained, tmp_path):
-    ws = _copy(trained, tmp_path / "sharded")
+def test_sharded_stage_equals_unsharded(influenced, stage_trained_template, tmp_path):
+    ws = _copy(stage_trained_template, tmp_path / "sharded")
     cfg = _influence_cfg(ws)
     first = compute_influence.run(cfg, ws, OPTS, Shard(0, 2))
     assert first == {"phase": "waiting", "stage": "factors", "missing": 1, "scored": 0}
@@ -187,8 +166,8 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
     ]
 
 
-def test_identity_curvature_is_plain_gradient_norm(trained, tmp_path):
-    ws = _copy(trained, tmp_path / "none")
+def test_identity_curvature_is_plain_gradient_norm(stage_trained_template, tmp_path):
+    ws = _copy(stage_trained_template, tmp_path / "none")
     compute_influence.run(_influence_cfg(ws, hessian="none", maps="none"), ws, OPTS)
     model = load_checkpoint(ws.cls_dir / "model.pt", "x").eval()
     stored = _stored(ws)
@@ -231,15 +210,15 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
         ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below must be in [0, 0.2]"),
     ],
 )
-def test_bad_suggestion_settings_are_refused_before_any_work(trained, settings, message):
-    ws = Workspace.open(trained)
+def test_bad_suggestion_settings_are_refused_before_any_work(stage_trained_template, settings, message):
+    ws = Workspace.open(stage_trained_template)
     with pytest.raises(UsageError) as raised:
         compute_influence.run(_influence_cfg(ws, **settings), ws, OPTS)
     assert message in str(raised.value)
     assert not ws.influence_dir("train").exists()
 
 
-def test_refuses_files_of_another_run_and_wait_gives_up(influenced, trained, tmp_path):
+def test_refuses_files_of_another_run_and_wait_gives_up(influenced, stage_trained_template, tmp_path):
     ws = _copy(influenced, tmp_path / "stats")
     own = ws.influence_dir("train") / "stats-factors-r0-of-1.pt"
     influence_io.save_state(own, "another run's key", {})
@@ -254,15 +233,15 @@ def test_refuses_files_of_another_run_and_wait_gives_up(influenced, trained, tmp
         compute_influence.run(_influence_cfg(ws), ws, OPTS)
     assert compute_influence.run(_influence_cfg(ws), ws, OPTS, force=True)["scored"] == 8
 
-    ws = _copy(trained, tmp_path / "wait")
+    ws = _copy(stage_trained_template, tmp_path / "wait")
     with pytest.raises(UsageError, match="did not all appear"):
         compute_influence.run(_influence_cfg(ws), ws, OPTS, Shard(0, 2), wait=True, wait_timeout_s=0.0)
     assert (ws.influence_dir("train") / "stats-factors-r0-of-2.pt").is_file()  # its own work is kept
 
 
-def test_cli_errors(fresh_ws, trained, tmp_path):
+def test_cli_errors(fresh_ws, stage_trained_template, tmp_path):
     assert_error(igcam("compute-influence", "-w", fresh_ws, "--scope", "head"), 3, "igcam train-cls -w")
-    ws = _copy(trained, tmp_path / "ws")
+    ws = _copy(stage_trained_template, tmp_path / "ws")
     assert_error(igcam("compute-influence", "-w", ws.root, "--hessian", "exact"), 2, "--hessian")
     assert_error(igcam("compute-influence", "-w", ws.root, "--scope", "nope"), 2, "--scope nope")
     assert_error(
@@ -366,7 +345,9 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
     assert round1_cams["classifier"]["round"] == 1 and not ws.is_stale(round1_cams)
     train_cls._initial_model = spy
     try:
-        train_cls.run(_train_cfg(ws, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions())
+        train_cls.run(
+            tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions()
+        )
     finally:
         train_cls._initial_model = original
     assert all(torch.equal(seen[k], round1[k]) for k in round1)  # round 2 starts from round 1
@@ -383,7 +364,7 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
 
     # The same round without weights ends elsewhere: the weights reach the loss.
     other = _copy(influenced, tmp_path / "unweighted")
-    train_cls.run(_train_cfg(other, round=2), other, OPTS, train_cls.TrainOptions())
+    train_cls.run(tiny_cls_config(other, epochs=1, round=2), other, OPTS, train_cls.TrainOptions())
     unweighted = torch.load(other.cls_round_dir(2) / "model.pt", weights_only=True)["model"]
     assert not torch.equal(unweighted["head.weight"], round2["model"]["head.weight"])
 
@@ -430,7 +411,9 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
 
     train_cls._ClassifierImages.__getitem__ = spy
     try:
-        train_cls.run(_train_cfg(ws, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions())
+        train_cls.run(
+            tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions()
+        )
     finally:
         train_cls._ClassifierImages.__getitem__ = original
     assert seen and all(torch.nonzero(t).flatten().add(1).tolist() == new for t in seen)
@@ -439,7 +422,10 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     record = ws.latest("train-cls")
     assert record["metrics"]["relabelled"] == 1
     # The gentle fine-tune: lr x 0.2, half the epochs (at least 1).
-    assert record["metrics"]["lr"] == pytest.approx(_train_cfg(ws).lr * 0.2) and record["metrics"]["epochs"] == 1
+    assert (
+        record["metrics"]["lr"] == pytest.approx(tiny_cls_config(ws, epochs=1).lr * 0.2)
+        and record["metrics"]["epochs"] == 1
+    )
 
     make_cams.run(_cams_cfg(ws), ws, OPTS)  # auto: the labels round 2 trained on
     cams = MapStore(ws.path("cams") / "train")
@@ -462,7 +448,10 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
 
     # --no-relabel trains on the labels as given and leaves no relabelled.csv behind.
     train_cls.run(
-        _train_cfg(ws, round=2, sample_weights="influence", relabel=False), ws, OPTS, train_cls.TrainOptions()
+        tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence", relabel=False),
+        ws,
+        OPTS,
+        train_cls.TrainOptions(),
     )
     assert not (ws.cls_round_dir(2) / influence_io.RELABELLED_NAME).exists()
     result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)
@@ -603,8 +592,10 @@ def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path
     assert (ws.path("eval") / "influence-train.json").is_file()
 
 
-def test_report_sheet_shows_the_labelled_classes_when_every_class_has_maps(trained, tmp_path, monkeypatch):
-    ws = _copy(trained, tmp_path / "ws")
+def test_report_sheet_shows_the_labelled_classes_when_every_class_has_maps(
+    stage_trained_template, tmp_path, monkeypatch
+):
+    ws = _copy(stage_trained_template, tmp_path / "ws")
     compute_influence.run(_influence_cfg(ws, maps="all"), ws, OPTS)
     record = MapStore(ws.influence_dir("train")).read("train_00000")
     assert record.classes.tolist() == [1, 2, 3, 4, 5]

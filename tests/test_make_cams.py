@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from igcam_cli.config import MakeCamsConfig, RunOptions, TrainClsConfig, build
+from cli_helpers import OPTS, SYNTH
+from igcam_cli.config import MakeCamsConfig, build
 from igcam_cli.core.cam import multiscale_cams, normalize_cams
 from igcam_cli.data.synthetic import SyntheticDataset, write_folder
 from igcam_cli.data.transforms import normalize
@@ -19,12 +20,10 @@ from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import CamClassifier, load_checkpoint
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.stages import init as init_stage
-from igcam_cli.stages import make_cams, train_cls
+from igcam_cli.stages import make_cams
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace
 
-OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SYNTH = {"n_train": 8, "n_val": 4, "size": 64}
 SIZE = 64
 TOL = 2e-3  # maps are stored as float16
 
@@ -33,16 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
+def model_path(stage_trained_template) -> Path:
     """A classifier trained for one epoch on the synthetic images (shared by every test here)."""
-    ws = init_stage.run(tmp_path_factory.mktemp("trained") / "ws", "synthetic", None, None, SYNTH)
-    cfg = build(
-        TrainClsConfig,
-        ws.stage_table("train-cls"),
-        {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 1, "val_split": "none"},
-    )
-    train_cls.run(cfg, ws, OPTS, train_cls.TrainOptions())
-    return ws.cls_dir / "model.pt"
+    return Workspace.open(stage_trained_template).cls_dir / "model.pt"
 
 
 @pytest.fixture(scope="module")

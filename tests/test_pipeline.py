@@ -25,6 +25,7 @@ from cli_helpers import (
     copy_workspace,
     ok,
     pseudo_mtimes,
+    records,
 )
 from igcam_cli.cli import app
 from igcam_cli.stages import status as status_stage
@@ -32,10 +33,6 @@ from igcam_cli.store import MapStore, voc_palette
 from igcam_cli.workspace import Workspace
 
 TRAIN_IDS = [f"train_{i:05d}" for i in range(12)]
-
-
-def records(ws: Path) -> list[dict]:
-    return json.loads((ws / "manifest.json").read_text())["runs"]
 
 
 def only(ws: Path, stage: str, **fields) -> dict:

@@ -13,39 +13,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli_helpers import assert_error, copy_workspace, igcam, ok, with_option
-from igcam_cli.config import RunOptions, TrainSegConfig, build
+from cli_helpers import (
+    OPTS,
+    PREDICT,
+    SEG,
+    assert_error,
+    copy_workspace,
+    igcam,
+    init_synthetic,
+    make_workspace,
+    ok,
+    tiny_seg_config,
+    with_option,
+)
+from igcam_cli.config import TrainSegConfig, build
 from igcam_cli.data.transforms import seg_train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.segmenter import Segmenter, build_segmenter
-from igcam_cli.stages import init as init_stage
 from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
 
-OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-SEG = [
-    "--epochs",
-    "1",
-    "--min-steps",
-    "0",
-    "--batch-size",
-    "4",
-    "--crop",
-    "48",
-    "--workers",
-    "0",
-    "--pretrained",
-    "none",
-    "--quiet",
-]
-PREDICT = ["--workers", "0", "--scales", "1.0,0.75", "--no-crf", "--quiet"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_workspace(path: Path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:
-    return init_stage.run(path, "synthetic", None, None, {"n_train": n_train, "n_val": n_val, "size": size})
 
 
 def write_pseudo(ws: Workspace, split: str = "train", oracle: bool = False) -> str:
@@ -61,26 +49,15 @@ def write_pseudo(ws: Workspace, split: str = "train", oracle: bool = False) -> s
     return record.id
 
 
-def tiny_config(ws: Workspace, **overrides) -> TrainSegConfig:
-    values = {"crop": 48, "batch_size": 4, "workers": 0, "epochs": 2, "min_steps": 0, "pretrained": "none"}
-    values.update(overrides)
-    return build(TrainSegConfig, ws.stage_table("train-seg"), values)
-
-
 def epoch_losses(ws: Workspace) -> list[float]:
     log = ws.log_path("train-seg").read_text()
     return [float(line.split(": loss ")[1].split(",")[0]) for line in log.splitlines() if ": loss " in line]
 
 
-def records(ws: Path) -> list[dict]:
-    return json.loads((Path(ws) / "manifest.json").read_text())["runs"]
-
-
 @pytest.fixture(scope="module")
 def seg_template(tmp_path_factory) -> Path:
-    """12 train / 4 val images of 64 px, a DeepLab-ResNet-18 trained 1 epoch on the GT masks. Do not modify."""
-    ws = tmp_path_factory.mktemp("seg") / "ws"
-    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 8, "--n-val", 4, "--image-size", 64)
+    """8 train / 4 val images of 64 px, a DeepLab-ResNet-18 trained 1 epoch on the GT masks. Do not modify."""
+    ws = init_synthetic(tmp_path_factory.mktemp("seg") / "ws", n_train=8)
     ok("train-seg", "-w", ws, "--labels", "gt", *SEG)
     return ws
 
@@ -191,7 +168,7 @@ def test_augmentation_moves_image_and_label_together():
 def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=8, n_val=4)
     crf_id = write_pseudo(ws, oracle=True)
-    train_seg.run(tiny_config(ws, epochs=3, lr=0.02), ws, OPTS, train_seg.TrainOptions())
+    train_seg.run(tiny_seg_config(ws, epochs=3, lr=0.02), ws, OPTS, train_seg.TrainOptions())
     losses = epoch_losses(ws)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
@@ -210,12 +187,12 @@ def test_min_steps_raises_the_epochs_of_a_small_dataset(tmp_path):
     assert train_seg.run_epochs(TrainSegConfig(epochs=8, min_steps=0), 1) == 8
     ws = make_workspace(tmp_path / "ws", n_train=8, n_val=0)
     write_pseudo(ws)
-    train_seg.run(tiny_config(ws, epochs=1, min_steps=5), ws, OPTS, train_seg.TrainOptions())  # 2 steps an epoch
+    train_seg.run(tiny_seg_config(ws, epochs=1, min_steps=5), ws, OPTS, train_seg.TrainOptions())  # 2 steps an epoch
     assert len(epoch_losses(ws)) == 3
     assert torch.load(ws.seg_dir / "last.pt", weights_only=True)["step"] == 6
     assert "3 epochs (1 raised for min_steps 5: 2 steps an epoch)" in ws.log_path("train-seg").read_text()
     with pytest.raises(UsageError, match="min-steps"):
-        train_seg.run(tiny_config(ws, min_steps=-1), ws, OPTS, train_seg.TrainOptions())
+        train_seg.run(tiny_seg_config(ws, min_steps=-1), ws, OPTS, train_seg.TrainOptions())
 
 
 class _Interrupt(KeyboardInterrupt):
@@ -225,7 +202,7 @@ class _Interrupt(KeyboardInterrupt):
 def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monkeypatch):
     full_ws = make_workspace(tmp_path / "full", n_train=8, n_val=0)
     write_pseudo(full_ws)
-    full = train_seg.run(tiny_config(full_ws), full_ws, OPTS, train_seg.TrainOptions())
+    full = train_seg.run(tiny_seg_config(full_ws), full_ws, OPTS, train_seg.TrainOptions())
 
     ws = make_workspace(tmp_path / "resumed", n_train=8, n_val=0)
     write_pseudo(ws)
@@ -237,12 +214,12 @@ def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monke
 
     monkeypatch.setattr(train_seg, "_save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train_seg.run(tiny_config(ws), ws, OPTS, train_seg.TrainOptions())
+        train_seg.run(tiny_seg_config(ws), ws, OPTS, train_seg.TrainOptions())
     assert not (ws.seg_dir / "model.pt").exists()
     last = torch.load(ws.seg_dir / "last.pt", weights_only=True)
     assert (last["epoch"], last["step"]) == (1, 2)
     monkeypatch.setattr(train_seg, "_save", original_save)
-    resumed = train_seg.run(tiny_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
+    resumed = train_seg.run(tiny_seg_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
 
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
@@ -252,10 +229,10 @@ def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monke
     assert [r["status"] for r in ws.records() if r["stage"] == "train-seg"] == ["failed", "done"]
     assert epoch_losses(ws)[-1] == epoch_losses(full_ws)[-1]
     # Resuming a finished run does nothing; a changed config is refused.
-    train_seg.run(tiny_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
+    train_seg.run(tiny_seg_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
     assert len([r for r in ws.records() if r["stage"] == "train-seg"]) == 2
     with pytest.raises(UsageError, match="epochs"):
-        train_seg.run(tiny_config(ws, epochs=3), ws, OPTS, train_seg.TrainOptions(resume=True))
+        train_seg.run(tiny_seg_config(ws, epochs=3), ws, OPTS, train_seg.TrainOptions(resume=True))
 
 
 def test_train_seg_without_pseudo_labels_names_the_crf_command(fresh_ws):

@@ -8,33 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from igcam_cli.config import RunOptions, TrainClsConfig, build
+from cli_helpers import OPTS, make_workspace, tiny_cls_config
 from igcam_cli.core.metrics import average_precision, class_prior_loss, mean_average_precision
 from igcam_cli.data.transforms import eval_view, normalize, resize_long, train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
-from igcam_cli.stages import init as init_stage
 from igcam_cli.stages import train_cls
-from igcam_cli.workspace import Workspace
-
-OPTS = RunOptions(device="cpu", seed=0, quiet=True)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_workspace(path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Workspace:
-    return init_stage.run(path, "synthetic", None, None, {"n_train": n_train, "n_val": n_val, "size": size})
-
-
-def tiny_config(ws: Workspace, **overrides) -> TrainClsConfig:
-    values = {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 2}
-    values.update(overrides)
-    return build(TrainClsConfig, ws.stage_table("train-cls"), values)
-
-
 def test_tiny_config_comes_from_the_synthetic_toml(tmp_path):
-    cfg = tiny_config(make_workspace(tmp_path / "ws"))
+    cfg = tiny_cls_config(make_workspace(tmp_path / "ws"))
     assert (cfg.backbone, cfg.pretrained, cfg.crop, cfg.batch_size, cfg.freeze_bn) == ("resnet18", "none", 32, 4, False)
 
 
@@ -53,7 +38,7 @@ def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
     ws_full = make_workspace(tmp_path / "full")
-    full = train_cls.run(tiny_config(ws_full), ws_full, OPTS, train_cls.TrainOptions())
+    full = train_cls.run(tiny_cls_config(ws_full), ws_full, OPTS, train_cls.TrainOptions())
     full_ckpt = torch.load(ws_full.cls_dir / "model.pt", weights_only=True)
 
     ws = make_workspace(tmp_path / "resumed")
@@ -67,7 +52,7 @@ def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_cls, "_save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train_cls.run(tiny_config(ws), ws, OPTS, train_cls.TrainOptions())
+        train_cls.run(tiny_cls_config(ws), ws, OPTS, train_cls.TrainOptions())
     assert saves == [1]
     assert (ws.cls_dir / "last.pt").is_file() and not (ws.cls_dir / "model.pt").exists()
     last = torch.load(ws.cls_dir / "last.pt", weights_only=True)
@@ -77,7 +62,7 @@ def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
     assert "stopped after the first epoch" in failed["error"]
 
     monkeypatch.setattr(train_cls, "_save", original_save)
-    resumed = train_cls.run(tiny_config(ws), ws, OPTS, train_cls.TrainOptions(resume=True))
+    resumed = train_cls.run(tiny_cls_config(ws), ws, OPTS, train_cls.TrainOptions(resume=True))
     _states_equal(resumed.state_dict(), full.state_dict())
     ckpt = torch.load(ws.cls_dir / "model.pt", weights_only=True)
     _states_equal(ckpt["model"], full_ckpt["model"])
@@ -102,25 +87,25 @@ def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_changed_config(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
-    train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions())
+    train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions())
     with pytest.raises(UsageError, match="epochs"):
-        train_cls.run(tiny_config(ws, epochs=2), ws, OPTS, train_cls.TrainOptions(resume=True))
+        train_cls.run(tiny_cls_config(ws, epochs=2), ws, OPTS, train_cls.TrainOptions(resume=True))
     # A round-2-only setting changed in igcam.toml does not matter to round 1.
-    train_cls.run(tiny_config(ws, epochs=1, finetune_lr_mult=0.5), ws, OPTS, train_cls.TrainOptions(resume=True))
+    train_cls.run(tiny_cls_config(ws, epochs=1, finetune_lr_mult=0.5), ws, OPTS, train_cls.TrainOptions(resume=True))
     # A checkpoint from before an option existed: the option counts as its default.
     last = ws.cls_dir / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     del ckpt["config"]["relabel"]
     torch.save(ckpt, last)
-    train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
+    train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
     last.write_bytes(b"not a checkpoint")
     with pytest.raises(BadData, match="cannot read"):
-        train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
+        train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
 
 
 def test_resume_without_last_checkpoint_starts_from_scratch(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
-    train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
+    train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
     assert ws.latest("train-cls")["status"] == "done"
     assert "val_map" not in ws.latest("train-cls")["metrics"]  # n_val=0: no validation images
     assert "starting from scratch" in ws.log_path("train-cls").read_text()
@@ -131,7 +116,7 @@ def test_resume_without_last_checkpoint_starts_from_scratch(tmp_path):
 
 def test_loss_decreases_on_synthetic_data(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=16, n_val=0)
-    train_cls.run(tiny_config(ws, epochs=4), ws, OPTS, train_cls.TrainOptions())
+    train_cls.run(tiny_cls_config(ws, epochs=4), ws, OPTS, train_cls.TrainOptions())
     log = ws.log_path("train-cls").read_text()
     per_epoch = [float(line.split(": loss ")[1].split(",")[0]) for line in log.splitlines() if ": loss " in line]
     assert len(per_epoch) == 4
@@ -147,7 +132,7 @@ def test_loss_decreases_on_synthetic_data(tmp_path):
 
 def test_no_warning_when_the_classifier_learns(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=8, n_val=0)
-    train_cls.run(tiny_config(ws, epochs=6), ws, OPTS, train_cls.TrainOptions())
+    train_cls.run(tiny_cls_config(ws, epochs=6), ws, OPTS, train_cls.TrainOptions())
     metrics = ws.latest("train-cls")["metrics"]
     # 2 steps an epoch: only the last epoch is checked (the early check waits for 50 steps)
     assert metrics["train_loss"] <= 0.75 * metrics["prior_loss"], metrics  # clear of the 0.85 margin
@@ -156,7 +141,7 @@ def test_no_warning_when_the_classifier_learns(tmp_path):
 
 def test_warns_when_the_loss_does_not_fall_below_the_class_prior(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
-    train_cls.run(tiny_config(ws, epochs=1, lr=1e-9), ws, OPTS, train_cls.TrainOptions())
+    train_cls.run(tiny_cls_config(ws, epochs=1, lr=1e-9), ws, OPTS, train_cls.TrainOptions())
     metrics = ws.latest("train-cls")["metrics"]
     assert metrics["learned"] is False and metrics["train_loss"] > train_cls.LEARNED_MARGIN * metrics["prior_loss"]
     [warning] = [line for line in ws.log_path("train-cls").read_text().splitlines() if "warning:" in line]
@@ -180,7 +165,7 @@ def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
     random_bn = _batchnorm_state(CamClassifier("resnet18", 5))
     assert random_bn and all(float(v.abs().max()) in (0.0, 1.0) for v in random_bn.values())  # the initialisation
     model = train_cls.run(
-        tiny_config(ws, epochs=1, pretrained="none", freeze_bn=True), ws, OPTS, train_cls.TrainOptions()
+        tiny_cls_config(ws, epochs=1, pretrained="none", freeze_bn=True), ws, OPTS, train_cls.TrainOptions()
     )
     trained = _batchnorm_state(model)
     moved = [k for k in random_bn if not torch.equal(random_bn[k], trained[k])]
@@ -192,7 +177,7 @@ def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
         {"backbone": "resnet18", "num_classes": 5, "classes": ws.dataset().classes, "model": model.state_dict()}, path
     )
     again = train_cls.run(
-        tiny_config(ws, epochs=1, freeze_bn=True), ws, OPTS, train_cls.TrainOptions(init_from=str(path))
+        tiny_cls_config(ws, epochs=1, freeze_bn=True), ws, OPTS, train_cls.TrainOptions(init_from=str(path))
     )
     assert all(torch.equal(trained[k], v) for k, v in _batchnorm_state(again).items())
     assert not torch.equal(again.head.weight, model.head.weight)
@@ -220,7 +205,7 @@ def test_init_from_with_other_class_count_is_bad_data(tmp_path):
     path = tmp_path / "three-classes.pt"
     _save_checkpoint(path, num_classes=3)
     with pytest.raises(BadData) as info:
-        train_cls.run(tiny_config(ws), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
+        train_cls.run(tiny_cls_config(ws), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
     assert str(path) in info.value.message and "3 classes" in info.value.message
     assert not (ws.cls_dir / "model.pt").exists()
 
@@ -238,7 +223,7 @@ def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
         return original_groups(self)
 
     monkeypatch.setattr(CamClassifier, "param_groups", capture)
-    trained = train_cls.run(tiny_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
+    trained = train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(init_from=str(path)))
     _states_equal(seen, start)
     assert not torch.equal(trained.head.weight, start["head.weight"])
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import write_palette_png
 from igcam_cli.data import VOC_CLASSES, open_dataset, parse_class_list
 from igcam_cli.data.voc import VocDataset
 from igcam_cli.errors import BadData, UsageError
@@ -26,28 +27,6 @@ SPLITS = {
     "val": ["2007_000004"],
     "trainaug": list(IMAGES),
 }
-
-
-def voc_palette() -> list[int]:
-    """The standard VOC colour map (bit-interleaved), 256 RGB triples."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def write_mask(path: Path, mask: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.astype(np.uint8).tobytes())
-    im.putpalette(voc_palette())
-    im.save(path)
 
 
 def make_mask(width: int, height: int, boxes: dict[int, tuple[int, int, int, int]]) -> np.ndarray:
@@ -79,7 +58,7 @@ def build_voc(voc: Path, images: dict = IMAGES, splits: dict = SPLITS) -> Path:
         if names is not None:
             write_xml(voc / "Annotations" / f"{image_id}.xml", names)
         if mask_dir is not None:
-            write_mask(voc / mask_dir / f"{image_id}.png", make_mask(w, h, boxes))
+            write_palette_png(voc / mask_dir / f"{image_id}.png", make_mask(w, h, boxes))
     for split, ids in splits.items():
         path = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,14 +297,14 @@ def test_malformed_xml(voc_copy):
 
 
 def test_mask_of_wrong_size(voc_copy):
-    write_mask(voc_copy / "SegmentationClass" / "2007_000001.png", np.zeros((40, 30), np.uint8))
+    write_palette_png(voc_copy / "SegmentationClass" / "2007_000001.png", np.zeros((40, 30), np.uint8))
     with pytest.raises(BadData, match=r"2007_000001\.png is 30x40 but its image is 40x30"):
         VocDataset(voc_copy).load("2007_000001")
 
 
 def test_mask_with_index_above_num_classes(voc_copy):
     mask = make_mask(30, 40, {21: (3, 3, 10, 10)})
-    write_mask(voc_copy / "SegmentationClass" / "2007_000004.png", mask)
+    write_palette_png(voc_copy / "SegmentationClass" / "2007_000004.png", mask)
     ds = VocDataset(voc_copy)
     with pytest.raises(BadData, match=r"2007_000004\.png holds class index 21"):
         ds.labels("2007_000004")  # no XML: labels come from the mask
