@@ -1,6 +1,8 @@
 """Shared fixtures: trained workspaces built once per session and copied for each test that uses them.
 
-The helpers they are built from (tiny configs, CLI settings, VOC folders) are in cli_helpers.py."""
+The helpers they are built from (tiny configs, CLI settings, VOC folders) are in cli_helpers.py. Tests that use
+a trained workspace, or train or run whole stages themselves, are marked `slow`: `pytest -m "not slow"` is the
+fast tier (see README.md, Development)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,21 @@ from cli_helpers import (
 )
 from igcam_cli.stages import init as init_stage
 from igcam_cli.stages import train_cls
+
+# Fixtures that train a model (here, and test_segmentation's and test_chain's own): every test that uses one,
+# directly or through another fixture, is slow.
+TRAINING_FIXTURES = {"trained_template", "stage_trained_template", "voc_template", "seg_template", "ran_template"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that builds a trained workspace but is not marked slow would slow the fast tier down: name it."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("mark these tests slow (they use a trained workspace):\n  " + "\n  ".join(unmarked))
 
 
 @contextlib.contextmanager

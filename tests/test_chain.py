@@ -65,6 +65,7 @@ def runs_of(ws: Path, stage: str) -> int:
     return sum(r["stage"] == stage for r in records(ws))
 
 
+@pytest.mark.slow
 def test_first_run_produces_every_artifact(ran_template):
     ws = Workspace.open(ran_template)
     ids = ws.dataset().ids("train")
@@ -76,6 +77,7 @@ def test_first_run_produces_every_artifact(ran_template):
         assert 0.0 <= result["miou"] <= 1.0 and result["oracle"] is False
 
 
+@pytest.mark.slow
 def test_second_run_skips_every_fresh_stage(ran_ws):
     before = json.loads((ran_ws / "manifest.json").read_text())["runs"]
     actions = steps(ran_ws)
@@ -83,6 +85,7 @@ def test_second_run_skips_every_fresh_stage(ran_ws):
     assert json.loads((ran_ws / "manifest.json").read_text())["runs"] == before
 
 
+@pytest.mark.slow
 def test_changed_config_reruns_that_stage_and_everything_after_it(ran_ws):
     Workspace.open(ran_ws).set_stage_options("crf", {"preset": "deeplab"})
     actions = steps(ran_ws)
@@ -96,16 +99,19 @@ def test_changed_config_reruns_that_stage_and_everything_after_it(ran_ws):
     assert set(steps(ran_ws).values()) == {"skipped"}  # and now everything is fresh again
 
 
+@pytest.mark.slow
 def test_workers_do_not_make_a_stage_stale(ran_ws):
     Workspace.open(ran_ws).set_stage_options("make-cams", {"workers": 1, "batch_size": 3})
     assert set(steps(ran_ws).values()) == {"skipped"}
 
 
+@pytest.mark.slow
 def test_a_validation_split_for_the_logs_does_not_retrain(ran_ws):
     Workspace.open(ran_ws).set_stage_options("train-cls", {"val_split": "train"})
     assert set(steps(ran_ws).values()) == {"skipped"}
 
 
+@pytest.mark.slow
 def test_until_and_from(ran_ws):
     cams_runs = runs_of(ran_ws, "make-cams")
     actions = steps(ran_ws, ("start", "refine"), ("until", "crf"))
@@ -117,6 +123,7 @@ def test_until_and_from(ran_ws):
     assert actions["train-seg"] == actions["predict (val)"] == "ran"
 
 
+@pytest.mark.slow
 def test_interrupted_stage_resumes(ran_ws):
     ws = Workspace.open(ran_ws)
     victims = sorted(ws.pseudo("train").ids())[:3]
@@ -127,6 +134,7 @@ def test_interrupted_stage_resumes(ran_ws):
     assert ws.pseudo("train").ids() == set(ws.dataset().ids("train"))
 
 
+@pytest.mark.slow
 def test_bad_stage_names_are_usage_errors(ran_ws):
     assert_error(igcam("run", "-w", ran_ws, "--until", "segment"), 2, "--until 'segment'", "train-cls")
     assert_error(igcam("run", "-w", ran_ws, "--from", "crf", "--until", "refine"), 2, "--from crf")
@@ -138,6 +146,7 @@ def test_run_on_a_fresh_workspace_names_nothing_missing(tmp_path):
     assert_error(igcam("run", "-w", tmp_path / "nowhere"), 3, "igcam init")
 
 
+@pytest.mark.slow
 def test_a_record_older_than_an_option_counts_it_as_default(ran_ws):
     manifest = ran_ws / "manifest.json"
     runs = json.loads(manifest.read_text())
@@ -150,6 +159,7 @@ def test_a_record_older_than_an_option_counts_it_as_default(ran_ws):
     assert steps(ran_ws, ("until", "crf"))["crf (train)"] == "ran"
 
 
+@pytest.mark.slow
 def test_a_second_classifier_round_keeps_round_one_fresh_and_refreshes_what_follows(ran_ws):
     ok("train-cls", "-w", ran_ws, "--round", "2", "--epochs", "1", "--quiet")
     actions = steps(ran_ws, ("until", "crf"))

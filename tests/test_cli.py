@@ -68,6 +68,7 @@ def test_make_cams_before_train_cls(fresh_ws):
     assert not (fresh_ws / "cams").exists()
 
 
+@pytest.mark.slow
 def test_crf_before_make_cams(trained_ws):
     before = snapshot(trained_ws)
     result = igcam("crf", "-w", trained_ws, "--split", "train", *CRF)
@@ -78,12 +79,14 @@ def test_crf_before_make_cams(trained_ws):
     assert not (trained_ws / "pseudo").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_before_make_cams(trained_ws):
     result = igcam("evaluate", "-w", trained_ws, "--artifact", "cams", "--split", "train")
     assert_error(result, 3, f"run `igcam make-cams -w {trained_ws} --split train` first")
     assert not (trained_ws / "eval").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_crf_before_crf(chain_ws):
     shutil.rmtree(chain_ws / "pseudo")
     before = snapshot(chain_ws)
@@ -97,6 +100,7 @@ def test_evaluate_crf_before_crf(chain_ws):
     assert_intact(before, chain_ws)
 
 
+@pytest.mark.slow
 def test_crf_on_partial_cams_says_how_far_make_cams_got(chain_ws):
     """crf on cams that cover only part of the split names make-cams, with the count."""
     (chain_ws / "cams" / "train" / "part-r0-00000.h5").unlink()
@@ -113,6 +117,7 @@ def test_crf_on_partial_cams_says_how_far_make_cams_got(chain_ws):
     [["train-cls", *TRAIN], ["make-cams", *CAMS], ["crf", *CRF], ["evaluate", "--artifact", "cams"]],
     ids=lambda a: a[0],
 )
+@pytest.mark.slow
 def test_unknown_split(chain_ws, args):
     before = snapshot(chain_ws)
     result = igcam(args[0], "-w", chain_ws, "--split", "nope", *args[1:])
@@ -120,12 +125,14 @@ def test_unknown_split(chain_ws, args):
     assert_intact(before, chain_ws)
 
 
+@pytest.mark.slow
 def test_unknown_split_of_a_voc_dataset_names_the_split_file(voc_ws):
     root, ws = voc_ws
     result = igcam("make-cams", "-w", ws, "--split", "nope", *CAMS)
     assert_error(result, 4, f"split file not found: {root / 'ImageSets' / 'Segmentation' / 'nope.txt'}")
 
 
+@pytest.mark.slow
 def test_truncated_jpeg_in_make_cams_keeps_the_images_before_it(voc_ws):
     """Hit in a DataLoader worker (the default): still one clean line; the images before it stay done."""
     root, ws = voc_ws
@@ -148,6 +155,7 @@ def test_truncated_jpeg_in_make_cams_keeps_the_images_before_it(voc_ws):
     assert MapStore(directory).ids() == {"img_a", "img_b", "img_c", "img_d"}
 
 
+@pytest.mark.slow
 def test_mask_of_the_wrong_size_in_evaluate_names_the_mask(voc_ws):
     root, ws = voc_ws
     ok("make-cams", "-w", ws, "--split", "train", *CAMS, "--quiet")
@@ -163,6 +171,7 @@ def test_mask_of_the_wrong_size_in_evaluate_names_the_mask(voc_ws):
 # ---- usage errors --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,args", [("make-cams", CAMS), ("crf", CRF)])
 def test_shard_out_of_range(chain_ws, command, args):
     before = snapshot(chain_ws)
@@ -171,6 +180,7 @@ def test_shard_out_of_range(chain_ws, command, args):
     assert_intact(before, chain_ws)
 
 
+@pytest.mark.slow
 def test_scales_that_are_not_numbers(chain_ws):
     before = snapshot(chain_ws)
     result = igcam("make-cams", "-w", chain_ws, "--workers", "0", "--scales", "a,b")
@@ -179,6 +189,7 @@ def test_scales_that_are_not_numbers(chain_ws):
     assert_intact(before, chain_ws)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 @pytest.mark.parametrize("command,args", [("train-cls", TRAIN), ("make-cams", CAMS)])
 def test_device_cuda_without_cuda(chain_ws, command, args):
@@ -188,10 +199,12 @@ def test_device_cuda_without_cuda(chain_ws, command, args):
     assert_intact(before, chain_ws)
 
 
+@pytest.mark.slow
 def test_unknown_device(chain_ws):
     assert_error(igcam("make-cams", "-w", chain_ws, *CAMS, "--device", "tpu"), 2, "unknown device 'tpu'")
 
 
+@pytest.mark.slow
 def test_pretrained_weights_file_missing(trained_ws):
     before = snapshot(trained_ws)
     result = igcam("train-cls", "-w", trained_ws, *with_option(TRAIN, "--pretrained", "/missing.pt"))
@@ -199,6 +212,7 @@ def test_pretrained_weights_file_missing(trained_ws):
     assert_intact(before, trained_ws)
 
 
+@pytest.mark.slow
 def test_resume_with_changed_epochs_is_refused(trained_ws):
     """Documented behaviour: --resume needs the settings last.pt was trained with (the poly LR schedule
     depends on the total number of steps), so changing --epochs exits 2 and keeps the checkpoints."""
@@ -215,6 +229,7 @@ def test_resume_with_changed_epochs_is_refused(trained_ws):
     assert [r["stage"] for r in runs] == ["train-cls"]  # no record for the refused run
 
 
+@pytest.mark.slow
 def test_resume_checks_every_setting_of_the_results(trained_ws):
     from igcam_cli.workspace import Workspace
 
@@ -225,6 +240,7 @@ def test_resume_checks_every_setting_of_the_results(trained_ws):
     assert_intact(before, trained_ws)
 
 
+@pytest.mark.slow
 def test_unknown_evaluate_artifact(chain_ws):
     assert_error(igcam("evaluate", "-w", chain_ws, "--artifact", "masks"), 2, "unknown artifact 'masks'")
 
@@ -287,6 +303,7 @@ def test_status_shows_a_workspace_path_with_brackets(tmp_path):
     assert "runs[lr=0.1]" in result.output
 
 
+@pytest.mark.slow
 def test_warmup_epochs_option_reaches_the_recorded_config(fresh_ws):
     ok("train-cls", "-w", fresh_ws, *TRAIN, "--warmup-epochs", "2", "--quiet")
     records = json.loads((fresh_ws / "manifest.json").read_text())["runs"]

@@ -94,6 +94,7 @@ def _stored(ws: Workspace, split: str = "train") -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sharded_stage_equals_unsharded(influenced, stage_trained_template, tmp_path):
     ws = _copy(stage_trained_template, tmp_path / "sharded")
     cfg = _influence_cfg(ws)
@@ -125,6 +126,7 @@ def test_sharded_stage_equals_unsharded(influenced, stage_trained_template, tmp_
     assert all(r["classifier"]["round"] == 1 and r["classifier"]["path"] == "cls/model.pt" for r in records)
 
 
+@pytest.mark.slow
 def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
     """hessian none: self-influence = |grad of the head|^2 per image, from a plain autograd loop."""
     ws = Workspace.open(influenced)
@@ -166,6 +168,7 @@ def test_stored_values_match_autograd_and_maps_sum_to_scores(influenced):
     ]
 
 
+@pytest.mark.slow
 def test_identity_curvature_is_plain_gradient_norm(stage_trained_template, tmp_path):
     ws = _copy(stage_trained_template, tmp_path / "none")
     compute_influence.run(_influence_cfg(ws, hessian="none", maps="none"), ws, OPTS)
@@ -182,6 +185,7 @@ def test_identity_curvature_is_plain_gradient_norm(stage_trained_template, tmp_p
     assert not (ws.influence_dir("train") / "eigen.pt").exists()  # no curvature for hessian none
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     before = {p.name for p in MapStore(ws.influence_dir("train")).parts()}
@@ -210,6 +214,7 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
         ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below must be in [0, 0.2]"),
     ],
 )
+@pytest.mark.slow
 def test_bad_suggestion_settings_are_refused_before_any_work(stage_trained_template, settings, message):
     ws = Workspace.open(stage_trained_template)
     with pytest.raises(UsageError) as raised:
@@ -218,6 +223,7 @@ def test_bad_suggestion_settings_are_refused_before_any_work(stage_trained_templ
     assert not ws.influence_dir("train").exists()
 
 
+@pytest.mark.slow
 def test_refuses_files_of_another_run_and_wait_gives_up(influenced, stage_trained_template, tmp_path):
     ws = _copy(influenced, tmp_path / "stats")
     own = ws.influence_dir("train") / "stats-factors-r0-of-1.pt"
@@ -239,6 +245,7 @@ def test_refuses_files_of_another_run_and_wait_gives_up(influenced, stage_traine
     assert (ws.influence_dir("train") / "stats-factors-r0-of-2.pt").is_file()  # its own work is kept
 
 
+@pytest.mark.slow
 def test_cli_errors(fresh_ws, stage_trained_template, tmp_path):
     assert_error(igcam("compute-influence", "-w", fresh_ws, "--scope", "head"), 3, "igcam train-cls -w")
     ws = _copy(stage_trained_template, tmp_path / "ws")
@@ -274,6 +281,7 @@ def _cams_cfg(ws: Workspace, **overrides) -> MakeCamsConfig:
     return build(MakeCamsConfig, ws.stage_table("make-cams"), values)
 
 
+@pytest.mark.slow
 def test_fusion_zero_is_byte_identical_and_fusion_mixes_the_maps(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     make_cams.run(_cams_cfg(ws), ws, OPTS)
@@ -296,6 +304,7 @@ def test_fusion_zero_is_byte_identical_and_fusion_mixes_the_maps(influenced, tmp
     assert changed >= len(plain) // 2
 
 
+@pytest.mark.slow
 def test_fusion_refuses_influence_computed_without_maps(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     manifest = ws.manifest_path
@@ -326,6 +335,7 @@ def test_fusion_math():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     round1 = torch.load(ws.cls_dir / "model.pt", weights_only=True)["model"]
@@ -384,6 +394,7 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
     assert ws.latest("compute-influence", "train")["classifier"]["round"] == 2
 
 
+@pytest.mark.slow
 def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     ids = ws.dataset().ids("train")
@@ -473,6 +484,7 @@ def _scores_and_fit(ws: Workspace, **overrides) -> tuple[dict, dict]:
     return scores, influence_io.read_fit(ws.influence_dir("train"))
 
 
+@pytest.mark.slow
 def test_guard_withholds_suggestions_and_flattens_weights_unless_the_classifier_has_learned(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     ids = ws.dataset().ids("train")
@@ -522,6 +534,7 @@ def test_guard_withholds_suggestions_and_flattens_weights_unless_the_classifier_
     }
 
 
+@pytest.mark.slow
 def test_influence_report_says_when_suggestions_were_withheld(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     _, fit = _scores_and_fit(ws, **DEFAULT_GUARD)
@@ -558,6 +571,7 @@ def test_influence_report_says_when_suggestions_were_withheld(influenced, tmp_pa
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     ids = ws.dataset().ids("train")
@@ -592,6 +606,7 @@ def test_influence_report_lists_images_and_scores_the_truth(influenced, tmp_path
     assert (ws.path("eval") / "influence-train.json").is_file()
 
 
+@pytest.mark.slow
 def test_report_sheet_shows_the_labelled_classes_when_every_class_has_maps(
     stage_trained_template, tmp_path, monkeypatch
 ):
@@ -674,6 +689,7 @@ def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
             assert set(r["true_labels"].split()) < set(r["noisy_labels"].split())
 
 
+@pytest.mark.slow
 def test_damaged_scores_relabelled_and_truth_files_are_one_line_errors(influenced, tmp_path):
     ws = _copy(influenced, tmp_path / "ws")
     path = ws.influence_dir("train") / influence_io.SCORES_NAME

@@ -9,7 +9,7 @@ import pytest
 
 from cli_helpers import ok
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_demo_runs_the_chain_draws_the_pictures_and_reruns_for_free(tmp_path):

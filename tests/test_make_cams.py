@@ -28,7 +28,7 @@ SIZE = 64
 TOL = 2e-3  # maps are stored as float16
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ def state_of(ws: Path, stage: str) -> str:
 # ---- the chain and the workspace contract ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_chain_writes_config_manifest_logs_and_checkpoints(chain_ws):
     toml = tomllib.loads((chain_ws / "igcam.toml").read_text())
     assert toml["dataset"] == {"format": "synthetic", "n_train": 12, "n_val": 4, "size": 64}
@@ -90,6 +91,7 @@ def test_chain_writes_config_manifest_logs_and_checkpoints(chain_ws):
     assert last["epoch"] == 1 and {"model", "optimizer", "step", "config"} <= set(last)
 
 
+@pytest.mark.slow
 def test_cams_hold_one_normalised_record_per_train_image(chain_ws):
     directory = chain_ws / "cams" / "train"
     assert [p.name for p in directory.iterdir()] == ["part-r0-00000.h5"]  # no temporaries left
@@ -108,6 +110,7 @@ def test_cams_hold_one_normalised_record_per_train_image(chain_ws):
     assert peak_count > 0  # one epoch on 12 images leaves many class maps dead, but not all
 
 
+@pytest.mark.slow
 def test_pseudo_labels_are_voc_palette_pngs_of_image_size(chain_ws):
     dataset = Workspace.open(chain_ws).dataset()
     directory = chain_ws / "pseudo" / "train"
@@ -120,6 +123,7 @@ def test_pseudo_labels_are_voc_palette_pngs_of_image_size(chain_ws):
         assert values <= {0, 255, *dataset.labels(image_id).tolist()}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_json_and_markdown(chain_ws):
     names = ["background", "ambra", "brio", "cobal", "dune", "ember"]
     assert names[1:] == Workspace.open(chain_ws).dataset().classes
@@ -147,6 +151,7 @@ def test_evaluate_writes_json_and_markdown(chain_ws):
 # ---- resume and idempotence ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_make_cams_rerun_does_nothing_and_force_redoes(chain_ws):
     directory = chain_ws / "cams" / "train"
     before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
@@ -166,6 +171,7 @@ def test_make_cams_rerun_does_nothing_and_force_redoes(chain_ws):
         assert np.allclose(after[image_id][0], maps, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_crf_redoes_only_missing_labels(chain_ws):
     directory = chain_ws / "pseudo" / "train"
     removed = ["train_00001", "train_00004", "train_00010"]
@@ -185,6 +191,7 @@ def test_crf_redoes_only_missing_labels(chain_ws):
     assert (latest["status"], latest["metrics"]) == ("done", {"images": 12})
 
 
+@pytest.mark.slow
 def test_train_cls_resume_of_a_finished_run_does_nothing(chain_ws):
     """Resuming a finished classifier keeps model.pt and the manifest, so nothing downstream turns stale."""
     before = (chain_ws / "manifest.json").read_text()
@@ -196,6 +203,7 @@ def test_train_cls_resume_of_a_finished_run_does_nothing(chain_ws):
     assert state_of(chain_ws, "make-cams") == "done"
 
 
+@pytest.mark.slow
 def test_make_cams_cleans_leftover_temporaries_and_redoes_their_images(chain_ws):
     """A killed writer leaves `.part-*.h5.tmp`: never read, removed on the next run, its images redone."""
     directory = chain_ws / "cams" / "train"
@@ -209,6 +217,7 @@ def test_make_cams_cleans_leftover_temporaries_and_redoes_their_images(chain_ws)
     assert sorted(read_parts(directory)) == TRAIN_IDS
 
 
+@pytest.mark.slow
 def test_shards_cover_the_split_and_equal_the_unsharded_maps(trained_ws, chain_template):
     for shard in ("0/2", "1/2"):
         result = ok("make-cams", "-w", trained_ws, "--split", "train", *CAMS, "--shard", shard)
@@ -233,6 +242,7 @@ def test_shards_cover_the_split_and_equal_the_unsharded_maps(trained_ws, chain_t
     assert len(list((trained_ws / "pseudo" / "train").glob("*.png"))) == 12
 
 
+@pytest.mark.slow
 def test_status_lists_stages_and_marks_crf_stale_after_forced_make_cams(chain_ws):
     output = ok("status", "-w", chain_ws).stdout
     for stage in ("train-cls", "make-cams", "crf", "evaluate"):
@@ -249,6 +259,7 @@ def test_status_lists_stages_and_marks_crf_stale_after_forced_make_cams(chain_ws
     assert state_of(chain_ws, "train-cls") == "done"
 
 
+@pytest.mark.slow
 def test_status_uses_igcam_workspace_from_the_environment(chain_ws):
     result = RUNNER.invoke(app, ["status"], env={"IGCAM_WORKSPACE": str(chain_ws)})
     assert result.exit_code == 0 and "make-cams" in result.stdout
@@ -257,6 +268,7 @@ def test_status_uses_igcam_workspace_from_the_environment(chain_ws):
 # ---- other datasets: custom-class VOC with mixed sizes, and `igcam synth` in the folder layout ----
 
 
+@pytest.mark.slow
 def test_voc_chain_with_custom_classes_and_mixed_image_sizes(voc_template, tmp_path):
     root, template = voc_template
     ws = copy_workspace(template, tmp_path / "ws")
@@ -281,6 +293,7 @@ def test_voc_chain_with_custom_classes_and_mixed_image_sizes(voc_template, tmp_p
     assert 0 <= result["miou"] <= 1
 
 
+@pytest.mark.slow
 def test_synth_folder_chain(tmp_path):
     out, ws = tmp_path / "data", tmp_path / "ws"
     assert "wrote 16 images" in ok("synth", out, "--n-train", 12, "--n-val", 4, "--image-size", 64).stdout

@@ -12,6 +12,8 @@ from igcam_cli.store import MapStore
 
 REFINE = ["--split", "train", "--workers", "0", "--batch-size", "4"]
 
+pytestmark = pytest.mark.slow  # every test here starts from a trained workspace
+
 
 def maps_of(ws, kind: str = "refined") -> dict:
     store = MapStore(ws / kind / "train")

@@ -85,6 +85,7 @@ def test_segmenter_gives_logits_at_the_input_size():
     assert not hasattr(model, "aux_classifier")
 
 
+@pytest.mark.slow
 def test_deeplabv3plus_decodes_at_stride_4_and_loads_a_classifier_backbone(trained_template):
     model = Segmenter("deeplabv3plus_resnet18", 4).eval()
     with torch.no_grad():
@@ -165,6 +166,7 @@ def test_augmentation_moves_image_and_label_together():
         assert torch.equal(seg_train_view(image, label, 48, 0.7, 1.4, np.random.default_rng(seed))[1], y)
 
 
+@pytest.mark.slow
 def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=8, n_val=4)
     crf_id = write_pseudo(ws, oracle=True)
@@ -181,6 +183,7 @@ def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path
     assert "val mIoU" in ws.log_path("train-seg").read_text()
 
 
+@pytest.mark.slow
 def test_min_steps_raises_the_epochs_of_a_small_dataset(tmp_path):
     cfg = TrainSegConfig(epochs=8, min_steps=240)
     assert [train_seg.run_epochs(cfg, n) for n in (10, 20, 30, 100)] == [24, 12, 8, 8]
@@ -199,6 +202,7 @@ class _Interrupt(KeyboardInterrupt):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monkeypatch):
     full_ws = make_workspace(tmp_path / "full", n_train=8, n_val=0)
     write_pseudo(full_ws)
@@ -268,6 +272,7 @@ def test_train_seg_usage_errors(fresh_ws):
     assert_error(igcam("train-seg", "-w", fresh_ws, "--arch", "unet", *SEG), 2, "unknown --arch 'unet'")
 
 
+@pytest.mark.slow
 def test_train_seg_and_predict_bad_files(fresh_ws, seg_ws, tmp_path):
     ws = Workspace.open(fresh_ws)
     write_pseudo(ws)
@@ -292,6 +297,7 @@ def test_train_seg_and_predict_bad_files(fresh_ws, seg_ws, tmp_path):
 # ---- predict and evaluate -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_split_writes_one_png_per_image_and_evaluate_reports_it(seg_ws):
     ok("predict", "-w", seg_ws, "--split", "val", *PREDICT)
     ws = Workspace.open(seg_ws)
@@ -350,6 +356,7 @@ def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
     return {"photo": (53, 37), "upper": (41, 50), "grey": (40, 64), "alpha": (70, 30)}
 
 
+@pytest.mark.slow
 def test_predict_a_folder_of_mixed_images(seg_ws, tmp_path):
     sizes = _write_images(tmp_path / "photos")
     ok("predict", "-w", seg_ws, "--images", tmp_path / "photos", *PREDICT, "--crf")
@@ -371,6 +378,7 @@ def test_predict_a_folder_of_mixed_images(seg_ws, tmp_path):
     assert sorted(p.stem for p in (seg_ws / "pred" / "halves").glob("*.png")) == sorted(sizes)
 
 
+@pytest.mark.slow
 def test_predict_bad_inputs(seg_ws, fresh_ws, tmp_path):
     photos = tmp_path / "photos"
     _write_images(photos)
@@ -391,6 +399,7 @@ def test_predict_bad_inputs(seg_ws, fresh_ws, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_folder_prediction_named_like_the_split(seg_ws, tmp_path):
     _write_images(tmp_path / "val")
     ok("predict", "-w", seg_ws, "--images", tmp_path / "val", *PREDICT)
@@ -402,6 +411,7 @@ def test_evaluate_refuses_a_folder_prediction_named_like_the_split(seg_ws, tmp_p
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crf", ["--no-crf", "--crf"])
 def test_predict_labels_do_not_depend_on_the_batch(seg_ws, crf):
     args = ["--split", "val", "--workers", "0", "--scales", "1.0,0.75", crf, "--no-overlays", "--quiet"]

@@ -36,6 +36,7 @@ def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+@pytest.mark.slow
 def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
     ws_full = make_workspace(tmp_path / "full")
     full = train_cls.run(tiny_cls_config(ws_full), ws_full, OPTS, train_cls.TrainOptions())
@@ -85,6 +86,7 @@ def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
     assert not any(k.startswith("backbone.fc.") for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
     train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions())
@@ -103,6 +105,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
 
 
+@pytest.mark.slow
 def test_resume_without_last_checkpoint_starts_from_scratch(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
     train_cls.run(tiny_cls_config(ws, epochs=1), ws, OPTS, train_cls.TrainOptions(resume=True))
@@ -114,6 +117,7 @@ def test_resume_without_last_checkpoint_starts_from_scratch(tmp_path):
 # ---------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_synthetic_data(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=16, n_val=0)
     train_cls.run(tiny_cls_config(ws, epochs=4), ws, OPTS, train_cls.TrainOptions())
@@ -130,6 +134,7 @@ def test_loss_decreases_on_synthetic_data(tmp_path):
     assert metrics["prior_loss"] == pytest.approx(class_prior_loss(labels), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_no_warning_when_the_classifier_learns(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=8, n_val=0)
     train_cls.run(tiny_cls_config(ws, epochs=6), ws, OPTS, train_cls.TrainOptions())
@@ -139,6 +144,7 @@ def test_no_warning_when_the_classifier_learns(tmp_path):
     assert metrics["learned"] is True and "warning:" not in ws.log_path("train-cls").read_text()
 
 
+@pytest.mark.slow
 def test_warns_when_the_loss_does_not_fall_below_the_class_prior(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
     train_cls.run(tiny_cls_config(ws, epochs=1, lr=1e-9), ws, OPTS, train_cls.TrainOptions())
@@ -159,6 +165,7 @@ def _batchnorm_state(model: CamClassifier) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
     torch.manual_seed(0)
@@ -210,6 +217,7 @@ def test_init_from_with_other_class_count_is_bad_data(tmp_path):
     assert not (ws.cls_dir / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
     ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
     path = tmp_path / "five-classes.pt"
