@@ -183,14 +183,18 @@ def _check_layer(name: str, module: nn.Module) -> nn.Module:
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    if conv.padding == "valid":
+    padding = conv.padding
+    if padding == "valid":
         return (0, 0)
-    if conv.padding == "same":
+    if padding == "same":
         total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
         if any(t % 2 for t in total):
             raise ValueError("padding='same' with an even receptive field is not supported")
         return (total[0] // 2, total[1] // 2)
-    return tuple(conv.padding)  # type: ignore[return-value]
+    if isinstance(padding, str):  # torch accepts no other string
+        raise ValueError(f"unsupported padding '{padding}'")
+    ph, pw = padding
+    return ph, pw
 
 
 # ---------------------------------------------------------------------------------------------
