@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.config import STAGE_CONFIGS, RunOptions, build, to_dict
+from igcam_cli.config import STAGE_CONFIGS, RunOptions, build, check_tables, to_dict
 from igcam_cli.errors import UsageError
 from igcam_cli.stages import crf, evaluate, make_cams, predict, refine, train_cls, train_seg
 from igcam_cli.workspace import Workspace
@@ -63,6 +63,7 @@ def run(
             raise UsageError(f"{name} '{value}' is not a stage of the chain ({', '.join(STAGES)})")
     if until and start and STAGES.index(start) > STAGES.index(until):
         raise UsageError(f"--from {start} comes after --until {until}")
+    check_tables(ws.toml)  # a bad value in any table stops the run before its first stage
     steps = plan(ws, opts, split, val_split)
     first = STAGES.index(start) if start else 0
     last = STAGES.index(until) if until else len(STAGES) - 1

@@ -11,13 +11,27 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
 
 from igcam_cli.errors import BadData, UsageError
+from igcam_cli.validation import (
+    Count,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    Range,
+    Rule,
+    Scales,
+    check,
+)
 
 TOML_NAME = "igcam.toml"
+Crop = Annotated[int, Range(16)]  # a network input side, at least one stride-16 cell
+CrfPreset = Literal["psa", "irn", "deeplab", "toco"]  # core/densecrf.py PRESETS
+SCALE_ORDER = Rule(("scale_min", "scale_max"), lambda c: c.scale_min <= c.scale_max, "need scale_min <= scale_max")
 # Each stage config's NOT_IN_RESULTS: settings that change how fast a stage runs or what else it
 # writes, never its results; a resume or `igcam run` does not count them as changed settings.
 
@@ -35,28 +49,40 @@ class RunOptions:
 class TrainClsConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "val_split")  # val_split: only the logged val mAP
 
-    backbone: str = "resnet50"
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        SCALE_ORDER,
+        Rule(("crop_height",), lambda c: c.crop_height == 0 or c.crop_height >= 16, "need 0 (square) or >= 16"),
+        Rule(
+            ("sample_weights", "round"),
+            lambda c: c.sample_weights == "none" or c.round >= 2,
+            "influence weights need round 2 or later (round 1 is the plain training compute-influence reads)",
+        ),
+    )
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # models/classifier.py BACKBONES
     pretrained: str = "imagenet"  # imagenet | none | PATH to a state dict
     split: str = "train"
     val_split: str = "val"
-    epochs: int = 5
-    batch_size: int = 16
-    crop: int = 512
-    crop_height: int = 0  # rows of the training canvas (0: crop, a square); crop_height x crop for landscape images
-    scale_min: float = 0.625  # random rescale: the long side becomes s * crop, s in [scale_min, scale_max]
+    epochs: Count = 5
+    batch_size: Count = 16
+    crop: Crop = 512
+    # rows of the training canvas (0: crop, a square); crop_height x crop for landscape images
+    crop_height: NonNegative = 0
+    scale_min: Positive = 0.625  # random rescale: the long side becomes s * crop, s in [scale_min, scale_max]
     scale_max: float = 1.25
-    lr: float = 0.01  # backbone; the head gets lr * head_lr_mult
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 0  # linear learning-rate warm-up before the poly decay (rounds >= 2 never warm up)
+    lr: Positive = 0.01  # backbone; the head gets lr * head_lr_mult
+    head_lr_mult: NonNegativeFloat = 10.0
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_epochs: NonNegative = 0  # linear learning-rate warm-up before the poly decay (rounds >= 2 never warm up)
     freeze_bn: bool = True
-    workers: int = 2
-    round: int = 1  # 1: plain training (cls/model.pt); k >= 2: fine-tunes round k-1's model into cls/round<k>/
-    sample_weights: str = "none"  # none | influence: per-image loss weights from influence/<split>/scores.csv
+    workers: NonNegative = 2
+    round: Count = 1  # 1: plain training (cls/model.pt); k >= 2: fine-tunes round k-1's model into cls/round<k>/
+    # none | influence: per-image loss weights from influence/<split>/scores.csv
+    sample_weights: Literal["none", "influence"] = "none"
     relabel: bool = True  # with sample_weights=influence: train on compute-influence's suggested labels
-    finetune_lr_mult: float = 0.2  # rounds >= 2 fine-tune at lr * finetune_lr_mult ...
-    finetune_epochs: int = 0  # ... for this many epochs (0: half of `epochs`, at least 1)
+    finetune_lr_mult: Positive = 0.2  # rounds >= 2 fine-tune at lr * finetune_lr_mult ...
+    finetune_epochs: NonNegative = 0  # ... for this many epochs (0: half of `epochs`, at least 1)
 
 
 @dataclass
@@ -64,17 +90,17 @@ class MakeCamsConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size")
 
     split: str = "train"
-    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    scales: Scales = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
-    batch_size: int = 8
-    workers: int = 2
+    batch_size: Count = 8
+    workers: NonNegative = 2
     # auto: the labels the classifier round was trained on (the image labels, with the suggestions of
     # compute-influence where train-cls --sample-weights influence relabelled) | labels: the image labels as
     # given | predicted: classes scoring above predict_threshold
-    label_source: str = "auto"
-    predict_threshold: float = 0.5
-    influence_fusion: float = 0.0  # lambda: (1 - lambda) cam + lambda influence map (influence/<split>/); 0 = off
-    round: int | None = None  # classifier round (cls/model.pt = 1, cls/round<k>/model.pt); None = the latest
+    label_source: Literal["auto", "labels", "predicted"] = "auto"
+    predict_threshold: Fraction = 0.5
+    influence_fusion: Fraction = 0.0  # lambda: (1 - lambda) cam + lambda influence map (influence/<split>/); 0 = off
+    round: Count | None = None  # classifier round (cls/model.pt = 1, cls/round<k>/model.pt); None = the latest
 
 
 @dataclass
@@ -95,30 +121,44 @@ class ComputeInfluenceConfig:
         "learned_low",
         "learned_high",
     )
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("w_min", "w_max"), lambda c: c.w_min <= 1.0 <= c.w_max, "need w_min <= 1 <= w_max"),
+        Rule(
+            ("learned_low", "learned_high"),
+            lambda c: c.learned_low <= c.learned_high,
+            "need learned_low <= learned_high",
+        ),
+        Rule(
+            ("relabel_drop_below", "relabel_confidence"),
+            lambda c: c.relabel_drop_below <= 1 - c.relabel_confidence + 1e-9,
+            "need relabel_drop_below <= 1 - relabel_confidence",
+        ),
+    )
 
     split: str = "train"
     query_split: str | None = None  # None: 'val' when the dataset has it (and it is not `split`), else `split`
     hessian: Literal["ekfac", "kfac", "none"] = "ekfac"  # none: plain gradient dot products
-    damping: float = 0.1
+    damping: NonNegativeFloat = 0.1
     damping_mode: Literal["relative", "absolute"] = "relative"  # relative: damping x mean eigenvalue per layer
     fisher: Literal["ggn", "sampled", "empirical"] = "ggn"  # ggn: exact, C seeds
     scope: str = "last_block"  # last_block | layer4 | comma-separated module names (e.g. head)
     maps: Literal["labelled", "all", "none"] = "labelled"  # spatial maps for: labelled classes | all classes | none
-    size: int = 0  # long side the images are resized to (0: as they are)
-    round: int | None = None  # classifier round; None = the latest
+    size: NonNegative = 0  # long side the images are resized to (0: as they are)
+    round: Count | None = None  # classifier round; None = the latest
     w_min: float = 0.2  # sample weights (core/influence.py sample_weights)
     w_max: float = 2.0
     w_threshold: float = 1.0
-    w_temperature: float = 1.0
+    w_temperature: Positive = 1.0
     relabel_threshold: float = 1.0  # label suggestions (core/influence.py suggest_labels): atypicality above this
-    relabel_confidence: float = 0.5  # ... and the classifier sees an unlabelled class with p above this
-    relabel_drop_below: float = 0.0  # ... or scores a labelled class below this (0: never drop without an addition)
+    # ... and the classifier sees an unlabelled class with p above this
+    relabel_confidence: Annotated[float, Range(0.5, 1, high_open=True)] = 0.5
+    relabel_drop_below: Fraction = 0.0  # ... or scores a labelled class below this (0: never drop without an addition)
     # The guard (stages/compute_influence.py _fit): g = median over images of 1 - loss / class-prior loss;
     # weights are all 1 at g <= learned_low, at full strength from learned_high, where suggestions start
     learned_low: float = 0.3
     learned_high: float = 0.7
-    batch_size: int = 8
-    workers: int = 2
+    batch_size: Count = 8
+    workers: NonNegative = 2
 
 
 @dataclass
@@ -126,16 +166,20 @@ class InfluenceReportConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ()
 
     split: str = "train"
-    top_k: int = 24
+    top_k: Count = 24
     truth: str | None = None  # list of truly mislabelled ids (default: corrupted.csv in the dataset root, if any)
 
 
 @dataclass
 class RefineConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size")
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("scales",), lambda c: c.scales == sorted(c.scales), "boundary scales go coarse to fine (ascending)"),
+    )
 
     split: str = "train"
-    guidance: str = "proposals"  # proposals (label-free) | gt (ORACLE: GT masks as regions) | none
+    # proposals (label-free) | gt (ORACLE: GT masks as regions) | none
+    guidance: Literal["proposals", "gt", "none"] = "proposals"
     boundary: bool = True
     # Defaults below marked (*) were chosen across all six synthetic styles (heads, textured, shapes,
     # lookalike, scales, clutter; 160 train images each, CAMs of the synthetic preset) with
@@ -143,31 +187,35 @@ class RefineConfig:
     # ones (fill_gain 2, anchor 0.5, max_area 0.5, 10 iterations at scales 0.25-1 on every image size)
     # filled whole background regions from diffuse CAMs and spread a haze over textured backgrounds:
     # CRF(refined) 39.9 vs CRF(CAM) 45.2, mean of the styles; the new ones give 48.3, >= CRF(CAM) on each.
-    scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # boundary scales, coarse to fine
+    scales: Annotated[list[float], Range(0, 1, low_open=True)] = field(
+        default_factory=lambda: [0.25, 0.5, 1.0]
+    )  # boundary scales, coarse to fine
     # (*) skip boundary scales whose shorter image side would be below this (pixels): at 128 px the 0.25 scale
     # is 32 px and the largest dilation (24) spans it (CRF mean 46.6 with it, 47.7 without; 500 px VOC keeps all)
-    min_scale_side: int = 64
-    iterations: int = 3  # (*) propagation steps per scale (10: CRF mean 46.8, 3: 47.7)
-    batch_size: int = 8
-    workers: int = 2
+    min_scale_side: NonNegative = 64
+    iterations: NonNegative = 3  # (*) propagation steps per scale (10: CRF mean 46.8, 3: 47.7)
+    batch_size: Count = 8
+    workers: NonNegative = 2
     # proposals (core/proposals.py): Felzenszwalb scale, smoothing, smallest segment (fraction of the image)
-    proposal_scale: float = 300.0
-    proposal_sigma: float = 0.8
-    proposal_min_size: float = 1e-3
+    proposal_scale: Positive = 300.0
+    proposal_sigma: NonNegativeFloat = 0.8
+    proposal_min_size: Fraction = 1e-3
     # guidance (core/guidance.py: GuidanceParams documents each)
-    anchor_threshold: float = 0.6  # (*) 0.4 / 0.5 / 0.6 / 0.7: CRF mean 46.4 / 47.7 / 48.3 / 47.4
-    min_anchor_cover: float = 0.5
+    # (*) 0.4 / 0.5 / 0.6 / 0.7: CRF mean 46.4 / 47.7 / 48.3 / 47.4
+    anchor_threshold: Annotated[float, Range(0, 1, low_open=True)] = 0.6
+    min_anchor_cover: Fraction = 0.5
     # (*) 0.25 / 0.5: CRF mean 48.3 / 47.9 (heads alone prefers 0.5: 79.3 vs 76.4); objects up to a quarter
     # of the image. Raise it for data with larger objects (VOC has some).
-    max_area: float = 0.25
-    select_threshold: float = 0.12  # (*) 0.12 / 0.25 / 0.4 moved the CRF mean by at most 1.5
-    min_share: float = 0.5
-    fill_gain: float = 1.0  # (*) 1 / 1.5 / 2: CRF mean 48.0 / 46.2 / 43.7 (boundary off, max_area 0.25)
-    outside_damping: float = 0.5  # (*) 0.25 / 0.5 / 1: CRF mean 47.9 / 48.3 / 48.8, fixed-tau maps 34.7 / 29.8 / 24.6
+    max_area: Fraction = 0.25
+    select_threshold: NonNegativeFloat = 0.12  # (*) 0.12 / 0.25 / 0.4 moved the CRF mean by at most 1.5
+    min_share: Fraction = 0.5
+    fill_gain: Positive = 1.0  # (*) 1 / 1.5 / 2: CRF mean 48.0 / 46.2 / 43.7 (boundary off, max_area 0.25)
+    # (*) 0.25 / 0.5 / 1: CRF mean 47.9 / 48.3 / 48.8, fixed-tau maps 34.7 / 29.8 / 24.6
+    outside_damping: Fraction = 0.5
     # boundary (core/boundary.py: BoundaryParams documents each)
-    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
-    sigma_rgb: float = 0.3
-    sigma_xy: float = 16.0
+    dilations: Annotated[list[int], Range(1)] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    sigma_rgb: Positive = 0.3
+    sigma_xy: Positive = 16.0
 
 
 @dataclass
@@ -175,37 +223,41 @@ class CrfConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
 
     split: str = "train"
-    source: str = "refined"  # refined | cams
-    preset: str = "psa"
-    bg_mode: str = "power"  # power: (1 - max)^alpha | constant: tau
-    bg_alpha: float | None = None  # None: 4 for CAM-like maps (PSA), 1 for instance-guided maps (see stages/crf.py)
-    bg_tau: float = 0.25
-    confidence: float = 0.0  # marginals below this become 255 (ignore); 0 keeps every pixel
-    workers: int = 2
+    source: Literal["refined", "cams"] = "refined"
+    preset: CrfPreset = "psa"
+    bg_mode: Literal["power", "constant"] = "power"  # power: (1 - max)^alpha | constant: tau
+    bg_alpha: Positive | None = None  # None: 4 for CAM-like maps (PSA), 1 for instance-guided maps (see stages/crf.py)
+    bg_tau: Fraction = 0.25
+    confidence: Fraction = 0.0  # marginals below this become 255 (ignore); 0 keeps every pixel
+    workers: NonNegative = 2
 
 
 @dataclass
 class TrainSegConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "val_split")  # val_split: only the logged val mIoU
+    RULES: ClassVar[tuple[Rule, ...]] = (SCALE_ORDER,)
 
-    # deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_resnet18 | deeplabv3plus_resnet18 (small, CPU)
-    arch: str = "deeplabv3_resnet101"
+    # models/segmenter.py ARCHS; the resnet18 ones are small, for CPUs
+    arch: Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_resnet18", "deeplabv3plus_resnet18"] = (
+        "deeplabv3_resnet101"
+    )
     pretrained: str = "imagenet"  # imagenet | none | cls (this workspace's classifier backbone) | PATH (ResNet,
     #                               igcam classifier or segmenter weights)
-    labels: str = "pseudo"  # pseudo: pseudo/<split> from crf | gt: GT masks (fully supervised UPPER BOUND)
+    # pseudo: pseudo/<split> from crf | gt: GT masks (fully supervised UPPER BOUND)
+    labels: Literal["pseudo", "gt"] = "pseudo"
     split: str = "train"
     val_split: str = "val"  # mIoU against GT after every epoch when it has masks; "" for none
-    epochs: int = 30  # ~30k iterations of batch 10 on VOC train_aug, as the anchors' DeepLab recipe
-    min_steps: int = 0  # epochs rise until the run takes at least this many SGD steps (small datasets); 0: off
-    batch_size: int = 10
-    crop: int = 512
-    scale_min: float = 0.5  # random rescale of the image by s in [scale_min, scale_max]
+    epochs: Count = 30  # ~30k iterations of batch 10 on VOC train_aug, as the anchors' DeepLab recipe
+    min_steps: NonNegative = 0  # epochs rise until the run takes at least this many SGD steps (small datasets); 0: off
+    batch_size: Count = 10
+    crop: Crop = 512
+    scale_min: Positive = 0.5  # random rescale of the image by s in [scale_min, scale_max]
     scale_max: float = 2.0
-    lr: float = 0.001  # backbone; the head gets lr * head_lr_mult
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    workers: int = 2
+    lr: Positive = 0.001  # backbone; the head gets lr * head_lr_mult
+    head_lr_mult: NonNegativeFloat = 10.0
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeFloat = 1e-4
+    workers: NonNegative = 2
 
 
 @dataclass
@@ -215,25 +267,28 @@ class PredictConfig:
     split: str | None = None  # a dataset split ...
     images: str | None = None  # ... or a folder of JPEG/PNG files
     out: str | None = None  # pred/<out>/; default: the split's or the folder's name
-    scales: list[float] = field(default_factory=lambda: [1.0, 0.75, 1.25])
+    scales: Scales = field(default_factory=lambda: [1.0, 0.75, 1.25])
     flip: bool = True
     crf: bool = False
-    preset: str = "deeplab"  # CRF preset (core/densecrf.py PRESETS)
+    preset: CrfPreset = "deeplab"
     overlays: bool = True  # pred/<name>/overlays/<id>.jpg
-    batch_size: int = 8
-    workers: int = 2
+    batch_size: Count = 8
+    workers: NonNegative = 2
 
 
 @dataclass
 class EvaluateConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ()
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("tau_min", "tau_max"), lambda c: c.tau_min <= c.tau_max, "need tau_min <= tau_max"),
+    )
 
-    artifact: str = "cams"  # cams | refined | crf | seg
+    artifact: Literal["cams", "refined", "crf", "seg"] = "cams"
     split: str = "train"
-    tau_min: float = 0.05
-    tau_max: float = 0.60
-    tau_step: float = 0.01
-    bg_tau: float | None = None  # evaluate map artifacts at this fixed threshold instead of sweeping
+    tau_min: Fraction = 0.05
+    tau_max: Fraction = 0.60
+    tau_step: Positive = 0.01
+    bg_tau: Fraction | None = None  # evaluate map artifacts at this fixed threshold instead of sweeping
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -299,18 +354,37 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def build(config_cls: type, toml_table: dict[str, Any] | None, overrides: dict[str, Any]):
-    """Dataclass from defaults < toml table < CLI overrides (None means 'not given')."""
+    """Dataclass from defaults < toml table < CLI overrides (None means 'not given'), every value
+    checked against its field's declaration (validation.py): a bad one is a UsageError naming
+    the table and key, or the option, it came from."""
     names = {f.name for f in fields(config_cls)}
+    table = next((stage for stage, cls in STAGE_CONFIGS.items() if cls is config_cls), config_cls.__name__)
     values: dict[str, Any] = {}
+    source: dict[str, str] = {}
     for key, value in (toml_table or {}).items():
         key = key.replace("-", "_")
         if key not in names:
-            raise UsageError(f"{TOML_NAME}: unknown option '{key}' for {config_cls.__name__}")
-        values[key] = value
+            raise UsageError(f"{TOML_NAME} [{table}]: unknown option '{key}' (options: {', '.join(sorted(names))})")
+        values[key], source[key] = value, f"{TOML_NAME} [{table}] {key}"
     for key, value in overrides.items():
         if value is not None:
-            values[key] = value
-    return config_cls(**values)
+            values[key], source[key] = value, f"--{key.replace('_', '-')}"
+    config = config_cls(**values)
+    check(config, lambda name: source.get(name, f"[{table}] {name} (default)"))
+    return config
+
+
+def check_tables(toml: dict[str, Any]) -> None:
+    """Build every stage's config from its table of igcam.toml (`igcam run` does this before its first
+    stage starts): a table no stage reads, or a bad value in any table, is a UsageError."""
+    for table, values in toml.items():
+        if table == "dataset":
+            continue
+        if table not in STAGE_CONFIGS:
+            raise UsageError(f"{TOML_NAME}: unknown table [{table}] (tables: dataset, {', '.join(STAGE_CONFIGS)})")
+        if not isinstance(values, dict):
+            raise UsageError(f"{TOML_NAME}: [{table}] must be a table of options, got {values!r}")
+        build(STAGE_CONFIGS[table], values, {})
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -185,7 +185,11 @@ def test_scales_that_are_not_numbers(chain_ws):
     before = snapshot(chain_ws)
     result = igcam("make-cams", "-w", chain_ws, "--workers", "0", "--scales", "a,b")
     assert_error(result, 2, "--scales expects comma-separated numbers", "'a,b'")
-    assert_error(igcam("make-cams", "-w", chain_ws, "--scales", "1.0,-0.5"), 2, "--scales must be positive")
+    assert_error(
+        igcam("make-cams", "-w", chain_ws, "--scales", "1.0,-0.5"),
+        2,
+        "--scales: [1.0, -0.5] is not allowed (a non-empty list of numbers > 0)",
+    )
     assert_intact(before, chain_ws)
 
 
@@ -242,7 +246,11 @@ def test_resume_checks_every_setting_of_the_results(trained_ws):
 
 @pytest.mark.slow
 def test_unknown_evaluate_artifact(chain_ws):
-    assert_error(igcam("evaluate", "-w", chain_ws, "--artifact", "masks"), 2, "unknown artifact 'masks'")
+    assert_error(
+        igcam("evaluate", "-w", chain_ws, "--artifact", "masks"),
+        2,
+        "--artifact: 'masks' is not allowed (one of cams, refined, crf, seg)",
+    )
 
 
 # ---- the real console script -----------------------------------------------------------------------

@@ -209,9 +209,9 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"relabel_confidence": 0.4}, "relabel_confidence must be in [0.5, 1), got 0.4"),
-        ({"relabel_drop_below": 0.6}, "relabel_drop_below must be in [0, 0.5] (1 - relabel_confidence), got 0.6"),
-        ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below must be in [0, 0.2]"),
+        ({"relabel_confidence": 0.4}, "relabel-confidence: 0.4 is not allowed (a number in [0.5, 1))"),
+        ({"relabel_drop_below": 0.6}, "relabel_drop_below = 0.6, relabel_confidence = 0.5; need relabel_drop_below <="),
+        ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below = 0.3, relabel_confidence = 0.8"),
     ],
 )
 @pytest.mark.slow

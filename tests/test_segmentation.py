@@ -269,7 +269,7 @@ def test_pretrained_cls_needs_the_workspace_classifier(fresh_ws):
 
 def test_train_seg_usage_errors(fresh_ws):
     assert_error(igcam("train-seg", "-w", fresh_ws, "--labels", "masks", *SEG), 2, "--labels")
-    assert_error(igcam("train-seg", "-w", fresh_ws, "--arch", "unet", *SEG), 2, "unknown --arch 'unet'")
+    assert_error(igcam("train-seg", "-w", fresh_ws, "--arch", "unet", *SEG), 2, "--arch: 'unet' is not allowed (one of")
 
 
 @pytest.mark.slow

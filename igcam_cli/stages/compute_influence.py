@@ -445,30 +445,6 @@ def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
 
 
 def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceConfig:
-    checks = {
-        "hessian": ("ekfac", "kfac", "none"),
-        "damping_mode": ("relative", "absolute"),
-        "fisher": ("ggn", "sampled", "empirical"),
-        "maps": ("labelled", "all", "none"),
-    }
-    for name, allowed in checks.items():
-        if getattr(cfg, name) not in allowed:
-            raise UsageError(
-                f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'"
-            )
-    if cfg.damping < 0 or cfg.size < 0 or cfg.batch_size < 1:
-        raise UsageError("--damping and --size must be >= 0 and --batch-size >= 1")
-    if not cfg.w_min <= 1.0 <= cfg.w_max or cfg.w_temperature <= 0:
-        raise UsageError("sample weights need w_min <= 1 <= w_max and w_temperature > 0")
-    if not 0.5 <= cfg.relabel_confidence < 1:
-        raise UsageError(f"relabel_confidence must be in [0.5, 1), got {cfg.relabel_confidence}")
-    if not cfg.learned_low <= cfg.learned_high:
-        raise UsageError(f"learned_low must be <= learned_high, got {cfg.learned_low} and {cfg.learned_high}")
-    if not 0 <= cfg.relabel_drop_below < 1 - cfg.relabel_confidence + 1e-9:
-        raise UsageError(
-            f"relabel_drop_below must be in [0, {1 - cfg.relabel_confidence:g}] (1 - relabel_confidence), "
-            f"got {cfg.relabel_drop_below}"
-        )
     for split in (cfg.split, cfg.query_split):
         if split is not None and split not in dataset.splits():
             raise BadData(f"dataset has no split '{split}' (splits: {', '.join(dataset.splits())})")

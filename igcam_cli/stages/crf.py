@@ -8,11 +8,11 @@ import numpy as np
 
 from igcam_cli.config import CrfConfig, RunOptions, to_dict
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
-from igcam_cli.errors import BadData, UsageError
+from igcam_cli.errors import BadData
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.runtime.pool import map_ordered, process_pool
 from igcam_cli.runtime.progress import StageLog
-from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
+from igcam_cli.workspace import PRODUCER, Workspace, input_key
 
 # Background (1 - max)^alpha: CAMs are peaked, and a high power lets the CRF grow them (PSA);
 # instance-guided maps already fill their objects, and alpha 1 keeps their leakage out. Synthetic
@@ -24,12 +24,6 @@ PEAKED_ALPHA, FILLED_ALPHA = 4.0, 1.0
 def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
     """Writes `pseudo/<split>/<id>.png` for this shard's images not done yet; returns how many."""
     log = StageLog(ws.log_path("crf"), quiet=opts.quiet)
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown CRF preset '{cfg.preset}' (choose from {', '.join(PRESETS)})")
-    if cfg.source not in MAP_KINDS:
-        raise UsageError(f"--source must be one of {', '.join(MAP_KINDS)}")
-    if cfg.bg_mode not in ("power", "constant"):
-        raise UsageError("--bg-mode must be 'power' or 'constant'")
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
     mine = shard.select(split_ids)

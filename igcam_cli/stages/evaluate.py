@@ -20,7 +20,7 @@ from rich.table import Table
 
 from igcam_cli.config import EvaluateConfig, RunOptions, to_dict
 from igcam_cli.core.metrics import best_threshold, confusion_matrix, scores, threshold_confusions
-from igcam_cli.errors import BadData, MissingArtifact, UsageError
+from igcam_cli.errors import BadData, MissingArtifact
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
 
@@ -29,8 +29,6 @@ _ARTIFACT_STAGE = {**PRODUCER, "seg": "predict"}
 
 
 def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
-    if cfg.artifact not in ARTIFACTS:
-        raise UsageError(f"unknown artifact '{cfg.artifact}' (choose from {', '.join(ARTIFACTS)})")
     log = StageLog(ws.log_path("evaluate"), quiet=opts.quiet)
     dataset = ws.dataset()
     ids = dataset.ids(cfg.split)
@@ -122,8 +120,6 @@ def _check_seg_source(ws: Workspace, split: str, record: dict | None, has_output
 def _taus(cfg: EvaluateConfig) -> np.ndarray:
     if cfg.bg_tau is not None:
         return np.array([cfg.bg_tau])
-    if not 0 <= cfg.tau_min <= cfg.tau_max or cfg.tau_step <= 0:
-        raise UsageError("threshold sweep needs 0 <= tau_min <= tau_max and tau_step > 0")
     return np.round(np.arange(cfg.tau_min, cfg.tau_max + cfg.tau_step / 2, cfg.tau_step), 6)
 
 

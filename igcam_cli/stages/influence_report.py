@@ -28,7 +28,7 @@ from igcam_cli.config import InfluenceReportConfig, RunOptions, to_dict
 from igcam_cli.core.fusion import influence_heat
 from igcam_cli.core.metrics import auroc
 from igcam_cli.data.noise import CORRUPTED_NAME, read_corrupted
-from igcam_cli.errors import BadData, UsageError
+from igcam_cli.errors import BadData
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace, input_key
@@ -39,8 +39,6 @@ CELL = 128
 
 def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
     log = StageLog(ws.log_path("influence-report"), quiet=opts.quiet)
-    if cfg.top_k < 1:
-        raise UsageError("--top-k must be >= 1")
     dataset = ws.dataset()
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")

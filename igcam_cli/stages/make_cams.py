@@ -58,12 +58,6 @@ class _Images(TorchDataset):
 def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
     """Computes CAMs for this shard's images not yet in `cams/<split>`; returns how many it wrote."""
     log = StageLog(ws.log_path("make-cams"), quiet=opts.quiet)
-    if not cfg.scales or any(s <= 0 for s in cfg.scales):
-        raise UsageError("--scales must be positive numbers, e.g. 1.0,0.5,1.5,2.0")
-    if cfg.label_source not in ("auto", "labels", "predicted"):
-        raise UsageError(f"--label-source must be 'auto', 'labels' or 'predicted', got '{cfg.label_source}'")
-    if not 0.0 <= cfg.influence_fusion <= 1.0:
-        raise UsageError("--influence-fusion must be in [0, 1]")
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
     model_path, round_ = ws.cls_model(cfg.round)

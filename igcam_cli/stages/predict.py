@@ -138,12 +138,6 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
 def _check(cfg: PredictConfig) -> None:
     if (cfg.split is None) == (cfg.images is None):
         raise UsageError("predict needs exactly one of --split S (a dataset split) or --images DIR (a folder)")
-    if not cfg.scales or any(s <= 0 for s in cfg.scales):
-        raise UsageError("--scales must be positive numbers, e.g. 1.0,0.75,1.25")
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown CRF preset '{cfg.preset}' (choose from {', '.join(PRESETS)})")
-    if cfg.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
 
 
 def _source(

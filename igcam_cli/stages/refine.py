@@ -103,8 +103,6 @@ def boundary_params(cfg: RefineConfig) -> BoundaryParams:
 def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
     """Refines this shard's CAMs not yet in `refined/<split>`; returns how many it wrote."""
     log = StageLog(ws.log_path("refine"), quiet=opts.quiet)
-    if cfg.guidance not in GUIDANCE:
-        raise UsageError(f"--guidance must be one of {', '.join(GUIDANCE)}")
     try:
         guidance_params(cfg), boundary_params(cfg)
     except ValueError as exc:

@@ -20,7 +20,7 @@ from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
 from igcam_cli.core.metrics import class_prior_loss, mean_average_precision
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import eval_view, multi_hot, train_view
-from igcam_cli.errors import BadData, MissingArtifact, UsageError
+from igcam_cli.errors import BadData, MissingArtifact
 from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime import training
@@ -270,21 +270,6 @@ def _crop_said(cfg: TrainClsConfig) -> str:
 def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16 or not (cfg.crop_height == 0 or cfg.crop_height >= 16):
-        raise UsageError("--epochs and --batch-size must be >= 1, --crop >= 16 and --crop-height 0 or >= 16")
-    if not 0 < cfg.scale_min <= cfg.scale_max:
-        raise UsageError("need 0 < scale_min <= scale_max")
-    if cfg.round < 1:
-        raise UsageError("--round must be >= 1")
-    if cfg.sample_weights not in ("none", "influence"):
-        raise UsageError(f"--sample-weights must be 'none' or 'influence', got '{cfg.sample_weights}'")
-    if cfg.finetune_lr_mult <= 0 or cfg.finetune_epochs < 0:
-        raise UsageError("--finetune-lr-mult must be > 0 and --finetune-epochs >= 0")
-    if cfg.sample_weights != "none" and cfg.round == 1:
-        raise UsageError(
-            "--sample-weights influence needs --round 2 or later (round 1 is the plain training "
-            "whose model compute-influence reads)"
-        )
 
 
 def _schedule(cfg: TrainClsConfig) -> TrainClsConfig:

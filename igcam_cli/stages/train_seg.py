@@ -27,7 +27,7 @@ from igcam_cli.core.metrics import confusion_matrix, scores
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
-from igcam_cli.models.segmenter import ARCHS, Segmenter, build_segmenter, load_segmenter
+from igcam_cli.models.segmenter import Segmenter, build_segmenter, load_segmenter
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime import training
 from igcam_cli.runtime.batching import image_loader, same_size_batches
@@ -222,16 +222,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _check(cfg: TrainSegConfig, dataset: Dataset) -> None:
-    if cfg.arch not in ARCHS:
-        raise UsageError(f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})")
-    if cfg.labels not in LABEL_SOURCES:
-        raise UsageError("--labels must be 'pseudo' (crf pseudo-labels) or 'gt' (GT masks: the upper bound)")
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.crop < 16 or cfg.min_steps < 0:
-        raise UsageError("--epochs and --batch-size must be >= 1, --crop >= 16 and --min-steps >= 0")
-    if not 0 < cfg.scale_min <= cfg.scale_max:
-        raise UsageError("need 0 < scale_min <= scale_max")
 
 
 def _label_source(
