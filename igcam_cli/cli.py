@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, get_origin, get_type_hints
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from igcam_cli import __version__
 from igcam_cli.config import (
     STAGE_CONFIGS,
     RunOptions,
     build,
+    to_dict,
 )
 from igcam_cli.errors import IgcamError, UsageError
 from igcam_cli.runtime.distributed import parse_shard
+from igcam_cli.validation import allowed
 from igcam_cli.workspace import Workspace, default_workspace
 
 app = typer.Typer(
@@ -77,6 +81,52 @@ class Preset(str, Enum):
     auto = "auto"
     synthetic = "synthetic"
     standard = "standard"
+
+
+class StageCommand(TyperCommand):
+    """A stage's command, whose --help shows for every option that sets a config field the value a
+    run would use: from the igcam.toml of the workspace that -w or $IGCAM_WORKSPACE names, else the
+    built-in default."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["igcam_args"] = list(args)  # --help is eager: -w is not parsed yet when it runs
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        stage = self.name or ""
+        shown = _effective_settings(stage, ctx.meta.get("igcam_args", []))
+        hints = get_type_hints(STAGE_CONFIGS[stage], include_extras=True)
+        saved = {param: (param.default, param.help) for param in self.params if isinstance(param, TyperOption)}
+        try:
+            for param in saved:
+                name = param.name or ""
+                if shown.get(name) is not None:
+                    value = shown[name]
+                    param.default = ",".join(str(v) for v in value) if isinstance(value, list) else value
+                if get_origin(hints.get(name)) is Literal:  # the choices, from the config's declaration
+                    param.help = f"{param.help or ''} ({allowed(hints[name])})".strip()
+            super().format_help(ctx, formatter)
+        finally:
+            for param, (default, help_text) in saved.items():
+                param.default, param.help = default, help_text
+
+
+def _effective_settings(stage: str, args: list[str]) -> dict:
+    """The config a stage would run with, without command-line overrides (defaults if the workspace
+    or its igcam.toml cannot be read)."""
+    path = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-w", "--workspace")), None)
+    path = path or next((a.split("=", 1)[1] for a in args if a.startswith("--workspace=")), None)
+    path = path or os.environ.get("IGCAM_WORKSPACE")
+    table: dict = {}
+    if path:
+        try:
+            table = Workspace.open(Path(path)).stage_table(stage)
+        except IgcamError:
+            pass
+    try:
+        return to_dict(build(STAGE_CONFIGS[stage], table, {}))
+    except IgcamError:
+        return to_dict(STAGE_CONFIGS[stage]())
 
 
 def handles_errors(fn):
@@ -218,11 +268,11 @@ def synth(
         )
 
 
-@app.command("train-cls")
+@app.command("train-cls", cls=StageCommand)
 @handles_errors
 def train_cls(
     workspace: WorkspaceOpt = None,
-    backbone: Annotated[str | None, typer.Option(help="resnet18|resnet34|resnet50|resnet101")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Classifier backbone")] = None,
     pretrained: Annotated[str | None, typer.Option(help="imagenet, none, or a weights file")] = None,
     split: SplitOpt = None,
     val_split: Annotated[str | None, typer.Option(help="Split for the per-epoch validation mAP")] = None,
@@ -251,12 +301,10 @@ def train_cls(
         bool | None,
         typer.Option(
             "--relabel/--no-relabel",
-            help="With --sample-weights influence: train on compute-influence's suggested labels \\[default: relabel]",
+            help="With --sample-weights influence: train on compute-influence's suggested labels",
         ),
     ] = None,
-    finetune_lr_mult: Annotated[
-        float | None, typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0) \\[default: 0.2]")
-    ] = None,
+    finetune_lr_mult: Annotated[float | None, typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0)")] = None,
     finetune_epochs: Annotated[
         int | None, typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")
     ] = None,
@@ -304,19 +352,19 @@ def train_cls(
     )
 
 
-@app.command("make-cams")
+@app.command("make-cams", cls=StageCommand)
 @handles_errors
 def make_cams(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    scales: Annotated[str | None, typer.Option(help="Comma-separated scales \\[default: 1.0,0.5,1.5,2.0]")] = None,
+    scales: Annotated[str | None, typer.Option(help="Comma-separated scales")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     label_source: Annotated[
         str | None,
         typer.Option(
-            help="auto (the labels the classifier round trained on), labels (as given) or predicted "
-            "(classifier scores) \\[default: auto]"
+            help="Classes that get CAMs: auto = the labels the classifier round trained on, labels = as given, "
+            "predicted = the classifier's scores"
         ),
     ] = None,
     influence_fusion: Annotated[
@@ -352,7 +400,7 @@ def make_cams(
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
-@app.command("compute-influence")
+@app.command("compute-influence", cls=StageCommand)
 @handles_errors
 def compute_influence(
     workspace: WorkspaceOpt = None,
@@ -360,14 +408,18 @@ def compute_influence(
     query_split: Annotated[
         str | None, typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")
     ] = None,
-    hessian: Annotated[str | None, typer.Option(help="ekfac, kfac or none (gradient dot products)")] = None,
+    hessian: Annotated[str | None, typer.Option(help="Curvature (none: plain gradient dot products)")] = None,
     damping: Annotated[
         float | None, typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")
     ] = None,
-    damping_mode: Annotated[str | None, typer.Option(help="relative or absolute")] = None,
-    fisher: Annotated[str | None, typer.Option(help="Curvature: ggn (exact), sampled or empirical")] = None,
+    damping_mode: Annotated[
+        str | None, typer.Option(help="Damping relative to each layer's mean eigenvalue, or absolute")
+    ] = None,
+    fisher: Annotated[str | None, typer.Option(help="Fisher of the curvature (ggn: exact)")] = None,
     scope: Annotated[str | None, typer.Option(help="Tracked layers: last_block, layer4, or module names a,b")] = None,
-    maps: Annotated[str | None, typer.Option(help="Spatial maps for labelled classes, all classes or none")] = None,
+    maps: Annotated[
+        str | None, typer.Option(help="Spatial influence maps: for the labelled classes, all classes, or none")
+    ] = None,
     size: Annotated[int | None, typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
     round: Annotated[
         int | None, typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
@@ -420,7 +472,7 @@ def compute_influence(
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force, wait=wait or torchrun)
 
 
-@app.command("influence-report")
+@app.command("influence-report", cls=StageCommand)
 @handles_errors
 def influence_report(
     workspace: WorkspaceOpt = None,
@@ -443,18 +495,18 @@ def influence_report(
         typer.echo(stage.summary(result))
 
 
-@app.command()
+@app.command(cls=StageCommand)
 @handles_errors
 def refine(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    guidance: Annotated[str | None, typer.Option(help="proposals (label-free), gt (ORACLE: GT masks) or none")] = None,
+    guidance: Annotated[
+        str | None, typer.Option(help="Guidance regions: proposals are label-free; gt is an ORACLE (GT masks)")
+    ] = None,
     boundary: Annotated[
         bool | None, typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")
     ] = None,
-    scales: Annotated[
-        str | None, typer.Option(help="Boundary scales, coarse to fine \\[default: 0.25,0.5,1.0]")
-    ] = None,
+    scales: Annotated[str | None, typer.Option(help="Boundary scales, coarse to fine")] = None,
     iterations: Annotated[int | None, typer.Option(min=0, help="Propagation steps per scale")] = None,
     fill_gain: Annotated[
         float | None, typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")
@@ -500,13 +552,13 @@ def refine(
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
-@app.command()
+@app.command(cls=StageCommand)
 @handles_errors
 def crf(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    source: Annotated[str | None, typer.Option(help="refined (default) or cams")] = None,
-    preset: Annotated[str | None, typer.Option(help="psa, irn, deeplab or toco")] = None,
+    source: Annotated[str | None, typer.Option(help="Maps the CRF starts from")] = None,
+    preset: Annotated[str | None, typer.Option(help="CRF parameters")] = None,
     bg_mode: Annotated[str | None, typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
     bg_alpha: Annotated[float | None, typer.Option(min=0.0)] = None,
     bg_tau: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
@@ -537,22 +589,20 @@ def crf(
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
-@app.command("train-seg")
+@app.command("train-seg", cls=StageCommand)
 @handles_errors
 def train_seg(
     workspace: WorkspaceOpt = None,
     arch: Annotated[
         str | None,
-        typer.Option(
-            help="deeplabv3_resnet50|deeplabv3_resnet101, or small CPU models deeplabv3_resnet18|deeplabv3plus_resnet18"
-        ),
+        typer.Option(help="Segmentation model (the resnet18 ones are small, for CPUs)"),
     ] = None,
     pretrained: Annotated[
         str | None, typer.Option(help="imagenet, none, or a weights file (ResNet, classifier or segmenter)")
     ] = None,
     labels: Annotated[
         str | None,
-        typer.Option(help="pseudo (crf pseudo-labels) or gt (GT masks: the fully supervised UPPER BOUND)"),
+        typer.Option(help="pseudo: crf pseudo-labels; gt: GT masks (the fully supervised UPPER BOUND)"),
     ] = None,
     split: SplitOpt = None,
     val_split: Annotated[str | None, typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")] = None,
@@ -597,7 +647,7 @@ def train_seg(
     )
 
 
-@app.command()
+@app.command(cls=StageCommand)
 @handles_errors
 def predict(
     workspace: WorkspaceOpt = None,
@@ -608,12 +658,12 @@ def predict(
     out: Annotated[
         str | None, typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")
     ] = None,
-    scales: Annotated[str | None, typer.Option(help="Comma-separated scales \\[default: 1.0,0.75,1.25]")] = None,
+    scales: Annotated[str | None, typer.Option(help="Comma-separated scales")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     crf: Annotated[
         bool | None, typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="CRF preset: deeplab, psa, irn or toco")] = None,
+    preset: Annotated[str | None, typer.Option(help="CRF parameters (with --crf)")] = None,
     overlays: Annotated[bool | None, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     workers: WorkersOpt = None,
@@ -644,13 +694,13 @@ def predict(
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
 
 
-@app.command()
+@app.command(cls=StageCommand)
 @handles_errors
 def evaluate(
     workspace: WorkspaceOpt = None,
     artifact: Annotated[
         str | None,
-        typer.Option(help="cams, refined, crf or seg (predict's pred/<split>/); influence: the mislabel report"),
+        typer.Option(help="What to score (seg: predict's pred/<split>/), or influence: the mislabel report"),
     ] = None,
     split: SplitOpt = None,
     bg_tau: Annotated[
