@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.config import STAGE_CONFIGS, RunOptions, build
+from igcam_cli.config import RunOptions
+from igcam_cli.registry import stage_config
 from igcam_cli.stages import crf, evaluate, refine
 from igcam_cli.workspace import Workspace
 
@@ -53,7 +54,7 @@ def run(
 
 
 def _config(ws: Workspace, stage: str, **overrides):
-    return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
+    return stage_config(ws, stage, **overrides)
 
 
 def _sub_workspace(ws: Workspace, name: str) -> Workspace:

@@ -23,12 +23,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.config import STAGE_CONFIGS, RunOptions, build, check_tables, to_dict
+from igcam_cli.config import RunOptions, to_dict
 from igcam_cli.errors import UsageError
+from igcam_cli.registry import CHAIN, check_tables, stage_config
 from igcam_cli.stages import crf, evaluate, make_cams, predict, refine, train_cls, train_seg
 from igcam_cli.workspace import Workspace
 
-STAGES = ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "evaluate")
+STAGES = CHAIN  # train-cls, make-cams, refine, crf, train-seg, predict, evaluate (registry.py)
 
 
 @dataclass
@@ -94,7 +95,7 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
     dataset = ws.dataset()
 
     def config(stage: str, **overrides):
-        return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
+        return stage_config(ws, stage, **overrides)
 
     seg_defaults = config("train-seg")
     split = split or seg_defaults.split

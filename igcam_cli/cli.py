@@ -13,13 +13,9 @@ import typer
 from typer.core import TyperCommand, TyperOption
 
 from igcam_cli import __version__
-from igcam_cli.config import (
-    STAGE_CONFIGS,
-    RunOptions,
-    build,
-    to_dict,
-)
+from igcam_cli.config import RunOptions, build, to_dict
 from igcam_cli.errors import IgcamError, UsageError
+from igcam_cli.registry import config_class, stage_config
 from igcam_cli.runtime.distributed import parse_shard
 from igcam_cli.validation import allowed
 from igcam_cli.workspace import Workspace, default_workspace
@@ -95,7 +91,7 @@ class StageCommand(TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         stage = self.name or ""
         shown = _effective_settings(stage, ctx.meta.get("igcam_args", []))
-        hints = get_type_hints(STAGE_CONFIGS[stage], include_extras=True)
+        hints = get_type_hints(config_class(stage), include_extras=True)
         saved = {param: (param.default, param.help) for param in self.params if isinstance(param, TyperOption)}
         try:
             for param in saved:
@@ -124,9 +120,9 @@ def _effective_settings(stage: str, args: list[str]) -> dict:
         except IgcamError:
             pass
     try:
-        return to_dict(build(STAGE_CONFIGS[stage], table, {}))
+        return to_dict(build(config_class(stage), table, {}, table=stage))
     except IgcamError:
-        return to_dict(STAGE_CONFIGS[stage]())
+        return to_dict(config_class(stage)())
 
 
 def handles_errors(fn):
@@ -155,7 +151,7 @@ def _opts(device: str, seed: int, quiet: bool) -> RunOptions:
 
 
 def _config(ws: Workspace, stage: str, **overrides):
-    return build(STAGE_CONFIGS[stage], ws.stage_table(stage), overrides)
+    return stage_config(ws, stage, **overrides)
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

@@ -55,7 +55,7 @@ class TrainClsConfig:
         Rule(
             ("sample_weights", "round"),
             lambda c: c.sample_weights == "none" or c.round >= 2,
-            "influence weights need round 2 or later (round 1 is the plain training compute-influence reads)",
+            "influence weights need --round 2 or later (round 1 is the plain training compute-influence reads)",
         ),
     )
 
@@ -291,18 +291,6 @@ class EvaluateConfig:
     bg_tau: Fraction | None = None  # evaluate map artifacts at this fixed threshold instead of sweeping
 
 
-STAGE_CONFIGS: dict[str, type] = {
-    "train-cls": TrainClsConfig,
-    "make-cams": MakeCamsConfig,
-    "compute-influence": ComputeInfluenceConfig,
-    "influence-report": InfluenceReportConfig,
-    "refine": RefineConfig,
-    "crf": CrfConfig,
-    "train-seg": TrainSegConfig,
-    "predict": PredictConfig,
-    "evaluate": EvaluateConfig,
-}
-
 # Defaults `init` writes for the embedded synthetic dataset: small images, no pretrained weights,
 # a ResNet-18 that trains on two CPU cores in a few minutes.
 SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -353,12 +341,12 @@ SYNTHETIC_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(config_cls: type, toml_table: dict[str, Any] | None, overrides: dict[str, Any]):
+def build(config_cls: type, toml_table: dict[str, Any] | None, overrides: dict[str, Any], table: str | None = None):
     """Dataclass from defaults < toml table < CLI overrides (None means 'not given'), every value
     checked against its field's declaration (validation.py): a bad one is a UsageError naming
-    the table and key, or the option, it came from."""
+    the table (`table`: the stage's name) and key, or the option, it came from."""
     names = {f.name for f in fields(config_cls)}
-    table = next((stage for stage, cls in STAGE_CONFIGS.items() if cls is config_cls), config_cls.__name__)
+    table = table or config_cls.__name__
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
     for key, value in (toml_table or {}).items():
@@ -372,19 +360,6 @@ def build(config_cls: type, toml_table: dict[str, Any] | None, overrides: dict[s
     config = config_cls(**values)
     check(config, lambda name: source.get(name, f"[{table}] {name} (default)"))
     return config
-
-
-def check_tables(toml: dict[str, Any]) -> None:
-    """Build every stage's config from its table of igcam.toml (`igcam run` does this before its first
-    stage starts): a table no stage reads, or a bad value in any table, is a UsageError."""
-    for table, values in toml.items():
-        if table == "dataset":
-            continue
-        if table not in STAGE_CONFIGS:
-            raise UsageError(f"{TOML_NAME}: unknown table [{table}] (tables: dataset, {', '.join(STAGE_CONFIGS)})")
-        if not isinstance(values, dict):
-            raise UsageError(f"{TOML_NAME}: [{table}] must be a table of options, got {values!r}")
-        build(STAGE_CONFIGS[table], values, {})
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli import chain, report
-from igcam_cli.config import STAGE_CONFIGS, RunOptions
+from igcam_cli.config import RunOptions
 from igcam_cli.errors import UsageError
+from igcam_cli.registry import STAGES
 from igcam_cli.stages import init
 from igcam_cli.workspace import Workspace
 
@@ -42,9 +43,9 @@ def run(
     if epochs is not None:
         ws.set_stage_options("train-cls", {"epochs": epochs})
         ws.set_stage_options("train-seg", {"epochs": epochs, "min_steps": 0})
-    for stage, config_cls in STAGE_CONFIGS.items():
-        if any(f.name == "workers" for f in fields(config_cls)):
-            ws.set_stage_options(stage, {"workers": workers})
+    for stage in STAGES:
+        if any(f.name == "workers" for f in fields(stage.config)):
+            ws.set_stage_options(stage.name, {"workers": workers})
     results = chain.run(ws, opts, console=console)["evaluations"]
     sheets = [_pictures(ws, "train"), _predictions(ws, "val")]
     _print_table(console, results, time.time() - start)

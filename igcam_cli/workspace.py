@@ -14,7 +14,7 @@ import platform
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,8 @@ from typing import Any
 from igcam_cli import __version__
 from igcam_cli.config import TOML_NAME, read_toml, to_dict, write_toml
 from igcam_cli.errors import MissingArtifact, UsageError
+from igcam_cli.registry import BY_NAME, MAP_KINDS, PRODUCER
 from igcam_cli.store import LabelStore, MapStore
-
-MAP_KINDS = ("cams", "refined")
-# The stage that produces each artifact, for "run X first" messages and staleness.
-PRODUCER = {"cls": "train-cls", "cams": "make-cams", "refined": "refine", "crf": "crf"}
 
 
 def default_workspace() -> Path:
@@ -207,7 +204,7 @@ class Workspace:
         split: str,
         cfg: Any,
         has_output: bool,
-        inputs: dict[str, str | None] | None = None,
+        inputs: Mapping[str, str | None] | None = None,
         what: str | None = None,
         remedy: str = "pass --force to redo it",
     ) -> None:
@@ -219,16 +216,37 @@ class Workspace:
             return
         config = to_dict(cfg)
         changed = sorted(k for k in config if k not in cfg.NOT_IN_RESULTS and previous["config"].get(k) != config[k])
+        made_from = previous.get("inputs", {})
         changed += [
             f"{key.partition(':')[0]} ran again"
             for key, run in (inputs or {}).items()
-            if previous.get("inputs", {}).get(key) != run
+            if not self.same_results(made_from.get(key), run)
         ]
         if changed:
             raise UsageError(
                 f"{what or f'{stage} output for split {split!r}'} was made with other settings "
                 f"({', '.join(changed)}); {remedy}"
             )
+
+    def same_results(self, first: str | None, second: str | None) -> bool:
+        """Whether two runs of a stage stand for the same results: the same run, or two map-stage runs
+        (records with a shard) with the same split, seed and settings (those that change results) made
+        from inputs that are the same in turn. The shards of one map-stage run each write a record of
+        their own; they agree here, while a redo with other settings, or from another classifier, does not."""
+        if first == second:
+            return True
+        by_id = {r["id"]: r for r in self.records()}
+        a, b = by_id.get(first or ""), by_id.get(second or "")
+        if a is None or b is None or a["stage"] != b["stage"] or "shard" not in a or "shard" not in b:
+            return False  # a training run is its own: another one with the same settings gives other weights
+        ignored = set(getattr(BY_NAME[a["stage"]].config, "NOT_IN_RESULTS", ())) if a["stage"] in BY_NAME else set()
+        if any(a.get(k) != b.get(k) for k in ("split", "seed", "round")) or (
+            {k: v for k, v in a["config"].items() if k not in ignored}
+            != {k: v for k, v in b["config"].items() if k not in ignored}
+        ):
+            return False
+        a_in, b_in = a.get("inputs", {}), b.get("inputs", {})
+        return a_in.keys() == b_in.keys() and all(self.same_results(a_in[k], b_in[k]) for k in a_in)
 
     # ---- manifest -------------------------------------------------------------------------
     @property

@@ -191,9 +191,10 @@ def test_plan_on_a_dataset_without_a_val_split(tmp_path):
 def test_settings_outside_results_are_real_fields_of_their_stage():
     from dataclasses import fields
 
-    from igcam_cli.config import STAGE_CONFIGS
+    from igcam_cli.registry import STAGES
 
-    for stage, config_cls in STAGE_CONFIGS.items():
+    for stage in STAGES:
+        config_cls = stage.config
         names = {f.name for f in fields(config_cls)}
-        assert set(config_cls.NOT_IN_RESULTS) <= names, stage
+        assert set(config_cls.NOT_IN_RESULTS) <= names, stage.name
         assert "NOT_IN_RESULTS" not in names  # a class constant, never written to igcam.toml or the manifest

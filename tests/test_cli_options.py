@@ -9,7 +9,8 @@ import typer
 
 from cli_helpers import igcam, ok
 from igcam_cli.cli import app
-from igcam_cli.config import STAGE_CONFIGS, build
+from igcam_cli.config import build
+from igcam_cli.registry import BY_NAME
 from igcam_cli.validation import Range
 from igcam_cli.workspace import Workspace
 
@@ -72,14 +73,14 @@ def _another_value(hint, default):
 
 def _stage_commands():
     group = typer.main.get_command(app)
-    return [(stage, group.commands[stage]) for stage in STAGE_CONFIGS]
+    return [(stage, group.commands[stage]) for stage in BY_NAME]
 
 
-@pytest.mark.parametrize(("stage", "command"), _stage_commands(), ids=list(STAGE_CONFIGS))
+@pytest.mark.parametrize(("stage", "command"), _stage_commands(), ids=list(BY_NAME))
 def test_every_option_reaches_its_field(ws_dir, monkeypatch, stage, command):
-    config_cls = STAGE_CONFIGS[stage]
+    config_cls = BY_NAME[stage].config
     hints = get_type_hints(config_cls, include_extras=True)
-    shown = build(config_cls, Workspace.open(ws_dir).stage_table(stage), {})
+    shown = build(config_cls, Workspace.open(ws_dir).stage_table(stage), {}, table=stage)
     options = [p for p in command.params if p.name != "help"]
     assert not [p.name for p in options if p.name not in hints and p.name not in RUN_OPTIONS]
     _capture(monkeypatch, stage)

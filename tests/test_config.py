@@ -6,19 +6,18 @@ import pytest
 
 from cli_helpers import assert_error, igcam, ok
 from igcam_cli.config import (
-    STAGE_CONFIGS,
     SYNTHETIC_DEFAULTS,
     CrfConfig,
     CrfPreset,
     TrainClsConfig,
     TrainSegConfig,
     build,
-    check_tables,
 )
 from igcam_cli.core.densecrf import PRESETS
 from igcam_cli.errors import UsageError
 from igcam_cli.models.classifier import BACKBONES
 from igcam_cli.models.segmenter import ARCHS
+from igcam_cli.registry import BY_NAME, check_tables
 from igcam_cli.validation import Range, allowed
 from igcam_cli.workspace import Workspace
 
@@ -37,7 +36,7 @@ BAD_VALUES = [
 
 
 def test_every_stage_table_has_a_bad_value_case():
-    assert {table for table, *_ in BAD_VALUES} == set(STAGE_CONFIGS)
+    assert {table for table, *_ in BAD_VALUES} == set(BY_NAME)
 
 
 @pytest.mark.parametrize(("table", "key", "value", "says"), BAD_VALUES)
@@ -65,9 +64,9 @@ def test_rules_over_two_fields():
         build(TrainClsConfig, {}, {"sample_weights": "influence"})
     assert build(TrainClsConfig, {}, {"sample_weights": "influence", "round": 2}).round == 2
     with pytest.raises(UsageError, match="coarse to fine"):
-        build(STAGE_CONFIGS["refine"], {"scales": [1.0, 0.5]}, {})
+        build(BY_NAME["refine"].config, {"scales": [1.0, 0.5]}, {})
     with pytest.raises(UsageError, match="need relabel_drop_below <= 1 - relabel_confidence"):
-        build(STAGE_CONFIGS["compute-influence"], {"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, {})
+        build(BY_NAME["compute-influence"].config, {"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, {})
 
 
 def test_types_are_exact():
@@ -76,9 +75,9 @@ def test_types_are_exact():
     with pytest.raises(UsageError, match="True is not allowed"):  # a bool is not an integer
         build(CrfConfig, {"workers": True}, {})
     with pytest.raises(UsageError, match=r"\[1.0, 'x'\] is not allowed"):
-        build(STAGE_CONFIGS["predict"], {"scales": [1.0, "x"]}, {})
+        build(BY_NAME["predict"].config, {"scales": [1.0, "x"]}, {})
     with pytest.raises(UsageError, match=r"\[\] is not allowed"):
-        build(STAGE_CONFIGS["make-cams"], {"scales": []}, {})
+        build(BY_NAME["make-cams"].config, {"scales": []}, {})
     config = build(CrfConfig, {"bg_tau": 0, "bg_alpha": None}, {})  # an integer is a number; None where allowed
     assert config.bg_tau == 0 and config.bg_alpha is None
 
@@ -93,9 +92,9 @@ def test_unknown_tables_and_options():
 
 
 def test_defaults_and_the_synthetic_preset_pass():
-    for table, config_cls in STAGE_CONFIGS.items():
-        build(config_cls, SYNTHETIC_DEFAULTS.get(table, {}), {})
-        build(config_cls, {}, {})
+    for stage in BY_NAME.values():
+        build(stage.config, SYNTHETIC_DEFAULTS.get(stage.name, {}), {})
+        build(stage.config, {}, {})
 
 
 def test_declared_choices_match_what_the_code_knows():

@@ -75,6 +75,26 @@ def test_refine_resumes_and_refuses_other_settings_without_force(chain_ws):
     assert_error(igcam("refine", "-w", chain_ws, *REFINE, "--fill-gain", "3"), 2, "fill_gain", "--force")
 
 
+def test_a_resume_never_mixes_two_runs_of_the_input(chain_ws):
+    """Kill refine, redo make-cams with other settings: refine must not add maps from the new CAMs to
+    the ones from the old (it refuses, naming --force), and `igcam run` redoes it whole. Then the same
+    for crf after refine is redone."""
+    ok("refine", "-w", chain_ws, *REFINE, "--shard", "1/2", "--quiet")  # half of the images, as if killed
+    ok("make-cams", "-w", chain_ws, "--split", "train", "--workers", "0", "--scales", "1.0", "--force", "--quiet")
+    assert_error(igcam("refine", "-w", chain_ws, *REFINE), 2, "make-cams ran again", "--force")
+    assert 0 < len(MapStore(chain_ws / "refined" / "train").ids()) < 12  # refused before any work
+
+    ok("refine", "-w", chain_ws, *REFINE, "--force", "--quiet")
+    ok("crf", "-w", chain_ws, "--split", "train", "--workers", "0", "--source", "refined", "--force", "--quiet")
+    labels = sorted((chain_ws / "pseudo" / "train").glob("*.png"))
+    for path in labels[:5]:
+        path.unlink()  # crf killed after 7 of 12 images
+    ok("refine", "-w", chain_ws, *REFINE, "--fill-gain", "2", "--force", "--quiet")
+    crf = igcam("crf", "-w", chain_ws, "--split", "train", "--workers", "0", "--source", "refined")
+    assert_error(crf, 2, "refine ran again", "--force")
+    assert len(list((chain_ws / "pseudo" / "train").glob("*.png"))) == 7
+
+
 def test_oracle_guidance_is_marked_through_crf_and_evaluate(chain_ws):
     result = ok("refine", "-w", chain_ws, *REFINE, "--guidance", "gt")
     assert "ORACLE" in result.stderr

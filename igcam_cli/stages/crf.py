@@ -6,13 +6,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from igcam_cli.config import CrfConfig, RunOptions, to_dict
+from igcam_cli import map_stage
+from igcam_cli.config import CrfConfig, RunOptions
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
 from igcam_cli.errors import BadData
+from igcam_cli.registry import PRODUCER
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.runtime.pool import map_ordered, process_pool
 from igcam_cli.runtime.progress import StageLog
-from igcam_cli.workspace import PRODUCER, Workspace, input_key
+from igcam_cli.workspace import Workspace, input_key
 
 # Background (1 - max)^alpha: CAMs are peaked, and a high power lets the CRF grow them (PSA);
 # instance-guided maps already fill their objects, and alpha 1 keeps their leakage out. Synthetic
@@ -26,43 +28,29 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     log = StageLog(ws.log_path("crf"), quiet=opts.quiet)
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
-    mine = shard.select(split_ids)
-    maps = ws.complete_maps(cfg.source, cfg.split, mine)  # a shard needs only its own images
-    labels = ws.pseudo(cfg.split)
-    if force:
-        for image_id in mine:
-            labels.path(image_id).unlink(missing_ok=True)
-    ws.check_resumable("crf", cfg.split, cfg, has_output=len(labels) > 0)
-    done = labels.ids()
-    todo = [i for i in mine if i not in done]
-
+    maps = ws.complete_maps(cfg.source, cfg.split, shard.select(split_ids))  # a shard needs only its own images
     source_record = ws.latest(PRODUCER[cfg.source], cfg.split)
+    inputs = {input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {}
+    labels = ws.pseudo(cfg.split)
+    job = map_stage.prepare(
+        ws, "crf", cfg, labels, cfg.split, split_ids, shard, force, inputs, log, f"pseudo/{cfg.split}"
+    )
     oracle = bool(maps.attrs.get("oracle", False) or (source_record or {}).get("oracle", False))
     alpha = cfg.bg_alpha if cfg.bg_alpha is not None else FILLED_ALPHA if maps.attrs.get("guided") else PEAKED_ALPHA
-    record = ws.start(
-        "crf",
-        to_dict(cfg),
-        split=cfg.split,
-        shard=str(shard),
-        oracle=oracle,
-        **({"bg_alpha": alpha} if cfg.bg_mode == "power" else {}),
-        inputs={input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {},
-    )
+    record = job.start(oracle=oracle, **({"bg_alpha": alpha} if cfg.bg_mode == "power" else {}))
     params = PRESETS[cfg.preset]
     background = f"(1 - max)^{alpha}" if cfg.bg_mode == "power" else f"constant {cfg.bg_tau}"
     log(
         f"crf '{cfg.split}' from {cfg.source} (preset {cfg.preset}, background {background}) shard {shard}: "
-        f"{len(todo)} to do, {len(mine) - len(todo)} already done, {cfg.workers} worker(s)"
+        f"{job.progress}, {cfg.workers} worker(s)"
     )
     with record:
-        jobs = _jobs(dataset, maps, todo, params, cfg, alpha)
+        jobs = _jobs(dataset, maps, job.todo, params, cfg, alpha)
         with process_pool(cfg.workers) as pool:  # images are read here, a few ahead of the workers
             results = map_ordered(pool, _crf_job, jobs, ahead=2 * max(1, cfg.workers))
-            for image_id, label in log.track(results, len(todo), "crf"):
+            for image_id, label in log.track(results, len(job.todo), "crf"):
                 labels.write(image_id, label)
-        record.finish(outputs=[str(labels.directory)], metrics={"images": len(labels.ids() & set(split_ids))})
-    log(f"pseudo/{cfg.split}: {len(labels.ids() & set(split_ids))} of {len(split_ids)} label maps")
-    return len(todo)
+        return job.finish()
 
 
 def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig, alpha: float) -> Iterator[tuple]:

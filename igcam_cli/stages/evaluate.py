@@ -21,11 +21,12 @@ from rich.table import Table
 from igcam_cli.config import EvaluateConfig, RunOptions, to_dict
 from igcam_cli.core.metrics import best_threshold, confusion_matrix, scores, threshold_confusions
 from igcam_cli.errors import BadData, MissingArtifact
+from igcam_cli.registry import MAP_KINDS, PRODUCER
 from igcam_cli.runtime.progress import StageLog
-from igcam_cli.workspace import MAP_KINDS, PRODUCER, Workspace, input_key
+from igcam_cli.workspace import Workspace, input_key
 
 ARTIFACTS = (*MAP_KINDS, "crf", "seg")
-_ARTIFACT_STAGE = {**PRODUCER, "seg": "predict"}
+_ARTIFACT_STAGE = {**PRODUCER, "seg": PRODUCER["pred"]}  # `seg`: the predictions of the segmenter
 
 
 def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:

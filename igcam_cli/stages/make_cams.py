@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from igcam_cli import influence_io
-from igcam_cli.config import MakeCamsConfig, RunOptions, to_dict
+from igcam_cli import influence_io, map_stage
+from igcam_cli.config import MakeCamsConfig, RunOptions
 from igcam_cli.core.cam import multiscale_cams, normalize_cams
 from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset
@@ -74,35 +74,22 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     place_model(model, device).eval()
 
     store = ws.maps("cams", cfg.split)
-    if force:
-        store.clear(rank=None if shard.count == 1 else shard.index)
-    ws.check_resumable("make-cams", cfg.split, cfg, has_output=len(store) > 0)
     cls_record = ws.classifier_run(round_)
     classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id")}
     previous = (ws.latest("make-cams", cfg.split) or {}).get("classifier")
-    if len(store) > 0 and previous and previous.get("run") != classifier["run"]:
+    if not force and len(store) > 0 and previous and previous.get("run") != classifier["run"]:
         raise UsageError(
             f"cams for split '{cfg.split}' were made with classifier round {previous.get('round')} "
             f"({previous.get('path')}); pass --force to redo them with round {round_}"
         )
-    store.remove_temporaries(rank=shard.index)
-    done = store.ids()
-    todo = [i for i in shard.select(split_ids) if i not in done]
     # The latest round by default: any newer round makes these CAMs stale; --round N ties them to round N.
     cls_key = input_key("train-cls") if cfg.round is None else classifier_key(round_)
-    inputs = {cls_key: cls_record["id"]} if cls_record else {}
+    inputs = {cls_key: cls_record["id"] if cls_record else None}
     influence_record = ws.latest("compute-influence", cfg.split) if influence is not None else None
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
-    record = ws.start(
-        "make-cams",
-        to_dict(cfg),
-        split=cfg.split,
-        shard=str(shard),
-        classifier=classifier,
-        inputs=inputs,
-        **({"relabelled": len(relabelled)} if relabelled else {}),
-    )
+    job = map_stage.prepare(ws, "make-cams", cfg, store, cfg.split, split_ids, shard, force, inputs, log)
+    record = job.start(classifier=classifier, **({"relabelled": len(relabelled)} if relabelled else {}))
     log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
     if relabelled:
         log(
@@ -111,24 +98,21 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
             "image labels"
         )
     log(
-        f"make-cams '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} "
-        f"already done; scales {cfg.scales}, flip {cfg.flip}, influence fusion {cfg.influence_fusion}, device {device}"
+        f"make-cams '{cfg.split}' shard {shard}: {job.progress}; scales {cfg.scales}, flip {cfg.flip}, "
+        f"influence fusion {cfg.influence_fusion}, device {device}"
     )
     with record:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
             for batch in log.track(
                 same_size_batches(
-                    _loader(dataset, todo, cfg, device, influence, relabelled), cfg.batch_size, _image_size
+                    _loader(dataset, job.todo, cfg, device, influence, relabelled), cfg.batch_size, _image_size
                 ),
-                total=-(-len(todo) // cfg.batch_size),
+                total=-(-len(job.todo) // cfg.batch_size),
                 description="cams",
                 unit="batch",
             ):
                 _write_batch(batch, model, cfg, device, writer)
-        coverage = len(store.ids() & set(split_ids))
-        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
-    log(f"cams/{cfg.split}: {coverage} of {len(split_ids)} images")
-    return len(todo)
+        return job.finish(split_images=len(split_ids))
 
 
 def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.device, writer) -> None:

@@ -9,6 +9,7 @@ pixel. Output: `pred/<name>/<id>.png` (VOC palette, the input's size) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from igcam_cli import report
-from igcam_cli.config import PredictConfig, RunOptions, to_dict
+from igcam_cli import map_stage, report
+from igcam_cli.config import PredictConfig, RunOptions
 from igcam_cli.core.cam import multiscale_cams
 from igcam_cli.core.densecrf import PRESETS, crf_refine
 from igcam_cli.data.base import Dataset
@@ -83,56 +84,46 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
         )
     ids, make_images, cfg, name = _source(cfg, dataset)
     store = ws.predictions(name)
-    mine = shard.select(ids)
-    if force:
-        for image_id in mine:
-            store.path(image_id).unlink(missing_ok=True)
-            _overlay_path(store, image_id).unlink(missing_ok=True)
     seg_record = ws.latest("train-seg", done=True)  # the run that wrote model.pt, not a later failed one
-    seg_id = seg_record["id"] if seg_record else None
-    ws.check_resumable(
+    inputs = {input_key("train-seg"): seg_record["id"] if seg_record else None}
+    remedy = "pass --force to redo it, or --out NAME to write elsewhere"
+    job = map_stage.prepare(
+        ws,
         "predict",
-        name,
         cfg,
-        has_output=len(store) > 0,
-        inputs={input_key("train-seg"): seg_id},
-        what=f"pred/{name}",
-        remedy="pass --force to redo it, or --out NAME to write elsewhere",
+        store,
+        name,
+        ids,
+        shard,
+        force,
+        inputs,
+        log,
+        f"pred/{name}",
+        remedy,
+        also_delete=functools.partial(_overlay_path, store),
     )
-    done = store.ids()
-    todo = [i for i in mine if i not in done]
 
     provenance = {key: bool(meta.get(key) or (seg_record or {}).get(key)) for key in ("oracle", "upper_bound")}
     provenance["labels"] = meta.get("labels", "pseudo")
-    record = ws.start(
-        "predict",
-        to_dict(cfg),
-        split=name,
-        shard=str(shard),
-        **provenance,
-        inputs={input_key("train-seg"): seg_id} if seg_id else {},
-    )
+    record = job.start(**provenance)
     device = local_device(resolve_device(opts.device))
     place_model(model, device).eval()
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
     crf = f"CRF ({cfg.preset}, {cfg.workers} worker(s))" if cfg.crf else "no CRF"
     log(
-        f"predict {what} -> pred/{name} shard {shard}: {len(todo)} to do, {len(mine) - len(todo)} already done; "
+        f"predict {what} -> pred/{name} shard {shard}: {job.progress}; "
         f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
         + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else "")
     )
     with record:
-        loader = image_loader(make_images(todo), cfg.batch_size, cfg.workers, device)
+        loader = image_loader(make_images(job.todo), cfg.batch_size, cfg.workers, device)
         with process_pool(cfg.workers if cfg.crf else 0) as pool, torch.no_grad():
             predictions = _probabilities(loader, model, cfg, device)
-            for item, label in log.track(_labels(predictions, cfg, pool), len(todo), "predict"):
+            for item, label in log.track(_labels(predictions, cfg, pool), len(job.todo), "predict"):
                 if cfg.overlays:
                     report.write_overlay(_overlay_path(store, item.id), item.image, label)
                 store.write(item.id, label)  # last: a PNG marks the image done
-        coverage = len(store.ids() & set(ids))
-        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "source_images": len(ids)})
-    log(f"pred/{name}: {coverage} of {len(ids)} images")
-    return len(todo)
+        return job.finish(source_images=len(ids))
 
 
 def _check(cfg: PredictConfig) -> None:

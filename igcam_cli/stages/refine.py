@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from igcam_cli.config import RefineConfig, RunOptions, to_dict
+from igcam_cli import map_stage
+from igcam_cli.config import RefineConfig, RunOptions
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
 from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
@@ -116,41 +117,28 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     device = local_device(resolve_device(opts.device))
 
     store = ws.maps("refined", cfg.split)
-    if force:
-        store.clear(rank=None if shard.count == 1 else shard.index)
-    ws.check_resumable("refine", cfg.split, cfg, has_output=len(store) > 0)
-    store.remove_temporaries(rank=shard.index)
-    done = store.ids()
-    todo = [i for i in shard.select(split_ids) if i not in done]
     cams_record = ws.latest("make-cams", cfg.split)
-    record = ws.start(
-        "refine",
-        to_dict(cfg),
-        split=cfg.split,
-        shard=str(shard),
-        oracle=oracle,
-        inputs={input_key("make-cams", cfg.split): cams_record["id"]} if cams_record else {},
-    )
+    inputs = {input_key("make-cams", cfg.split): cams_record["id"] if cams_record else None}
+    job = map_stage.prepare(ws, "refine", cfg, store, cfg.split, split_ids, shard, force, inputs, log)
+    record = job.start(oracle=oracle)
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
     log(
-        f"refine '{cfg.split}' shard {shard}: {len(todo)} to do, {len(shard.select(split_ids)) - len(todo)} already "
-        f"done; guidance {cfg.guidance}, boundary {boundary}, device {device}"
+        f"refine '{cfg.split}' shard {shard}: {job.progress}; guidance {cfg.guidance}, boundary {boundary}, "
+        f"device {device}"
     )
     params = boundary_params(cfg)
     with record:
         with store.writer(
             rank=shard.index, source="refine", attrs={"oracle": oracle, "guided": cfg.guidance != "none"}
         ) as writer:
+            todo = job.todo
             batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 for item, maps in zip(batch, boundary_batch(batch, cfg.boundary, params, device)):
                     writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
-        coverage = len(store.ids() & set(split_ids))
-        record.finish(outputs=[str(store.directory)], metrics={"images": coverage, "split_images": len(split_ids)})
-    log(f"refined/{cfg.split}: {coverage} of {len(split_ids)} images")
-    return len(todo)
+        return job.finish(split_images=len(split_ids))
 
 
 def boundary_batch(

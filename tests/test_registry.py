@@ -1,0 +1,29 @@
+"""The stage registry is the one declaration of the pipeline: everything else agrees with it."""
+
+import importlib
+
+import typer
+
+from igcam_cli import chain
+from igcam_cli.cli import app
+from igcam_cli.registry import ARTIFACTS, BY_NAME, CHAIN, MAP_KINDS, PRODUCER, STAGES
+from igcam_cli.stages import evaluate
+
+
+def test_every_stage_has_its_module_command_and_known_artifacts():
+    commands = typer.main.get_command(app).commands
+    for stage in STAGES:
+        assert callable(importlib.import_module(f"igcam_cli.stages.{stage.module}").run), stage.name
+        assert stage.name in commands, stage.name
+        assert stage.writes is None or stage.writes in ARTIFACTS
+        assert set(stage.reads) <= set(ARTIFACTS), stage.name
+        for artifact in stage.reads:  # whatever a stage reads, some stage makes
+            assert artifact in PRODUCER, (stage.name, artifact)
+
+
+def test_derived_tables():
+    assert CHAIN == ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "evaluate")
+    assert chain.STAGES == CHAIN
+    assert PRODUCER["cams"] == "make-cams" and PRODUCER["crf"] == "crf" and PRODUCER["pred"] == "predict"
+    assert all(PRODUCER[kind] in BY_NAME and BY_NAME[PRODUCER[kind]].per_image for kind in MAP_KINDS)
+    assert set(evaluate.ARTIFACTS) == {*MAP_KINDS, "crf", "seg"}
