@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from igcam_cli import registry
 from igcam_cli.config import RunOptions, to_dict
 from igcam_cli.errors import UsageError
 from igcam_cli.registry import CHAIN, check_tables, stage_config
-from igcam_cli.stages import crf, evaluate, make_cams, predict, refine, train_cls, train_seg
+from igcam_cli.stages import evaluate
 from igcam_cli.workspace import Workspace
 
 STAGES = CHAIN  # train-cls, make-cams, refine, crf, train-seg, predict, evaluate (registry.py)
@@ -106,61 +107,15 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
         val_split = seg_defaults.val_split if seg_defaults.val_split in dataset.splits() else None
 
     ids = dataset.ids(split)
-    cls_cfg = config("train-cls")
-    cams_cfg = config("make-cams", split=split)
-    refine_cfg = config("refine", split=split)
-    crf_cfg = config("crf", split=split)
     seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split is not None else {}))
-    steps = [
-        Step(
-            "train-cls",
-            None,
-            cls_cfg,
-            lambda: (ws.cls_round_dir(cls_cfg.round) / "model.pt").is_file(),
-            lambda force: train_cls.run(cls_cfg, ws, opts, train_cls.TrainOptions(resume=not force)),
-            key="round",
-        ),
-        Step(
-            "make-cams",
-            split,
-            cams_cfg,
-            lambda: _covers(ws.maps("cams", split).ids(), ids),
-            lambda force: make_cams.run(cams_cfg, ws, opts, force=force),
-        ),
-        Step(
-            "refine",
-            split,
-            refine_cfg,
-            lambda: _covers(ws.maps("refined", split).ids(), ids),
-            lambda force: refine.run(refine_cfg, ws, opts, force=force),
-        ),
-        Step(
-            "crf",
-            split,
-            crf_cfg,
-            lambda: _covers(ws.pseudo(split).ids(), ids),
-            lambda force: crf.run(crf_cfg, ws, opts, force=force),
-        ),
-        Step(
-            "train-seg",
-            None,
-            seg_cfg,
-            lambda: (ws.seg_dir / "model.pt").is_file(),
-            lambda force: train_seg.run(seg_cfg, ws, opts, train_seg.TrainOptions(resume=not force)),
-        ),
+    steps = [_training(ws, opts, "train-cls", config("train-cls"), key="round")]
+    steps += [
+        _per_image(ws, opts, stage, config(stage, split=split), split, ids) for stage in ("make-cams", "refine", "crf")
     ]
+    steps.append(_training(ws, opts, "train-seg", seg_cfg))
     if val_split:
         pred_cfg = config("predict", split=val_split, images=None, out=val_split)
-        val_ids = dataset.ids(val_split)
-        steps.append(
-            Step(
-                "predict",
-                val_split,
-                pred_cfg,
-                lambda: _covers(ws.predictions(val_split).ids(), val_ids),
-                lambda force: predict.run(pred_cfg, ws, opts, force=force),
-            )
-        )
+        steps.append(_per_image(ws, opts, "predict", pred_cfg, val_split, dataset.ids(val_split)))
     quiet = replace(opts, quiet=True)
     evaluations = [(artifact, split) for artifact in ("cams", "refined", "crf")]
     if val_split:
@@ -180,6 +135,31 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
             )
         )
     return steps
+
+
+def _per_image(ws: Workspace, opts: RunOptions, stage: str, cfg: Any, split: str, ids: list[str]) -> Step:
+    """A map stage's step: complete when its output covers `ids`; resumed unless forced."""
+    run, artifact = registry.module(stage).run, registry.BY_NAME[stage].writes or ""
+    return Step(
+        stage,
+        split,
+        cfg,
+        lambda: _covers(ws.outputs(artifact, split).ids(), ids),
+        lambda force: run(cfg, ws, opts, force=force),
+    )
+
+
+def _training(ws: Workspace, opts: RunOptions, stage: str, cfg: Any, key: str | None = None) -> Step:
+    """A training stage's step: complete when its model.pt exists; `--resume` unless forced."""
+    module, artifact = registry.module(stage), registry.BY_NAME[stage].writes or ""
+    return Step(
+        stage,
+        None,
+        cfg,
+        lambda: ws.model_path(artifact, getattr(cfg, "round", 1)).is_file(),
+        lambda force: module.run(cfg, ws, opts, module.TrainOptions(resume=not force)),
+        key=key,
+    )
 
 
 def _evaluate_step(cfg: Any, ws: Workspace, opts: RunOptions) -> Callable[[bool], Any]:

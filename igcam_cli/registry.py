@@ -9,7 +9,9 @@ is `igcam_cli.stages.<module>.run`; stage modules never import each other. docs/
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from igcam_cli.config import (
@@ -81,6 +83,11 @@ CHAIN: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.in_chain)
 MAP_KINDS: tuple[str, ...] = ("cams", "refined")  # per-image class maps in HDF5 parts (crf and evaluate read them)
 # The stage that makes each artifact: "run `igcam X` first" and the inputs a run records.
 PRODUCER: dict[str, str] = {stage.writes: stage.name for stage in STAGES if stage.writes}
+
+
+def module(stage: str) -> ModuleType:
+    """The stage's module (its `run` does the work), imported when first needed."""
+    return importlib.import_module(f"igcam_cli.stages.{BY_NAME[stage].module}")
 
 
 def config_class(stage: str) -> type:

@@ -171,6 +171,19 @@ class Workspace:
         """`pred/<name>/`: predict's label maps of a split or an image folder."""
         return LabelStore(self.path("pred", name))
 
+    def outputs(self, artifact: str, split: str) -> MapStore | LabelStore:
+        """The per-image store of an artifact a map stage writes (registry.ARTIFACTS) for a split (predict:
+        its output name)."""
+        if artifact in MAP_KINDS:
+            return self.maps(artifact, split)
+        if artifact == "influence":
+            return MapStore(self.influence_dir(split))
+        return self.pseudo(split) if artifact == "crf" else self.predictions(split)
+
+    def model_path(self, artifact: str, round: int = 1) -> Path:
+        """model.pt of a training stage's artifact: `cls` (classifier round `round`) or `seg`."""
+        return (self.cls_round_dir(round) if artifact == "cls" else self.seg_dir) / "model.pt"
+
     def command(self, stage: str, split: str | None = None) -> str:
         """The command line a user should run to produce a stage's output."""
         cmd = f"igcam {stage} -w {self.root}"
