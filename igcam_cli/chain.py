@@ -24,8 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli import registry
-from igcam_cli.config import RunOptions, to_dict
+from igcam_cli.config import ChainConfig, RunOptions, build, to_dict
 from igcam_cli.errors import UsageError
+from igcam_cli.influence_io import SCORES_NAME
 from igcam_cli.registry import CHAIN, check_tables, stage_config
 from igcam_cli.stages import evaluate
 from igcam_cli.workspace import Workspace
@@ -42,10 +43,13 @@ class Step:
     execute: Callable[[bool], Any]  # force -> result
     artifact: str | None = None  # evaluate only: which artifact
     key: str | None = None  # a config field that tells this step's records from the stage's others
+    phase: str | None = None  # the chain stage whose place it takes for --from/--until (default: its own)
 
     @property
     def label(self) -> str:
         name = f"{self.stage} {self.artifact}" if self.artifact else self.stage
+        if self.key == "round" and self.config.round > 1:
+            name = f"{name} round {self.config.round}"
         return f"{name} ({self.split})" if self.split else name
 
 
@@ -57,8 +61,10 @@ def run(
     split: str | None = None,
     val_split: str | None = None,
     console: Console | None = None,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Runs the chain; returns {"steps": [{step, action, reason}], "evaluations": [evaluate results]}."""
+    """Runs the chain; returns {"steps": [{step, action, reason}], "evaluations": [evaluate results]}.
+    `rounds` (None: `[run] rounds`): 2 adds compute-influence and classifier round 2 (ChainConfig)."""
     console = console or Console()
     for name, value in (("--until", until), ("--from", start)):
         if value is not None and value not in STAGES:
@@ -66,12 +72,13 @@ def run(
     if until and start and STAGES.index(start) > STAGES.index(until):
         raise UsageError(f"--from {start} comes after --until {until}")
     check_tables(ws.toml)  # a bad value in any table stops the run before its first stage
-    steps = plan(ws, opts, split, val_split)
+    chain_cfg = build(ChainConfig, ws.toml.get("run"), {"rounds": rounds}, table="run")
+    steps = plan(ws, opts, split, val_split, chain_cfg.rounds)
     first = STAGES.index(start) if start else 0
     last = STAGES.index(until) if until else len(STAGES) - 1
     done, evaluations = [], []
     for step in steps:
-        position = STAGES.index(step.stage)
+        position = STAGES.index(step.phase or step.stage)
         if position < first or position > last:
             continue
         reason = "--from" if start else why_stale(ws, step, opts)
@@ -91,7 +98,7 @@ def run(
     return {"steps": done, "evaluations": evaluations}
 
 
-def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | None) -> list[Step]:
+def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | None, rounds: int = 1) -> list[Step]:
     """The chain's steps with the configs they would run with now."""
     dataset = ws.dataset()
 
@@ -108,7 +115,14 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
 
     ids = dataset.ids(split)
     seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split is not None else {}))
-    steps = [_training(ws, opts, "train-cls", config("train-cls"), key="round")]
+    cls_cfg = config("train-cls")
+    steps = [_training(ws, opts, "train-cls", cls_cfg, key="round")]
+    if rounds == 2:  # influence on the classifier's own split, from round 1; round 2 fine-tunes with it
+        influence_cfg = config("compute-influence", split=cls_cfg.split, round=1)
+        influence_cfg = registry.module("compute-influence").resolve(influence_cfg, dataset)  # as it records it
+        steps.append(_influence(ws, opts, influence_cfg))
+        round2 = config("train-cls", round=2, sample_weights="influence")
+        steps.append(replace(_training(ws, opts, "train-cls", round2, key="round"), phase="train-cls"))
     steps += [
         _per_image(ws, opts, stage, config(stage, split=split), split, ids) for stage in ("make-cams", "refine", "crf")
     ]
@@ -146,6 +160,20 @@ def _per_image(ws: Workspace, opts: RunOptions, stage: str, cfg: Any, split: str
         cfg,
         lambda: _covers(ws.outputs(artifact, split).ids(), ids),
         lambda force: run(cfg, ws, opts, force=force),
+    )
+
+
+def _influence(ws: Workspace, opts: RunOptions, cfg: Any) -> Step:
+    """compute-influence as part of the classifier's training: complete when scores.csv is written (it is,
+    once every image of the split is scored)."""
+    run = registry.module("compute-influence").run
+    return Step(
+        "compute-influence",
+        cfg.split,
+        cfg,
+        lambda: (ws.influence_dir(cfg.split) / SCORES_NAME).is_file(),
+        lambda force: run(cfg, ws, opts, force=force),
+        phase="train-cls",
     )
 
 

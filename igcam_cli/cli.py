@@ -795,18 +795,34 @@ def run_chain(
             help="Split to predict and evaluate the model on ('' for none) \\[default: train-seg's val_split]"
         ),
     ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            help="2: IG-CAM's influence round (compute-influence, then train-cls --round 2 with its weights and "
+            "suggested labels) before make-cams \\[default: igcam.toml's \\[run] rounds, else 1]",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ):
     """The whole chain (train-cls, make-cams, refine, crf, train-seg, predict, evaluate), skipping fresh stages.
 
-    Settings come from the stage tables of igcam.toml. A stage reruns when its settings, its seed or
-    an upstream run changed, and resumes when it was interrupted.
+    With `--rounds 2` (or `[run] rounds = 2`) compute-influence and classifier round 2 follow train-cls,
+    and make-cams onward use round 2. Settings come from the stage tables of igcam.toml. A stage reruns
+    when its settings, its seed or an upstream run changed, and resumes when it was interrupted.
     """
     from igcam_cli import chain
 
-    chain.run(_ws(workspace), _opts(device, seed, quiet), until=until, start=start, split=split, val_split=val_split)
+    chain.run(
+        _ws(workspace),
+        _opts(device, seed, quiet),
+        until=until,
+        start=start,
+        split=split,
+        val_split=val_split,
+        rounds=rounds,
+    )
 
 
 def main() -> None:

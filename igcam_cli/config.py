@@ -277,6 +277,17 @@ class PredictConfig:
 
 
 @dataclass
+class ChainConfig:
+    """`[run]`: what `igcam run` chains beyond the stages' own settings."""
+
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ()
+
+    # 2: IG-CAM's influence round: train-cls, compute-influence on its split, train-cls --round 2 with the
+    # influence weights and suggested labels, then make-cams onward from round 2
+    rounds: Annotated[int, Range(1, 2)] = 1
+
+
+@dataclass
 class EvaluateConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ()
     RULES: ClassVar[tuple[Rule, ...]] = (

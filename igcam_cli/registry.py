@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from igcam_cli.config import (
     TOML_NAME,
+    ChainConfig,
     ComputeInfluenceConfig,
     CrfConfig,
     EvaluateConfig,
@@ -103,11 +104,12 @@ def stage_config(ws: Workspace, stage: str, **overrides: Any) -> Any:
 def check_tables(toml: dict[str, Any]) -> None:
     """Build every stage's config from its table of igcam.toml (`igcam run` does this before its first
     stage starts): a table no stage reads, or a bad value in any table, is a UsageError."""
+    tables = {"run": ChainConfig, **{name: stage.config for name, stage in BY_NAME.items()}}
     for table, values in toml.items():
         if table == "dataset":
             continue
-        if table not in BY_NAME:
-            raise UsageError(f"{TOML_NAME}: unknown table [{table}] (tables: dataset, {', '.join(BY_NAME)})")
+        if table not in tables:
+            raise UsageError(f"{TOML_NAME}: unknown table [{table}] (tables: dataset, {', '.join(tables)})")
         if not isinstance(values, dict):
             raise UsageError(f"{TOML_NAME}: [{table}] must be a table of options, got {values!r}")
-        build(BY_NAME[table].config, values, {}, table=table)
+        build(tables[table], values, {}, table=table)

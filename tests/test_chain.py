@@ -198,3 +198,33 @@ def test_settings_outside_results_are_real_fields_of_their_stage():
         names = {f.name for f in fields(config_cls)}
         assert set(config_cls.NOT_IN_RESULTS) <= names, stage.name
         assert "NOT_IN_RESULTS" not in names  # a class constant, never written to igcam.toml or the manifest
+
+
+@pytest.mark.slow
+def test_influence_round_runs_inside_the_chain_and_is_skipped_when_fresh(ran_ws):
+    """`--rounds 2`: compute-influence and classifier round 2 after train-cls (round 1 stays fresh), then
+    make-cams onward from round 2; a second run skips them all."""
+    ws = Workspace.open(ran_ws)
+    ws.set_stage_options("compute-influence", {"scope": "head", "workers": 0, "batch_size": 4})
+    actions = steps(ran_ws, ("rounds", 2), ("until", "make-cams"))
+    assert actions == {
+        "train-cls": "skipped",
+        "compute-influence (train)": "ran",
+        "train-cls round 2": "ran",
+        "make-cams (train)": "ran",
+    }
+    assert (ran_ws / "cls" / "round2" / "model.pt").is_file()
+    assert (ws.influence_dir("train") / "scores.csv").is_file()
+    cams = ws.latest("make-cams", "train")
+    assert cams["classifier"]["round"] == 2 and "train-cls" in cams["inputs"]
+    # [run] rounds = 2 in igcam.toml means the same; everything is fresh now
+    ws.set_stage_options("run", {"rounds": 2})
+    again = steps(ran_ws, ("until", "make-cams"))
+    assert set(again.values()) == {"skipped"} and "train-cls round 2" in again
+    # --until train-cls covers the influence round, --from make-cams leaves it alone
+    assert list(steps(ran_ws, ("until", "train-cls"))) == [
+        "train-cls",
+        "compute-influence (train)",
+        "train-cls round 2",
+    ]
+    assert_error(igcam("run", "-w", ran_ws, "--rounds", "3"), 2, "--rounds")

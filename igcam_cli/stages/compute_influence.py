@@ -103,7 +103,7 @@ def run(
     """Runs every pass this shard can; returns {"phase": "done" | "waiting", "scored": n}."""
     log = StageLog(ws.log_path(STAGE), quiet=opts.quiet)
     dataset = ws.dataset()
-    cfg = _resolve(cfg, dataset)
+    cfg = resolve(cfg, dataset)
     ids, query_ids = dataset.ids(cfg.split), dataset.ids(cfg.query_split)
     if not ids:
         raise BadData(f"split '{cfg.split}' has no images")
@@ -444,7 +444,8 @@ def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceConfig:
+def resolve(cfg: ComputeInfluenceConfig, dataset: Dataset) -> ComputeInfluenceConfig:
+    """The config as the stage runs (and records) it: `query_split` None becomes the split it means."""
     for split in (cfg.split, cfg.query_split):
         if split is not None and split not in dataset.splits():
             raise BadData(f"dataset has no split '{split}' (splits: {', '.join(dataset.splits())})")
