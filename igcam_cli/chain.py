@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli import registry
-from igcam_cli.config import ChainConfig, RunOptions, build, to_dict
+from igcam_cli.config import ChainConfig, RunOptions, build, changed_settings
 from igcam_cli.errors import UsageError
 from igcam_cli.influence_io import SCORES_NAME
 from igcam_cli.registry import CHAIN, check_tables, stage_config
@@ -200,8 +200,7 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
     record = _latest(ws, step)
     if record is None:
         return "not run yet"
-    now = to_dict(step.config)
-    changed = sorted(k for k in now if k not in step.config.NOT_IN_RESULTS and _value(record, k, step.config) != now[k])
+    changed = changed_settings(step.config, record["config"])
     if changed:
         return f"settings changed ({', '.join(changed)})"
     if "seed" in record and record["seed"] != opts.seed:

@@ -377,6 +377,14 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def changed_settings(config: Any, recorded: dict[str, Any]) -> list[str]:
+    """The settings of `config` that change results (all but its class's NOT_IN_RESULTS) and differ from a
+    run's recorded config; a setting the record predates counts as its default. The one answer to "were
+    the settings changed" for a resume, `igcam run`'s staleness and a finished training run."""
+    now, default = to_dict(config), type(config)()
+    return sorted(k for k in now if k not in config.NOT_IN_RESULTS and recorded.get(k, getattr(default, k)) != now[k])
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from igcam_cli import __version__
-from igcam_cli.config import TOML_NAME, read_toml, to_dict, write_toml
+from igcam_cli.config import TOML_NAME, changed_settings, read_toml, write_toml
 from igcam_cli.errors import MissingArtifact, UsageError
 from igcam_cli.registry import BY_NAME, MAP_KINDS, PRODUCER
 from igcam_cli.store import LabelStore, MapStore
@@ -227,8 +227,7 @@ class Workspace:
         previous = self.latest(stage, split)
         if not has_output or previous is None:
             return
-        config = to_dict(cfg)
-        changed = sorted(k for k in config if k not in cfg.NOT_IN_RESULTS and previous["config"].get(k) != config[k])
+        changed = changed_settings(cfg, previous["config"])
         made_from = previous.get("inputs", {})
         changed += [
             f"{key.partition(':')[0]} ran again"

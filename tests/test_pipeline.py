@@ -26,6 +26,7 @@ from cli_helpers import (
     ok,
     pseudo_mtimes,
     records,
+    with_option,
 )
 from igcam_cli.cli import app
 from igcam_cli.stages import status as status_stage
@@ -198,6 +199,9 @@ def test_train_cls_resume_of_a_finished_run_does_nothing(chain_ws):
     model_mtime = (chain_ws / "cls" / "model.pt").stat().st_mtime_ns
     result = ok("train-cls", "-w", chain_ws, *TRAIN, "--resume")
     assert "already holds all 1 epochs; nothing to do" in result.stderr
+    # a setting that changes no result (workers) is no reason for a new run either
+    result = ok("train-cls", "-w", chain_ws, *with_option(TRAIN, "--workers", "1"), "--resume")
+    assert "nothing to do" in result.stderr
     assert (chain_ws / "manifest.json").read_text() == before
     assert (chain_ws / "cls" / "model.pt").stat().st_mtime_ns == model_mtime
     assert state_of(chain_ws, "make-cams") == "done"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from igcam_cli import influence_io
-from igcam_cli.config import RunOptions, TrainClsConfig, to_dict
+from igcam_cli.config import RunOptions, TrainClsConfig, changed_settings, to_dict
 from igcam_cli.core.metrics import class_prior_loss, mean_average_precision
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import eval_view, multi_hot, train_view
@@ -122,7 +122,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             and model_path.is_file()
             and latest
             and latest["status"] == "done"
-            and latest["config"] == to_dict(cfg)
+            and not changed_settings(cfg, latest["config"])  # `--resume --workers 4` changes nothing
         ):
             # Finished already: a new record would mark everything downstream stale for the same weights.
             log(f"train-cls: {model_path} already holds all {schedule.epochs} epochs; nothing to do")

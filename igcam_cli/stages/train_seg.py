@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igcam_cli.config import RunOptions, TrainSegConfig, to_dict
+from igcam_cli.config import RunOptions, TrainSegConfig, changed_settings, to_dict
 from igcam_cli.core.metrics import confusion_matrix, scores
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize, seg_train_view
@@ -125,7 +125,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             and model_path.is_file()
             and latest
             and latest["status"] == "done"
-            and latest["config"] == to_dict(cfg)
+            and not changed_settings(cfg, latest["config"])  # `--resume --workers 4` changes nothing
             and latest.get("inputs") == inputs
         ):
             # Finished already: a new record would mark every prediction stale for the same weights.
