@@ -44,6 +44,7 @@ class Step:
     artifact: str | None = None  # evaluate only: which artifact
     key: str | None = None  # a config field that tells this step's records from the stage's others
     phase: str | None = None  # the chain stage whose place it takes for --from/--until (default: its own)
+    replaced: Callable[[], bool] | None = None  # True when another run has since rewritten the step's output
 
     @property
     def label(self) -> str:
@@ -167,13 +168,20 @@ def _influence(ws: Workspace, opts: RunOptions, cfg: Any) -> Step:
     """compute-influence as part of the classifier's training: complete when scores.csv is written (it is,
     once every image of the split is scored)."""
     run = registry.module("compute-influence").run
+
+    def replaced() -> bool:  # e.g. `igcam compute-influence` by hand on classifier round 2 since
+        newest = ws.latest("compute-influence", cfg.split)
+        return newest is not None and newest.get("classifier", {}).get("round") != cfg.round
+
     return Step(
         "compute-influence",
         cfg.split,
         cfg,
         lambda: (ws.influence_dir(cfg.split) / SCORES_NAME).is_file(),
         lambda force: run(cfg, ws, opts, force=force),
+        key="round",
         phase="train-cls",
+        replaced=replaced,
     )
 
 
@@ -207,6 +215,8 @@ def why_stale(ws: Workspace, step: Step, opts: RunOptions) -> str | None:
         return f"seed changed ({record['seed']} -> {opts.seed})"
     if ws.is_stale(record):
         return "inputs changed"
+    if step.replaced is not None and step.replaced():
+        return "output replaced by another run"
     if record["status"] != "done" or not step.complete():
         return "incomplete"
     return None

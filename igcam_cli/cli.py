@@ -7,7 +7,8 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_origin, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -40,7 +41,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and r
 SplitOpt = Annotated[str | None, typer.Option(help="Dataset split, e.g. train, val, train_aug")]
 ShardOpt = Annotated[str | None, typer.Option(help="Process shard i/n of the images (automatic under torchrun)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo images that are already done")]
-WorkersOpt = Annotated[int | None, typer.Option(min=0, help="Worker processes")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes")]
 
 
 class DatasetFormat(str, Enum):
@@ -99,12 +100,19 @@ class StageCommand(TyperCommand):
                 if shown.get(name) is not None:
                     value = shown[name]
                     param.default = ",".join(str(v) for v in value) if isinstance(value, list) else value
-                if get_origin(hints.get(name)) is Literal:  # the choices, from the config's declaration
+                if name in hints and _declares_allowed(hints[name]):  # choices and ranges, from the config
                     param.help = f"{param.help or ''} ({allowed(hints[name])})".strip()
             super().format_help(ctx, formatter)
         finally:
             for param, (default, help_text) in saved.items():
                 param.default, param.help = default, help_text
+
+
+def _declares_allowed(hint: Any) -> bool:
+    """Whether a config field's type says more than int/float/str: choices (Literal) or a Range (Annotated)."""
+    if get_origin(hint) in (Literal, Annotated):
+        return True
+    return any(_declares_allowed(arg) for arg in get_args(hint)) if get_origin(hint) in (Union, UnionType) else False
 
 
 def _effective_settings(stage: str, args: list[str]) -> dict:
@@ -272,26 +280,24 @@ def train_cls(
     pretrained: Annotated[str | None, typer.Option(help="imagenet, none, or a weights file")] = None,
     split: SplitOpt = None,
     val_split: Annotated[str | None, typer.Option(help="Split for the per-epoch validation mAP")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
-    crop: Annotated[int | None, typer.Option(min=16)] = None,
-    crop_height: Annotated[
-        int | None, typer.Option(min=0, help="Rows of the training canvas (0: --crop, a square)")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    crop: Annotated[int | None, typer.Option()] = None,
+    crop_height: Annotated[int | None, typer.Option(help="Rows of the training canvas (0: --crop, a square)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[bool | None, typer.Option("--freeze-bn/--no-freeze-bn")] = None,
     warmup_epochs: Annotated[
-        int | None, typer.Option(min=0, help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")
+        int | None, typer.Option(help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")
     ] = None,
     workers: WorkersOpt = None,
     round: Annotated[
         int | None,
         typer.Option(
-            "--round", min=1, help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/"
+            "--round", help="1: plain training (cls/); k >= 2: fine-tune round k-1's model into cls/round<k>/"
         ),
     ] = None,
     sample_weights: Annotated[
-        str | None, typer.Option(help="none, or influence: per-image loss weights from compute-influence")
+        str | None, typer.Option(help="influence: per-image loss weights from compute-influence (round >= 2)")
     ] = None,
     relabel: Annotated[
         bool | None,
@@ -301,9 +307,7 @@ def train_cls(
         ),
     ] = None,
     finetune_lr_mult: Annotated[float | None, typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0)")] = None,
-    finetune_epochs: Annotated[
-        int | None, typer.Option(min=0, help="Epochs of a round >= 2 (0: half of --epochs)")
-    ] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this classifier checkpoint")] = None,
     device: DeviceOpt = "auto",
@@ -355,7 +359,7 @@ def make_cams(
     split: SplitOpt = None,
     scales: Annotated[str | None, typer.Option(help="Comma-separated scales")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
     label_source: Annotated[
         str | None,
         typer.Option(
@@ -365,11 +369,9 @@ def make_cams(
     ] = None,
     influence_fusion: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Mix lambda of the spatial influence maps into the CAMs (0 = off)"),
+        typer.Option(help="Mix lambda of the spatial influence maps into the CAMs (0 = off)"),
     ] = None,
-    round: Annotated[
-        int | None, typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
-    ] = None,
+    round: Annotated[int | None, typer.Option("--round", help="Classifier round \\[default: the latest]")] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -405,9 +407,7 @@ def compute_influence(
         str | None, typer.Option(help="Query images, aggregated per class \\[default: val, else the split]")
     ] = None,
     hessian: Annotated[str | None, typer.Option(help="Curvature (none: plain gradient dot products)")] = None,
-    damping: Annotated[
-        float | None, typer.Option(min=0.0, help="Damping (relative: x mean eigenvalue per layer)")
-    ] = None,
+    damping: Annotated[float | None, typer.Option(help="Damping (relative: x mean eigenvalue per layer)")] = None,
     damping_mode: Annotated[
         str | None, typer.Option(help="Damping relative to each layer's mean eigenvalue, or absolute")
     ] = None,
@@ -416,11 +416,9 @@ def compute_influence(
     maps: Annotated[
         str | None, typer.Option(help="Spatial influence maps: for the labelled classes, all classes, or none")
     ] = None,
-    size: Annotated[int | None, typer.Option(min=0, help="Resize the long side to this (0: as they are)")] = None,
-    round: Annotated[
-        int | None, typer.Option("--round", min=1, help="Classifier round \\[default: the latest]")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    size: Annotated[int | None, typer.Option(help="Resize the long side to this (0: as they are)")] = None,
+    round: Annotated[int | None, typer.Option("--round", help="Classifier round \\[default: the latest]")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
     workers: WorkersOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait for the other shards' statistics (default under torchrun)")
@@ -473,7 +471,7 @@ def compute_influence(
 def influence_report(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
-    top_k: Annotated[int | None, typer.Option(min=1, help="Images to list")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Images to list")] = None,
     truth: Annotated[
         Path | None, typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")
     ] = None,
@@ -503,18 +501,12 @@ def refine(
         bool | None, typer.Option("--boundary/--no-boundary", help="Multi-scale boundary enhancement")
     ] = None,
     scales: Annotated[str | None, typer.Option(help="Boundary scales, coarse to fine")] = None,
-    iterations: Annotated[int | None, typer.Option(min=0, help="Propagation steps per scale")] = None,
-    fill_gain: Annotated[
-        float | None, typer.Option(min=0.0, help="Guidance: fill = min(1, gain * region score)")
-    ] = None,
-    outside_damping: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Guidance: factor outside selected regions")
-    ] = None,
-    max_area: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Guidance: largest region, fraction of the image")
-    ] = None,
-    proposal_scale: Annotated[float | None, typer.Option(min=1.0, help="Proposals: graph-segmentation scale")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    iterations: Annotated[int | None, typer.Option(help="Propagation steps per scale")] = None,
+    fill_gain: Annotated[float | None, typer.Option(help="Guidance: fill = min(1, gain * region score)")] = None,
+    outside_damping: Annotated[float | None, typer.Option(help="Guidance: factor outside selected regions")] = None,
+    max_area: Annotated[float | None, typer.Option(help="Guidance: largest region, fraction of the image")] = None,
+    proposal_scale: Annotated[float | None, typer.Option(help="Proposals: graph-segmentation scale")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -556,9 +548,9 @@ def crf(
     source: Annotated[str | None, typer.Option(help="Maps the CRF starts from")] = None,
     preset: Annotated[str | None, typer.Option(help="CRF parameters")] = None,
     bg_mode: Annotated[str | None, typer.Option(help="power: (1-max)^alpha, or constant: tau")] = None,
-    bg_alpha: Annotated[float | None, typer.Option(min=0.0)] = None,
-    bg_tau: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
-    confidence: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Marginals below this become 255")] = None,
+    bg_alpha: Annotated[float | None, typer.Option()] = None,
+    bg_tau: Annotated[float | None, typer.Option()] = None,
+    confidence: Annotated[float | None, typer.Option(help="Marginals below this become 255")] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -602,13 +594,13 @@ def train_seg(
     ] = None,
     split: SplitOpt = None,
     val_split: Annotated[str | None, typer.Option(help="Split for the per-epoch validation mIoU ('' for none)")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
     min_steps: Annotated[
-        int | None, typer.Option(min=0, help="Raise --epochs until the run takes this many SGD steps (0: off)")
+        int | None, typer.Option(help="Raise --epochs until the run takes this many SGD steps (0: off)")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
-    crop: Annotated[int | None, typer.Option(min=16)] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Backbone learning rate (head: x head-lr-mult)")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    crop: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")] = None,
@@ -661,7 +653,7 @@ def predict(
     ] = None,
     preset: Annotated[str | None, typer.Option(help="CRF parameters (with --crf)")] = None,
     overlays: Annotated[bool | None, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -696,12 +688,10 @@ def evaluate(
     workspace: WorkspaceOpt = None,
     artifact: Annotated[
         str | None,
-        typer.Option(help="What to score (seg: predict's pred/<split>/), or influence: the mislabel report"),
+        typer.Option(help="What to score (seg: predict's pred/<split>/; also influence: the mislabel report)"),
     ] = None,
     split: SplitOpt = None,
-    bg_tau: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Fixed background threshold instead of a sweep")
-    ] = None,
+    bg_tau: Annotated[float | None, typer.Option(help="Fixed background threshold instead of a sweep")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,

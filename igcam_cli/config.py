@@ -59,6 +59,10 @@ class TrainClsConfig:
         ),
     )
 
+    def idle_settings(self) -> tuple[str, ...]:
+        """Round 1 does not fine-tune; later rounds never warm up (stages/train_cls.py _schedule)."""
+        return ("relabel", "finetune_lr_mult", "finetune_epochs") if self.round == 1 else ("warmup_epochs",)
+
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # models/classifier.py BACKBONES
     pretrained: str = "imagenet"  # imagenet | none | PATH to a state dict
     split: str = "train"
@@ -377,12 +381,19 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def result_settings(config: Any) -> list[str]:
+    """The settings of `config` that change its stage's results: every field but its class's NOT_IN_RESULTS
+    and those its `idle_settings()` (where a config has one) says have no effect with its other values."""
+    idle = set(config.idle_settings()) if hasattr(config, "idle_settings") else set()
+    return [f.name for f in fields(config) if f.name not in config.NOT_IN_RESULTS and f.name not in idle]
+
+
 def changed_settings(config: Any, recorded: dict[str, Any]) -> list[str]:
-    """The settings of `config` that change results (all but its class's NOT_IN_RESULTS) and differ from a
-    run's recorded config; a setting the record predates counts as its default. The one answer to "were
-    the settings changed" for a resume, `igcam run`'s staleness and a finished training run."""
-    now, default = to_dict(config), type(config)()
-    return sorted(k for k in now if k not in config.NOT_IN_RESULTS and recorded.get(k, getattr(default, k)) != now[k])
+    """The result settings of `config` that differ from a run's recorded config (a setting the record
+    predates counts as its default). The one answer to "were the settings changed", for a resume,
+    `igcam run`'s staleness, a finished training run and whether two map-stage runs agree."""
+    default = type(config)()
+    return sorted(k for k in result_settings(config) if recorded.get(k, getattr(default, k)) != getattr(config, k))
 
 
 def read_toml(path: Path) -> dict[str, Any]:

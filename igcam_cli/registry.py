@@ -3,8 +3,9 @@
 Everything that needs to know the pipeline's shape reads it here: the config tables igcam.toml may
 have, `igcam run`'s order (`CHAIN`), which stage makes an artifact (for "run `igcam X` first" and for
 the inputs a run records), which artifacts are per-image maps, evaluate's artifacts. A stage's work
-is `igcam_cli.stages.<module>.run`; stage modules never import each other. docs/ARCHITECTURE.md
-("Adding a stage") walks through a new one.
+is `igcam_cli.stages.<module>.run`; stage modules never import each other. Where each artifact is
+stored is the workspace's (`Workspace.outputs`, `model_path`). docs/ARCHITECTURE.md ("Adding a
+stage") walks through a new one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Stage:
     writes: str | None  # the artifact it makes (ARTIFACTS), or None for reports
     reads: tuple[str, ...] = ()  # the artifacts it may read
     per_image: bool = False  # a map stage: --split, --shard, --force; resumable image by image
-    in_chain: bool = True  # a step of `igcam run`
+    in_chain: bool = True  # a step of `igcam run` (compute-influence joins it only with `--rounds 2`)
 
 
 # Artifacts, by name: where they live in a workspace
@@ -81,7 +82,8 @@ STAGES: tuple[Stage, ...] = (
 
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 CHAIN: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.in_chain)  # `igcam run`, in order
-MAP_KINDS: tuple[str, ...] = ("cams", "refined")  # per-image class maps in HDF5 parts (crf and evaluate read them)
+# The artifacts that are per-image class maps in HDF5 parts (crf and evaluate read them as maps)
+MAP_KINDS: tuple[str, ...] = ("cams", "refined")
 # The stage that makes each artifact: "run `igcam X` first" and the inputs a run records.
 PRODUCER: dict[str, str] = {stage.writes: stage.name for stage in STAGES if stage.writes}
 

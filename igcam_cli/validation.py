@@ -71,7 +71,8 @@ def check(config: Any, source: Callable[[str], str]) -> None:
     for rule in getattr(type(config), "RULES", ()):
         if not rule.holds(config):
             given = ", ".join(f"{f} = {getattr(config, f)!r}" for f in rule.fields)
-            raise UsageError(f"{source(rule.fields[0])}: {given}; {rule.says}")
+            named = [source(f) for f in rule.fields if not source(f).endswith("(default)")]  # what the user set
+            raise UsageError(f"{(named or [source(rule.fields[0])])[0]}: {given}; {rule.says}")
 
 
 def allowed(hint: Any) -> str:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,9 @@ class Workspace:
             return self.maps(artifact, split)
         if artifact == "influence":
             return MapStore(self.influence_dir(split))
-        return self.pseudo(split) if artifact == "crf" else self.predictions(split)
+        if artifact in ("crf", "pred"):
+            return self.pseudo(split) if artifact == "crf" else self.predictions(split)
+        raise ValueError(f"no per-image store for artifact '{artifact}'")
 
     def model_path(self, artifact: str, round: int = 1) -> Path:
         """model.pt of a training stage's artifact: `cls` (classifier round `round`) or `seg`."""
@@ -242,7 +244,7 @@ class Workspace:
 
     def same_results(self, first: str | None, second: str | None) -> bool:
         """Whether two runs of a stage stand for the same results: the same run, or two map-stage runs
-        (records with a shard) with the same split, seed and settings (those that change results) made
+        (records with a shard) with the same split and settings (those that change results) made
         from inputs that are the same in turn. The shards of one map-stage run each write a record of
         their own; they agree here, while a redo with other settings, or from another classifier, does not."""
         if first == second:
@@ -251,11 +253,11 @@ class Workspace:
         a, b = by_id.get(first or ""), by_id.get(second or "")
         if a is None or b is None or a["stage"] != b["stage"] or "shard" not in a or "shard" not in b:
             return False  # a training run is its own: another one with the same settings gives other weights
-        ignored = set(getattr(BY_NAME[a["stage"]].config, "NOT_IN_RESULTS", ())) if a["stage"] in BY_NAME else set()
-        if any(a.get(k) != b.get(k) for k in ("split", "seed", "round")) or (
-            {k: v for k, v in a["config"].items() if k not in ignored}
-            != {k: v for k, v in b["config"].items() if k not in ignored}
-        ):
+        if a.get("split") != b.get("split") or a["stage"] not in BY_NAME:
+            return False
+        config_cls = BY_NAME[a["stage"]].config
+        known = {f.name for f in fields(config_cls)}
+        if changed_settings(config_cls(**{k: v for k, v in a["config"].items() if k in known}), b["config"]):
             return False
         a_in, b_in = a.get("inputs", {}), b.get("inputs", {})
         return a_in.keys() == b_in.keys() and all(self.same_results(a_in[k], b_in[k]) for k in a_in)

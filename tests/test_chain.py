@@ -228,3 +228,9 @@ def test_influence_round_runs_inside_the_chain_and_is_skipped_when_fresh(ran_ws)
         "train-cls round 2",
     ]
     assert_error(igcam("run", "-w", ran_ws, "--rounds", "3"), 2, "--rounds")
+    # influence computed by hand on round 2 replaces round 1's: the chain redoes it and round 2 after it
+    ok("compute-influence", "-w", ran_ws, "--force", "--quiet")
+    assert Workspace.open(ran_ws).latest("compute-influence", "train")["classifier"]["round"] == 2
+    redone = steps(ran_ws, ("until", "train-cls"))
+    assert redone["compute-influence (train)"] == "ran" and redone["train-cls round 2"] == "ran"
+    assert Workspace.open(ran_ws).latest("compute-influence", "train")["classifier"]["round"] == 1

@@ -12,6 +12,8 @@ from igcam_cli.config import (
     TrainClsConfig,
     TrainSegConfig,
     build,
+    changed_settings,
+    to_dict,
 )
 from igcam_cli.core.densecrf import PRESETS
 from igcam_cli.errors import UsageError
@@ -119,3 +121,24 @@ def test_run_refuses_a_bad_table_before_its_first_stage(tmp_path, table, key, va
     assert_error(igcam("run", "-w", ws_dir), 2, f"igcam.toml [{table}] {key}: {value!r} is not allowed", says)
     assert Workspace.open(ws_dir).records() == []
     assert not (ws_dir / "cls").exists()
+
+
+def test_which_settings_count():
+    """changed_settings: NOT_IN_RESULTS never counts; train-cls round 1 ignores the fine-tuning settings and
+    later rounds the warm-up; a setting the record predates counts as its default."""
+    round1 = TrainClsConfig(round=1)
+    assert changed_settings(round1, {**to_dict(round1), "workers": 7}) == []
+    assert changed_settings(round1, {**to_dict(round1), "finetune_epochs": 3, "relabel": False}) == []
+    assert changed_settings(round1, {**to_dict(round1), "warmup_epochs": 2}) == ["warmup_epochs"]
+    round2 = TrainClsConfig(round=2, sample_weights="influence")
+    assert changed_settings(round2, {**to_dict(round2), "warmup_epochs": 2}) == []
+    assert changed_settings(round2, {**to_dict(round2), "finetune_epochs": 3}) == ["finetune_epochs"]
+    recorded = to_dict(round1)
+    del recorded["crop_height"]  # a record from before the option
+    assert changed_settings(round1, recorded) == []
+    assert changed_settings(TrainClsConfig(crop_height=128), recorded) == ["crop_height"]
+
+
+def test_a_rule_names_the_setting_that_was_given():
+    with pytest.raises(UsageError, match=r"^igcam.toml \[train-seg\] scale_max: scale_min = 0.5, scale_max = 0.1"):
+        build(TrainSegConfig, {"scale_max": 0.1}, {}, table="train-seg")

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io as io
+from igcam_cli import map_stage
 from igcam_cli.config import ComputeInfluenceConfig, RunOptions, to_dict
 from igcam_cli.core import influence as inf
 from igcam_cli.core.metrics import image_prior_losses, learned_fractions
@@ -125,8 +126,10 @@ def run(
     directory = ws.influence_dir(cfg.split)
     store = MapStore(directory)
     if force:
-        _clear(directory, store, shard)
-    ws.check_resumable(STAGE, cfg.split, cfg, has_output=len(store) > 0)
+        _clear_statistics(directory, shard)
+    cls_record = ws.classifier_run(round_)
+    inputs = {classifier_key(round_): cls_record["id"] if cls_record else None}
+    job = map_stage.prepare(ws, STAGE, cfg, store, cfg.split, ids, shard, force, inputs, log, f"influence/{cfg.split}")
     old = store.attrs.get("model_sha256")
     if len(store) and old and old != model_sha:
         raise UsageError(f"influence/{cfg.split} was computed with another classifier; pass --force to redo it")
@@ -135,23 +138,14 @@ def run(
         own = io.stats_path(directory, phase, shard.index, shard.count)
         if own.is_file() and files.key_of(own) != key:
             raise UsageError(f"{own} was computed with other settings or another classifier; pass --force to redo it")
-    store.remove_temporaries(rank=shard.index)
 
-    cls_record = ws.classifier_run(round_)
     classifier = {
         "round": round_,
         "path": str(model_path.relative_to(ws.root)),
         "run": (cls_record or {}).get("id"),
         "sha256": model_sha,
     }
-    record = ws.start(
-        STAGE,
-        to_dict(cfg),
-        split=cfg.split,
-        shard=str(shard),
-        classifier=classifier,
-        inputs={classifier_key(round_): cls_record["id"]} if cls_record else {},
-    )
+    record = job.start(classifier=classifier)
     log(
         f"{STAGE} '{cfg.split}' shard {shard}: classifier round {round_} ({model_path}), hessian {cfg.hessian}, "
         f"damping {cfg.damping} ({cfg.damping_mode}), {len(layers)} tracked layers ({cfg.scope}), "
@@ -160,29 +154,16 @@ def run(
     ctx = _Context(cfg, model, layers, device, dataset, key, directory, shard, log, opts.seed, files)
     with record:
         result = _passes(ctx, ids, query_ids, store, model_sha, wait, wait_timeout_s)
-        coverage = len(store.ids() & set(ids))
-        fit = None
-        if coverage == len(ids) and result["phase"] == "done":
-            fit = _write_scores(ctx, store, ids)
-        record.finish(
-            outputs=[str(directory)],
-            metrics={
-                "images": coverage,
-                "split_images": len(ids),
-                "phase": result["phase"],
-                **({"fit": fit} if fit else {}),
-            },
-        )
+        complete = store.ids() >= set(ids)
+        fit = _write_scores(ctx, store, ids) if complete and result["phase"] == "done" else None
+        job.finish(split_images=len(ids), phase=result["phase"], **({"fit": fit} if fit else {}))
     if result["phase"] == "waiting":
         log(
             f"shard {shard}: {result['missing']} of {shard.count} shards still lack '{result['stage']}' statistics; "
             "rerun this command when they are done (or pass --wait)"
         )
-    else:
-        log(
-            f"influence/{cfg.split}: {coverage} of {len(ids)} images"
-            + (f"; wrote {directory / io.SCORES_NAME}" if coverage == len(ids) else "")
-        )
+    elif complete:
+        log(f"wrote {directory / io.SCORES_NAME}")
     return result
 
 
@@ -281,7 +262,7 @@ def _eigen(ctx: _Context, states: list[dict]) -> inf.KroneckerEigen:
 
 
 def _preconditioner(ctx: _Context, eigen, eigenvalues) -> inf.Preconditioner:
-    cfg = ctx.cfg  # _resolve checked every value fit_preconditioner refuses
+    cfg = ctx.cfg  # config.build checked every value fit_preconditioner refuses
     return inf.fit_preconditioner(cfg.hessian, eigen, eigenvalues, damping=cfg.damping, damping_mode=cfg.damping_mode)
 
 
@@ -431,9 +412,9 @@ def _waiting(ctx: _Context, phase: str) -> dict:
     return {"phase": "waiting", "stage": phase, "missing": missing, "scored": 0}
 
 
-def _clear(directory: Path, store: MapStore, shard: Shard) -> None:
-    """--force: this shard's parts and statistics, and what is fitted from everyone's statistics."""
-    store.clear(rank=None if shard.count == 1 else shard.index)
+def _clear_statistics(directory: Path, shard: Shard) -> None:
+    """--force, besides this shard's parts (map_stage.prepare): its statistics, and what is fitted from
+    everyone's statistics."""
     paths = [io.stats_path(directory, phase, shard.index, shard.count) for phase in ("factors", "lambda")]
     if shard.count == 1:
         paths += directory.glob("stats-*.pt")

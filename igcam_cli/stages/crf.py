@@ -30,7 +30,7 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     split_ids = dataset.ids(cfg.split)
     maps = ws.complete_maps(cfg.source, cfg.split, shard.select(split_ids))  # a shard needs only its own images
     source_record = ws.latest(PRODUCER[cfg.source], cfg.split)
-    inputs = {input_key(PRODUCER[cfg.source], cfg.split): source_record["id"]} if source_record else {}
+    inputs = {input_key(PRODUCER[cfg.source], cfg.split): source_record["id"] if source_record else None}
     labels = ws.pseudo(cfg.split)
     job = map_stage.prepare(
         ws, "crf", cfg, labels, cfg.split, split_ids, shard, force, inputs, log, f"pseudo/{cfg.split}"

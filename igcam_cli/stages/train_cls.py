@@ -8,7 +8,7 @@ run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from igcam_cli import influence_io
-from igcam_cli.config import RunOptions, TrainClsConfig, changed_settings, to_dict
+from igcam_cli.config import RunOptions, TrainClsConfig, changed_settings, result_settings, to_dict
 from igcam_cli.core.metrics import class_prior_loss, mean_average_precision
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import eval_view, multi_hot, train_view
@@ -329,16 +329,8 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
     return model
 
 
-_FINETUNE_KEYS = ("relabel", "finetune_lr_mult", "finetune_epochs")  # no effect in round 1
-
-
 def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
-    # Every setting of the results must match (`round` picks the checkpoint itself).
-    keys = [
-        f.name
-        for f in fields(cfg)
-        if f.name not in (*cfg.NOT_IN_RESULTS, "round") and (cfg.round > 1 or f.name not in _FINETUNE_KEYS)
-    ]
+    keys = [k for k in result_settings(cfg) if k != "round"]  # `round` picks the checkpoint itself
     ckpt = training.restore(path, cfg, keys, model, optimizer)
     return ckpt["epoch"], ckpt["step"]
 

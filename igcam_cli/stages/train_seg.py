@@ -13,7 +13,7 @@ checkpoint, predictions and every evaluation of them say `upper_bound: true`.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igcam_cli.config import RunOptions, TrainSegConfig, changed_settings, to_dict
+from igcam_cli.config import RunOptions, TrainSegConfig, changed_settings, result_settings, to_dict
 from igcam_cli.core.metrics import confusion_matrix, scores
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize, seg_train_view
@@ -283,7 +283,7 @@ def _initial_model(
 
 
 def _restore(path: Path, cfg: TrainSegConfig, inputs: dict, model: Segmenter, optimizer) -> tuple[int, int]:
-    keys = [f.name for f in fields(cfg) if f.name not in cfg.NOT_IN_RESULTS]  # every setting of the results
+    keys = result_settings(cfg)
     ckpt = training.restore(path, cfg, keys, model, optimizer)
     if ckpt.get("inputs", {}) != inputs:
         raise UsageError(
