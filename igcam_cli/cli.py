@@ -551,6 +551,10 @@ def crf(
     bg_alpha: Annotated[float | None, typer.Option()] = None,
     bg_tau: Annotated[float | None, typer.Option()] = None,
     confidence: Annotated[float | None, typer.Option(help="Marginals below this become 255")] = None,
+    ignore_between: Annotated[
+        str | None,
+        typer.Option(help="LOW,HIGH: pixels whose map value lies between become 255 (ignored by train-seg); '' off"),
+    ] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
@@ -572,6 +576,7 @@ def crf(
         bg_alpha=bg_alpha,
         bg_tau=bg_tau,
         confidence=confidence,
+        ignore_between=_floats(ignore_between, "--ignore-between"),
         workers=workers,
     )
     stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)

@@ -225,6 +225,16 @@ class RefineConfig:
 @dataclass
 class CrfConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ("ignore_between",),
+            lambda c: (
+                c.ignore_between == []
+                or (len(c.ignore_between) == 2 and 0 <= c.ignore_between[0] < c.ignore_between[1] <= 1)
+            ),
+            "need [] (off) or [low, high] with 0 <= low < high <= 1",
+        ),
+    )
 
     split: str = "train"
     source: Literal["refined", "cams"] = "refined"
@@ -233,6 +243,9 @@ class CrfConfig:
     bg_alpha: Positive | None = None  # None: 4 for CAM-like maps (PSA), 1 for instance-guided maps (see stages/crf.py)
     bg_tau: Fraction = 0.25
     confidence: Fraction = 0.0  # marginals below this become 255 (ignore); 0 keeps every pixel
+    # [low, high]: pixels whose source map's largest value lies strictly between become 255, which train-seg
+    # ignores: neither confidently object nor background (IRN's split). [] keeps every pixel.
+    ignore_between: list[float] = field(default_factory=list)
     workers: NonNegative = 2
 
 

@@ -60,6 +60,8 @@ def _another_value(hint, default):
         return next(a for a in args if a != default)
     if origin in (Union, UnionType):
         return _another_value(next(a for a in args if a is not type(None)), 1 if default is None else default)
+    if origin is list:  # a plain list: ignore_between's [] (off) or [low, high]
+        return [0.2, 0.4] if not default else []
     if hint is bool:
         return not default
     if hint is int:

@@ -138,6 +138,22 @@ def test_confidence_threshold_marks_uncertain_pixels_255():
     assert (labels[:, EDGE:] == 255).all()
 
 
+def test_uncertain_band_of_the_maps_becomes_255():
+    """Pixels whose largest map value lies strictly inside (low, high) are ignored, whatever the CRF says;
+    at or outside the band the labels are the CRF's."""
+    maps = np.full((2, H, W), 0.05, dtype=np.float32)
+    maps[0, :, :EDGE] = 0.9  # confidently class 2 on the left
+    maps[1, : H // 2, EDGE:] = 0.3  # class 6 half-sure in the top right; bottom right confidently background
+    image, classes = two_region_image(), np.array([2, 6])
+    plain = crf_labels(image, maps, classes, PRESETS["psa"])
+    banded = crf_labels(image, maps, classes, PRESETS["psa"], uncertain=(0.15, 0.45))
+    assert (banded[: H // 2, EDGE:] == 255).all()
+    outside = np.ones((H, W), bool)
+    outside[: H // 2, EDGE:] = False
+    np.testing.assert_array_equal(banded[outside], plain[outside])
+    assert (banded[:, :EDGE] == 2).all() and not (plain == 255).any()
+
+
 def test_no_evidence_stays_uncertain_under_a_real_preset():
     # A tie everywhere is symmetric, so the CRF cannot break it: every marginal stays 0.5.
     maps = np.full((1, H, W), 0.5, dtype=np.float32)

@@ -111,12 +111,16 @@ def crf_labels(
     bg_tau: float = 0.25,
     bg_alpha: float = 4.0,
     confidence: float | None = None,
+    uncertain: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """H x W uint8 class-index label map from K x H x W maps of the present ``classes`` (K labels in 1..C).
 
     Scores [background, maps...] are normalised per pixel into probabilities over the K + 1
     labels (background, classes...), refined by ``dense_crf`` and arg-maxed. Pixels whose
-    largest marginal is below ``confidence`` become 255 (ignore). K == 0 gives all zeros.
+    largest marginal is below ``confidence`` become 255 (ignore), and so do pixels whose largest
+    map value lies strictly between ``uncertain = (low, high)``: neither confidently an object nor
+    confidently background (IRN's confident-foreground / confident-background split). K == 0 gives
+    all zeros.
     """
     maps = np.asarray(maps)
     classes = np.asarray(classes).reshape(-1)
@@ -139,6 +143,9 @@ def crf_labels(
     labels = lookup[marginals.argmax(axis=0)]
     if confidence is not None:
         labels[marginals.max(axis=0) < confidence] = 255
+    if uncertain is not None:
+        peak = maps.max(axis=0)
+        labels[(peak > uncertain[0]) & (peak < uncertain[1])] = 255
     return labels
 
 

@@ -61,10 +61,22 @@ def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig, alph
                 f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
                 f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force"
             )
-        yield image_id, (image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence)
+        uncertain = tuple(cfg.ignore_between) if cfg.ignore_between else None
+        yield (
+            image_id,
+            (image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence, uncertain),
+        )
 
 
-def _crf_job(image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence) -> np.ndarray:
+def _crf_job(image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence, uncertain) -> np.ndarray:
     return crf_labels(
-        image, maps, classes, params, bg_mode=bg_mode, bg_tau=bg_tau, bg_alpha=bg_alpha, confidence=confidence or None
+        image,
+        maps,
+        classes,
+        params,
+        bg_mode=bg_mode,
+        bg_tau=bg_tau,
+        bg_alpha=bg_alpha,
+        confidence=confidence or None,
+        uncertain=uncertain,
     )
