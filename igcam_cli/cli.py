@@ -162,6 +162,11 @@ def _config(ws: Workspace, stage: str, **overrides):
     return stage_config(ws, stage, **overrides)
 
 
+def _train(stage: Any, cfg: Any, ws: Workspace, opts: RunOptions, resume: bool, init_from: Path | None) -> None:
+    """Run a training stage (train-cls, train-seg) with its --resume and --init-from."""
+    stage.run(cfg, ws, opts, stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
+
+
 def _floats(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
@@ -344,12 +349,7 @@ def train_cls(
         finetune_lr_mult=finetune_lr_mult,
         finetune_epochs=finetune_epochs,
     )
-    stage.run(
-        cfg,
-        ws,
-        _opts(device, seed, quiet),
-        stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None),
-    )
+    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from)
 
 
 @app.command("make-cams", cls=StageCommand)
@@ -632,12 +632,7 @@ def train_seg(
         lr=lr,
         workers=workers,
     )
-    stage.run(
-        cfg,
-        ws,
-        _opts(device, seed, quiet),
-        stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None),
-    )
+    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from)
 
 
 @app.command(cls=StageCommand)
