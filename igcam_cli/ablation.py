@@ -42,19 +42,15 @@ def run(
         sub = _sub_workspace(ws, name)
         source = "cams" if settings is None else "refined"
         if settings is not None:
-            refine.run(_config(ws, "refine", split=split, workers=workers, **settings), sub, opts)
-        crf.run(_config(ws, "crf", split=split, source=source, workers=workers), sub, opts)
-        maps = evaluate.run(_config(ws, "evaluate", artifact=source, split=split), sub, quiet)
-        labels = evaluate.run(_config(ws, "evaluate", artifact="crf", split=split), sub, quiet)
+            refine.run(stage_config(ws, "refine", split=split, workers=workers, **settings), sub, opts)
+        crf.run(stage_config(ws, "crf", split=split, source=source, workers=workers), sub, opts)
+        maps = evaluate.run(stage_config(ws, "evaluate", artifact=source, split=split), sub, quiet)
+        labels = evaluate.run(stage_config(ws, "evaluate", artifact="crf", split=split), sub, quiet)
         rows.append({"variant": name, "refine": settings, "maps": _summary(maps), "crf": _summary(labels)})
     if len(rows) == len(VARIANTS):
         _write(ws, split, rows)
     print_table(rows, split)
     return rows
-
-
-def _config(ws: Workspace, stage: str, **overrides):
-    return stage_config(ws, stage, **overrides)
 
 
 def _sub_workspace(ws: Workspace, name: str) -> Workspace:

@@ -103,10 +103,7 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
     """The chain's steps with the configs they would run with now."""
     dataset = ws.dataset()
 
-    def config(stage: str, **overrides):
-        return stage_config(ws, stage, **overrides)
-
-    seg_defaults = config("train-seg")
+    seg_defaults = stage_config(ws, "train-seg")
     split = split or seg_defaults.split
     for name, value in (("--split", split), ("--val-split", val_split)):
         if value and value not in dataset.splits():
@@ -115,21 +112,20 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
         val_split = seg_defaults.val_split if seg_defaults.val_split in dataset.splits() else None
 
     ids = dataset.ids(split)
-    seg_cfg = config("train-seg", split=split, **({"val_split": val_split} if val_split is not None else {}))
-    cls_cfg = config("train-cls")
+    seg_cfg = stage_config(ws, "train-seg", split=split, **({"val_split": val_split} if val_split is not None else {}))
+    cls_cfg = stage_config(ws, "train-cls")
     steps = [_training(ws, opts, "train-cls", cls_cfg, key="round")]
     if rounds == 2:  # influence on the classifier's own split, from round 1; round 2 fine-tunes with it
-        influence_cfg = config("compute-influence", split=cls_cfg.split, round=1)
+        influence_cfg = stage_config(ws, "compute-influence", split=cls_cfg.split, round=1)
         influence_cfg = registry.module("compute-influence").resolve(influence_cfg, dataset)  # as it records it
         steps.append(_influence(ws, opts, influence_cfg))
-        round2 = config("train-cls", round=2, sample_weights="influence")
+        round2 = stage_config(ws, "train-cls", round=2, sample_weights="influence")
         steps.append(replace(_training(ws, opts, "train-cls", round2, key="round"), phase="train-cls"))
-    steps += [
-        _per_image(ws, opts, stage, config(stage, split=split), split, ids) for stage in ("make-cams", "refine", "crf")
-    ]
+    for stage in ("make-cams", "refine", "crf"):  # the pseudo-label chain, on `split`
+        steps.append(_per_image(ws, opts, stage, stage_config(ws, stage, split=split), split, ids))
     steps.append(_training(ws, opts, "train-seg", seg_cfg))
     if val_split:
-        pred_cfg = config("predict", split=val_split, images=None, out=val_split)
+        pred_cfg = stage_config(ws, "predict", split=val_split, images=None, out=val_split)
         steps.append(_per_image(ws, opts, "predict", pred_cfg, val_split, dataset.ids(val_split)))
     quiet = replace(opts, quiet=True)
     evaluations = [(artifact, split) for artifact in ("cams", "refined", "crf")]
@@ -138,7 +134,7 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
     for artifact, eval_split in evaluations:
         if not dataset.has_masks(eval_split):
             continue
-        eval_cfg = config("evaluate", artifact=artifact, split=eval_split)
+        eval_cfg = stage_config(ws, "evaluate", artifact=artifact, split=eval_split)
         steps.append(
             Step(
                 "evaluate",

@@ -158,10 +158,6 @@ def _opts(device: str, seed: int, quiet: bool) -> RunOptions:
     return RunOptions(device=device, seed=seed, quiet=quiet)
 
 
-def _config(ws: Workspace, stage: str, **overrides):
-    return stage_config(ws, stage, **overrides)
-
-
 def _train(stage: Any, cfg: Any, ws: Workspace, opts: RunOptions, resume: bool, init_from: Path | None) -> None:
     """Run a training stage (train-cls, train-seg) with its --resume and --init-from."""
     stage.run(cfg, ws, opts, stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
@@ -328,7 +324,7 @@ def train_cls(
     from igcam_cli.stages import train_cls as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "train-cls",
         backbone=backbone,
@@ -383,7 +379,7 @@ def make_cams(
     from igcam_cli.stages import make_cams as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "make-cams",
         split=split,
@@ -446,7 +442,7 @@ def compute_influence(
     from igcam_cli.stages import compute_influence as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "compute-influence",
         split=split,
@@ -483,7 +479,7 @@ def influence_report(
     from igcam_cli.stages import influence_report as stage
 
     ws = _ws(workspace)
-    cfg = _config(ws, "influence-report", split=split, top_k=top_k, truth=str(truth) if truth else None)
+    cfg = stage_config(ws, "influence-report", split=split, top_k=top_k, truth=str(truth) if truth else None)
     result = stage.run(cfg, ws, _opts(device, seed, quiet))
     if quiet:  # the result, in one line
         typer.echo(stage.summary(result))
@@ -522,7 +518,7 @@ def refine(
     from igcam_cli.stages import refine as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "refine",
         split=split,
@@ -566,7 +562,7 @@ def crf(
     from igcam_cli.stages import crf as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "crf",
         split=split,
@@ -617,7 +613,7 @@ def train_seg(
     from igcam_cli.stages import train_seg as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "train-seg",
         arch=arch,
@@ -665,7 +661,7 @@ def predict(
     from igcam_cli.stages import predict as stage
 
     ws = _ws(workspace)
-    cfg = _config(
+    cfg = stage_config(
         ws,
         "predict",
         split=split,
@@ -703,12 +699,12 @@ def evaluate(
     if artifact == "influence":  # the same as `igcam influence-report`
         from igcam_cli.stages import influence_report
 
-        report_cfg = _config(ws, "influence-report", split=split)
+        report_cfg = stage_config(ws, "influence-report", split=split)
         result = influence_report.run(report_cfg, ws, _opts(device, seed, quiet))
         if quiet:
             typer.echo(influence_report.summary(result))
         return
-    cfg = _config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
+    cfg = stage_config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
     result = stage.run(cfg, ws, _opts(device, seed, quiet))
     if quiet:  # the result, in one line
         typer.echo(stage.summary(result))
