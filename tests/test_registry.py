@@ -1,13 +1,14 @@
 """The stage registry is the one declaration of the pipeline: everything else agrees with it."""
 
 import importlib
+from typing import get_args, get_type_hints
 
 import typer
 
 from igcam_cli import chain
 from igcam_cli.cli import app
+from igcam_cli.config import EvaluateConfig
 from igcam_cli.registry import ARTIFACTS, BY_NAME, CHAIN, MAP_KINDS, PRODUCER, STAGES
-from igcam_cli.stages import evaluate
 
 
 def test_every_stage_has_its_module_command_and_known_artifacts():
@@ -26,4 +27,6 @@ def test_derived_tables():
     assert chain.STAGES == CHAIN
     assert PRODUCER["cams"] == "make-cams" and PRODUCER["crf"] == "crf" and PRODUCER["pred"] == "predict"
     assert all(PRODUCER[kind] in BY_NAME and BY_NAME[PRODUCER[kind]].per_image for kind in MAP_KINDS)
-    assert set(evaluate.ARTIFACTS) == {*MAP_KINDS, "crf", "seg"}
+    evaluated = get_args(get_type_hints(EvaluateConfig)["artifact"])  # evaluate's artifacts, declared on its config
+    assert set(evaluated) == {*MAP_KINDS, "crf", "seg"}
+    assert all(a in PRODUCER or a == "seg" for a in evaluated)  # seg: the predictions, PRODUCER["pred"]

@@ -25,7 +25,6 @@ from igcam_cli.registry import MAP_KINDS, PRODUCER
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.workspace import Workspace, input_key
 
-ARTIFACTS = (*MAP_KINDS, "crf", "seg")
 _ARTIFACT_STAGE = {**PRODUCER, "seg": PRODUCER["pred"]}  # `seg`: the predictions of the segmenter
 
 
