@@ -7,8 +7,7 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -18,7 +17,7 @@ from igcam_cli.config import RunOptions, build, to_dict
 from igcam_cli.errors import IgcamError, UsageError
 from igcam_cli.registry import config_class, stage_config
 from igcam_cli.runtime.distributed import parse_shard
-from igcam_cli.validation import allowed
+from igcam_cli.validation import allowed, says_more_than_its_type
 from igcam_cli.workspace import Workspace, default_workspace
 
 app = typer.Typer(
@@ -100,19 +99,12 @@ class StageCommand(TyperCommand):
                 if shown.get(name) is not None:
                     value = shown[name]
                     param.default = ",".join(str(v) for v in value) if isinstance(value, list) else value
-                if name in hints and _declares_allowed(hints[name]):  # choices and ranges, from the config
+                if name in hints and says_more_than_its_type(hints[name]):  # choices and ranges, from the config
                     param.help = f"{param.help or ''} ({allowed(hints[name])})".strip()
             super().format_help(ctx, formatter)
         finally:
             for param, (default, help_text) in saved.items():
                 param.default, param.help = default, help_text
-
-
-def _declares_allowed(hint: Any) -> bool:
-    """Whether a config field's type says more than int/float/str: choices (Literal) or a Range (Annotated)."""
-    if get_origin(hint) in (Literal, Annotated):
-        return True
-    return any(_declares_allowed(arg) for arg in get_args(hint)) if get_origin(hint) in (Union, UnionType) else False
 
 
 def _effective_settings(stage: str, args: list[str]) -> dict:

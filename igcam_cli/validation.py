@@ -88,10 +88,18 @@ def allowed(hint: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(allowed(a) for a in args)
     if origin is list:
-        return f"a list of {allowed(args[0])}s" if args else "a list"
+        return "a list of numbers" if args and args[0] in (int, float) else f"a list ({allowed(args[0])} each)"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}.get(
         hint, str(hint)
     )
+
+
+def says_more_than_its_type(hint: Any) -> bool:
+    """Whether an annotation declares choices (Literal) or a Range (Annotated), alone or in a union:
+    what `allowed` is worth printing for (help texts)."""
+    if get_origin(hint) in (Literal, Annotated):
+        return True
+    return get_origin(hint) in (Union, types.UnionType) and any(says_more_than_its_type(a) for a in get_args(hint))
 
 
 def _fits(hint: Any, value: Any) -> bool:

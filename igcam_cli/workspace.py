@@ -249,18 +249,24 @@ class Workspace:
         their own; they agree here, while a redo with other settings, or from another classifier, does not."""
         if first == second:
             return True
-        by_id = {r["id"]: r for r in self.records()}
-        a, b = by_id.get(first or ""), by_id.get(second or "")
-        if a is None or b is None or a["stage"] != b["stage"] or "shard" not in a or "shard" not in b:
-            return False  # a training run is its own: another one with the same settings gives other weights
-        if a.get("split") != b.get("split") or a["stage"] not in BY_NAME:
-            return False
-        config_cls = BY_NAME[a["stage"]].config
-        known = {f.name for f in fields(config_cls)}
-        if changed_settings(config_cls(**{k: v for k, v in a["config"].items() if k in known}), b["config"]):
-            return False
-        a_in, b_in = a.get("inputs", {}), b.get("inputs", {})
-        return a_in.keys() == b_in.keys() and all(self.same_results(a_in[k], b_in[k]) for k in a_in)
+        by_id = {r["id"]: r for r in self.records()}  # read once for the whole walk
+
+        def same(x: str | None, y: str | None) -> bool:
+            if x == y:
+                return True
+            a, b = by_id.get(x or ""), by_id.get(y or "")
+            if a is None or b is None or a["stage"] != b["stage"] or "shard" not in a or "shard" not in b:
+                return False  # a training run is its own: another one with the same settings gives other weights
+            if a.get("split") != b.get("split") or a["stage"] not in BY_NAME:
+                return False
+            config_cls = BY_NAME[a["stage"]].config
+            known = {f.name for f in fields(config_cls)}
+            if changed_settings(config_cls(**{k: v for k, v in a["config"].items() if k in known}), b["config"]):
+                return False
+            a_in, b_in = a.get("inputs", {}), b.get("inputs", {})
+            return a_in.keys() == b_in.keys() and all(same(a_in[k], b_in[k]) for k in a_in)
+
+        return same(first, second)
 
     # ---- manifest -------------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import assert_error, igcam, ok
-from igcam_cli.store import MapStore
+from igcam_cli.store import LabelStore, MapStore
 
 REFINE = ["--split", "train", "--workers", "0", "--batch-size", "4"]
 
@@ -93,6 +93,24 @@ def test_a_resume_never_mixes_two_runs_of_the_input(chain_ws):
     crf = igcam("crf", "-w", chain_ws, "--split", "train", "--workers", "0", "--source", "refined")
     assert_error(crf, 2, "refine ran again", "--force")
     assert len(list((chain_ws / "pseudo" / "train").glob("*.png"))) == 7
+
+
+def test_crf_ignore_band_marks_exactly_the_unsure_pixels(chain_ws):
+    """--ignore-between: a pseudo-label pixel is 255 exactly where the source map's largest value lies
+    strictly inside the band; '' switches it off (no 255 at all, with confidence 0)."""
+    crf = ["crf", "-w", chain_ws, "--split", "train", "--workers", "0", "--source", "cams", "--force", "--quiet"]
+    ok(*crf, "--ignore-between", "0.15,0.45")
+    cams, banded = maps_of(chain_ws, "cams"), LabelStore(chain_ws / "pseudo" / "train")
+    marked = 0
+    for image_id, record in cams.items():
+        peak = record.maps.max(axis=0) if len(record.maps) else np.zeros(record.maps.shape[1:])
+        unsure = (peak > 0.15) & (peak < 0.45)
+        np.testing.assert_array_equal(banded.read(image_id) == 255, unsure)
+        marked += int(unsure.sum())
+    assert marked > 0
+    ok(*crf, "--ignore-between", "")
+    assert not any((LabelStore(chain_ws / "pseudo" / "train").read(i) == 255).any() for i in cams)
+    assert_error(igcam(*crf, "--ignore-between", "0.5,0.2"), 2, "--ignore-between", "low < high")
 
 
 def test_oracle_guidance_is_marked_through_crf_and_evaluate(chain_ws):
