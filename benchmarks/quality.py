@@ -107,8 +107,9 @@ def run_style(
     )
     for stage in ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "compute-influence"):
         ws.set_stage_options(stage, {"workers": workers})
-    for stage, value in epochs.items():
-        ws.set_stage_options(stage, {"epochs": value})
+    for stage in ("train-cls", "train-seg"):
+        if stage in epochs:
+            ws.set_stage_options(stage, {"epochs": epochs[stage]})
     evaluations = {r["artifact"]: summary(r) for r in chain.run(ws, opts)["evaluations"]}
     evaluations["crf_cams"] = summary(ablation.run(ws, "train", opts, workers=workers, variants=("CAM",))[0]["crf"])
     cls_record = ws.classifier_run(1)

@@ -3,7 +3,9 @@
 Each variant runs the real stages (refine, crf, evaluate) in its own sub-workspace under
 `<ws>/ablation/<variant>/`, which shares the parent's dataset, classifier and CAMs through
 symbolic links; so a variant's numbers are exactly what those commands give, and an interrupted
-ablation resumes where it stopped. The table goes to eval/ablation-<split>.json and .md.
+ablation resumes where it stopped. The CRF columns label every pixel (crf's `ignore_between` band,
+which marks unsure pixels for the segmenter, is off here). The table goes to eval/ablation-<split>.json
+and .md.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def run(
         source = "cams" if settings is None else "refined"
         if settings is not None:
             refine.run(stage_config(ws, "refine", split=split, workers=workers, **settings), sub, opts)
-        crf.run(stage_config(ws, "crf", split=split, source=source, workers=workers), sub, opts)
+        # every variant's CRF labels whole: crf's ignore band marks a segmenter's training targets, and on raw CAMs,
+        # which are unsure over most of an object, it would leave the CAM row little to score
+        crf_cfg = stage_config(ws, "crf", split=split, source=source, workers=workers, ignore_between=[])
+        crf.run(crf_cfg, sub, opts)
         maps = evaluate.run(stage_config(ws, "evaluate", artifact=source, split=split), sub, quiet)
         labels = evaluate.run(stage_config(ws, "evaluate", artifact="crf", split=split), sub, quiet)
         rows.append({"variant": name, "refine": settings, "maps": _summary(maps), "crf": _summary(labels)})

@@ -461,7 +461,11 @@ def influence_report(
     split: SplitOpt = None,
     top_k: Annotated[int | None, typer.Option(help="Images to list")] = None,
     truth: Annotated[
-        Path | None, typer.Option(help="Ids known to be mislabelled (default: corrupted.csv in the dataset root)")
+        Path | None,
+        typer.Option(
+            help="Ids known to be mislabelled (default: corrupted.csv in the dataset root, "
+            "or a synthetic dataset's label_noise)"
+        ),
     ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -733,14 +737,25 @@ def demo(
     workspace: Annotated[
         Path | None, typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")
     ] = None,
-    n_train: Annotated[int, typer.Option(min=8)] = 320,
-    n_val: Annotated[int, typer.Option(min=4)] = 80,
+    n_train: Annotated[int | None, typer.Option(min=8, help="\\[default: 320, with --influence 160]")] = None,
+    n_val: Annotated[int | None, typer.Option(min=4, help="\\[default: 80, with --influence 40]")] = None,
+    influence: Annotated[
+        bool,
+        typer.Option(
+            "--influence",
+            help="Show IG-CAM's influence round instead: noisy train labels, classifier rounds 1 and 2, "
+            "the mislabel finder",
+        ),
+    ] = False,
+    label_noise: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="With --influence: the fraction of train labels swapped")
+    ] = 0.1,
     epochs: Annotated[
         int | None,
         typer.Option(
             min=1,
-            help="Both models train this many epochs, with no step minimum (a quick look) "
-            "\\[default: the synthetic preset's]",
+            help="Both models train this many epochs, with no step minimum (a quick look; with --influence: the "
+            "classifier) \\[default: the synthetic preset's]",
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=0)] = 2,
@@ -752,10 +767,21 @@ def demo(
     """Synthetic data and the whole chain on it, on the CPU, with one table of mIoU per stage."""
     from igcam_cli import demo as stage
 
+    opts = _opts(device, seed, quiet)
+    if influence:
+        stage.run_influence(
+            workspace if workspace is not None else Path("igcam-demo-influence"),
+            opts,
+            n_train=n_train or 160,
+            n_val=n_val or 40,
+            label_noise=label_noise,
+            epochs=epochs,
+            workers=workers,
+            force=force,
+        )
+        return
     path = workspace if workspace is not None else Path("igcam-demo")
-    stage.run(
-        path, _opts(device, seed, quiet), n_train=n_train, n_val=n_val, epochs=epochs, workers=workers, force=force
-    )
+    stage.run(path, opts, n_train=n_train or 320, n_val=n_val or 80, epochs=epochs, workers=workers, force=force)
 
 
 @app.command("run")

@@ -171,7 +171,8 @@ class InfluenceReportConfig:
 
     split: str = "train"
     top_k: Count = 24
-    truth: str | None = None  # list of truly mislabelled ids (default: corrupted.csv in the dataset root, if any)
+    # list of truly mislabelled ids (default: corrupted.csv in the dataset root, or a synthetic dataset's label_noise)
+    truth: str | None = None
 
 
 @dataclass

@@ -77,10 +77,15 @@ class Workspace:
         overwrite: bool = False,
     ) -> Workspace:
         ws = cls(root)
+        if ws.root.exists() and not ws.root.is_dir():
+            raise UsageError(f"-w {root} is a file, not a directory; choose another workspace path")
         if ws.toml_path.exists() and not overwrite:
             raise UsageError(f"{ws.toml_path} already exists; pass --force to overwrite it")
-        ws.root.mkdir(parents=True, exist_ok=True)
-        write_toml(ws.toml_path, {"dataset": dataset_spec, **(stage_defaults or {})})
+        try:
+            ws.root.mkdir(parents=True, exist_ok=True)
+            write_toml(ws.toml_path, {"dataset": dataset_spec, **(stage_defaults or {})})
+        except OSError as exc:
+            raise UsageError(f"cannot create the workspace {root}: {exc.strerror or exc}") from None
         return ws
 
     @classmethod

@@ -26,7 +26,9 @@ from cli_helpers import (
     with_option,
     write_palette_png,
 )
+from igcam_cli.stages import status as status_stage
 from igcam_cli.store import MapStore
+from igcam_cli.workspace import Workspace
 
 # ---- workspace and init --------------------------------------------------------------------------
 
@@ -309,6 +311,16 @@ def test_status_shows_a_workspace_path_with_brackets(tmp_path):
     ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 4, "--n-val", 2, "--image-size", 32)
     result = ok("status", "-w", ws)
     assert "runs[lr=0.1]" in result.output
+
+
+def test_status_lists_the_chain_stages_not_run_yet(tmp_path):
+    ws = tmp_path / "ws"
+    ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 4, "--n-val", 2, "--image-size", 32)
+    rows = status_stage.run(Workspace.open(ws))
+    assert [(r["stage"], r["state"]) for r in rows] == [
+        (stage, "not run") for stage in ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict")
+    ]
+    assert "no stage has run yet" in ok("status", "-w", ws).output
 
 
 @pytest.mark.slow

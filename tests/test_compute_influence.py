@@ -29,6 +29,7 @@ from igcam_cli.core import influence as inf
 from igcam_cli.core.fusion import fuse, influence_heat
 from igcam_cli.core.metrics import auroc, class_prior_loss, learned_fractions
 from igcam_cli.data.noise import corrupt_labels
+from igcam_cli.data.synthetic import SyntheticDataset
 from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import load_checkpoint
@@ -687,6 +688,27 @@ def test_synth_label_noise_writes_the_corrupted_list(tmp_path):
     with open(tmp_path / "added" / "corrupted.csv") as fh:
         for r in csv.DictReader(fh):
             assert set(r["true_labels"].split()) < set(r["noisy_labels"].split())
+
+
+def test_synthetic_label_noise_matches_synth_and_keeps_the_masks_true(tmp_path):
+    out = tmp_path / "data"
+    ok("synth", out, "--n-train", 20, "--n-val", 2, "--image-size", 32, "--label-noise", 0.1, "--seed", 1)
+    with open(out / "corrupted.csv") as fh:
+        written = {r["id"]: r["noisy_labels"] for r in csv.DictReader(fh)}
+    noisy = SyntheticDataset(n_train=20, n_val=2, size=32, seed=1, label_noise=0.1)
+    clean = SyntheticDataset(n_train=20, n_val=2, size=32, seed=1)
+    assert noisy.known_mislabelled() == set(written) and len(written) == 2 and clean.known_mislabelled() is None
+    for image_id in noisy.ids("train") + noisy.ids("val"):
+        sample, truth = noisy.load(image_id), clean.load(image_id)
+        assert np.array_equal(sample.labels, noisy.labels(image_id))
+        assert np.array_equal(sample.mask, truth.mask) and np.array_equal(noisy.true_labels(image_id), truth.labels)
+        if image_id in written:
+            assert " ".join(noisy.classes[k - 1] for k in sample.labels) == written[image_id]
+            assert not np.array_equal(sample.labels, truth.labels)
+        else:
+            assert np.array_equal(sample.labels, truth.labels)
+    with pytest.raises(UsageError, match="noise_kind"):
+        SyntheticDataset(n_train=4, n_val=2, size=32, noise_kind="flip")
 
 
 @pytest.mark.slow

@@ -62,3 +62,7 @@ class Dataset(ABC):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def known_mislabelled(self) -> set[str] | None:
+        """Ids whose image labels are known to be wrong (a synthetic dataset made with label noise), else None."""
+        return None

@@ -9,6 +9,9 @@ from PIL import Image, UnidentifiedImageError
 
 from igcam_cli.errors import BadData
 
+# Pillow's modes for 16-bit greyscale PNGs (and 32-bit integer images), whose values run to 65535
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
+
 
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 H x W x 3. Missing, unreadable or truncated files raise BadData."""
@@ -17,6 +20,9 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in WIDE_GREY:  # 16-bit greyscale: PIL's convert("RGB") would clip it to white
+                grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadData(f"cannot read image {path}: {exc}") from None

@@ -538,6 +538,8 @@ class SyntheticDataset(Dataset):
         num_classes: int = 5,
         max_objects: int = 3,
         style: str = "heads",
+        label_noise: float = 0.0,
+        noise_kind: str = "swap",
     ):
         from igcam_cli.data.styles import STYLES
 
@@ -558,6 +560,14 @@ class SyntheticDataset(Dataset):
         self.style = style
         self.classes = list(CLASS_NAMES[:num_classes])
         self._labels: dict[str, np.ndarray] = {}
+        from igcam_cli.data.noise import NOISE_KINDS
+
+        if not 0 <= label_noise <= 1:
+            raise UsageError(f"synthetic dataset: label_noise must be in [0, 1], got {label_noise}")
+        if noise_kind not in NOISE_KINDS:
+            raise UsageError(f"synthetic dataset: unknown noise_kind '{noise_kind}' (one of {', '.join(NOISE_KINDS)})")
+        self.label_noise, self.noise_kind = float(label_noise), noise_kind
+        self._noisy: dict[str, np.ndarray] | None = None
 
     def splits(self) -> list[str]:
         return list(SPLITS)
@@ -578,6 +588,11 @@ class SyntheticDataset(Dataset):
         raise BadData(f"synthetic dataset has no image {image_id!r}")
 
     def labels(self, image_id: str) -> np.ndarray:
+        noisy = self._noisy_labels().get(image_id)
+        return noisy.copy() if noisy is not None else self.true_labels(image_id)
+
+    def true_labels(self, image_id: str) -> np.ndarray:
+        """The classes in the image's mask (`labels` differ from them on the images `label_noise` corrupted)."""
         if image_id not in self._labels:
             split_index, index = self._parse(image_id)
             self._labels[image_id] = _labels_of(
@@ -585,11 +600,25 @@ class SyntheticDataset(Dataset):
             )
         return self._labels[image_id].copy()
 
+    def _noisy_labels(self) -> dict[str, np.ndarray]:
+        """The train images whose labels `label_noise` corrupts (data/noise.py; seeded by the dataset's seed)."""
+        from igcam_cli.data.noise import corrupt_labels
+
+        if self._noisy is None:
+            self._noisy = {}
+            if self.label_noise > 0:
+                train = {i: self.true_labels(i) for i in self.ids("train")}
+                self._noisy = corrupt_labels(train, self.num_classes, self.label_noise, self.seed, self.noise_kind)
+        return self._noisy
+
+    def known_mislabelled(self) -> set[str] | None:
+        return set(self._noisy_labels()) if self.label_noise > 0 else None
+
     def load(self, image_id: str, with_mask: bool = True) -> Sample:
         split_index, index = self._parse(image_id)
         scene = _render(self.seed, split_index, index, self.size, self.num_classes, self.max_objects, self.style)
         self._labels.setdefault(image_id, scene.labels)
-        return Sample(image_id, scene.image, scene.labels.copy(), scene.mask if with_mask else None)
+        return Sample(image_id, scene.image, self.labels(image_id), scene.mask if with_mask else None)
 
     def has_masks(self, split: str) -> bool:
         return split in self.counts

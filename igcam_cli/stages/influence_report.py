@@ -4,10 +4,11 @@ Ranks a split's images by atypicality (robust z-score of log self-influence, fro
 compute-influence's scores.csv), lists the top k with their labels in a rich table,
 eval/influence-<split>.md and .json, and draws a contact sheet (image | influence of each
 labelled class) in eval/influence-<split>.png. When the truly mislabelled ids are known
-(`--truth FILE`, or corrupted.csv in the dataset root as `igcam synth --label-noise` writes it),
-it also reports the AUROC of the ranking (and of the per-image loss, as a baseline). Each output
-says how well the classifier fits the labels (compute-influence's fit.json) and whether
-compute-influence therefore withheld its label suggestions.
+(`--truth FILE`, or corrupted.csv in the dataset root as `igcam synth --label-noise` writes it, or
+the `label_noise` of a synthetic dataset), it also reports the AUROC of the ranking (and of the
+per-image loss, as a baseline). Each output says how well the classifier fits the labels
+(compute-influence's fit.json) and whether compute-influence therefore withheld its label
+suggestions.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
     directory = ws.influence_dir(cfg.split)
     scores = influence_io.read_scores(directory, ids, ws.command("compute-influence", cfg.split), dataset.num_classes)
     ranked = sorted(ids, key=lambda i: (-scores[i].atypicality, i))
-    truth, truth_path = _truth(cfg, ws)
+    truth, truth_path = _truth(cfg, ws, ids)
     names = dataset.classes
 
     def label_names(text: str) -> list[str]:
@@ -115,13 +116,16 @@ def run(cfg: InfluenceReportConfig, ws: Workspace, opts: RunOptions) -> dict[str
     return result
 
 
-def _truth(cfg: InfluenceReportConfig, ws: Workspace) -> tuple[set[str] | None, str | None]:
+def _truth(cfg: InfluenceReportConfig, ws: Workspace, ids: list[str]) -> tuple[set[str] | None, str | None]:
     if cfg.truth:
         return read_corrupted(Path(cfg.truth)), cfg.truth
     root = ws.dataset_spec.get("root")
     if root and (Path(root) / CORRUPTED_NAME).is_file():
         path = Path(root) / CORRUPTED_NAME
         return read_corrupted(path), str(path)
+    known = ws.dataset().known_mislabelled()
+    if known and known & set(ids):  # label noise corrupts train images only
+        return known, "the synthetic dataset's label_noise"
     return None, None
 
 

@@ -1,4 +1,5 @@
-"""status: the latest run of each stage and split, and whether it is done, stale, running or failed."""
+"""status: the latest run of each stage and split, and whether it is done, stale, running or failed; the
+stages of `igcam run`'s chain that have not run yet are listed as such."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from igcam_cli.registry import CHAIN
 from igcam_cli.workspace import Workspace
 
 
@@ -22,10 +24,14 @@ def run(ws: Workspace) -> list[dict]:
         if state == "done" and ws.is_stale(record):
             state = "stale"
         rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
+    ran = {record["stage"] for record in ws.records()}
+    for stage in CHAIN:
+        if stage not in ran and stage != "evaluate":
+            rows.append({"stage": stage, "split": None, "shard": None, "state": "not run", "record": {}})
     table = Table(title=escape(f"igcam workspace {ws.root}"))
     for column in ("stage", "split", "shard", "status", "ended", "metrics"):
         table.add_column(column, no_wrap=column != "metrics")
-    style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red"}
+    style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red", "not run": "dim"}
     for row in rows:
         record = row["record"]
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
@@ -38,9 +44,9 @@ def run(ws: Workspace) -> list[dict]:
             ended,
             escape(metrics or record.get("error", "")),
         )
-    Console(width=max(120, Console().width)).print(
-        table if rows else escape(f"workspace {ws.root}: no stage has run yet")
-    )
+    if not ran:
+        table.caption = "no stage has run yet"
+    Console(width=max(120, Console().width)).print(table)
     return rows
 
 
