@@ -12,6 +12,7 @@ import numpy as np
 from igcam_cli.data.base import Dataset, Sample
 from igcam_cli.data.classes import clean_class_list, format_class_list, read_class_file
 from igcam_cli.data.imageio import check_same_size, read_image, read_mask
+from igcam_cli.data.splits import read_split_file
 from igcam_cli.errors import BadData
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -145,15 +146,8 @@ class FolderDataset(Dataset):
         path = self.split_dir / f"{split}.txt"
         if split not in files:
             raise BadData(f"split file not found: {path} (available splits: {', '.join(self.splits())})")
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadData(f"cannot read split file {path}: {exc}") from None
         ids = []
-        for number, line in enumerate(lines, start=1):
-            image_id = line.strip()
-            if not image_id:
-                continue
+        for number, image_id in read_split_file(path):
             if image_id not in self._rows:
                 raise BadData(f"{path}, line {number}: image '{image_id}' has no row in {self.labels_path}")
             ids.append(image_id)

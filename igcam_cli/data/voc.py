@@ -10,6 +10,7 @@ import numpy as np
 from igcam_cli.data.base import Dataset, Sample
 from igcam_cli.data.classes import VOC_CLASSES, clean_class_list, format_class_list
 from igcam_cli.data.imageio import check_same_size, read_image, read_mask
+from igcam_cli.data.splits import read_split_file
 from igcam_cli.errors import BadData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -58,11 +59,7 @@ class VocDataset(Dataset):
             if not path.is_file():
                 available = ", ".join(self.splits()) or "none"
                 raise BadData(f"split file not found: {path} (available splits: {available})")
-            try:
-                lines = path.read_text(encoding="utf-8-sig").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise BadData(f"cannot read split file {path}: {exc}") from None
-            self._ids[split] = [line.strip() for line in lines if line.strip()]
+            self._ids[split] = [image_id for _, image_id in read_split_file(path)]
         return list(self._ids[split])
 
     # files of one image
