@@ -93,6 +93,8 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if not ids:
         raise BadData(f"split '{cfg.split}' has no images")
     val_ids = dataset.ids(cfg.val_split) if cfg.val_split in dataset.splits() else []
+    if cfg.val_split and not val_ids:
+        log(f"train-cls: no validation: the dataset has no split '{cfg.val_split}' ({', '.join(dataset.splits())})")
 
     weights, relabelled, influence_record = _sample_weights(cfg, ws, ids, log)
     schedule = _schedule(cfg)

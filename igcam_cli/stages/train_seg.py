@@ -12,6 +12,7 @@ checkpoint, predictions and every evaluation of them say `upper_bound: true`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if not ids:
         raise BadData(f"split '{cfg.split}' has no images")
     labels, crf_record = _label_source(cfg, ws, dataset, ids)
-    val_ids = _val_ids(cfg, dataset)
+    val_ids = _val_ids(cfg, dataset, log)
 
     device = ddp.device(resolve_device(opts.device))
     seed_everything(opts.seed)
@@ -246,8 +247,14 @@ def _label_source(
     return store, record
 
 
-def _val_ids(cfg: TrainSegConfig, dataset: Dataset) -> list[str]:
-    if not cfg.val_split or cfg.val_split not in dataset.splits() or not dataset.has_masks(cfg.val_split):
+def _val_ids(cfg: TrainSegConfig, dataset: Dataset, log: Callable[[str], object]) -> list[str]:
+    if not cfg.val_split:
+        return []
+    if cfg.val_split not in dataset.splits():
+        log(f"train-seg: no validation: the dataset has no split '{cfg.val_split}' ({', '.join(dataset.splits())})")
+        return []
+    if not dataset.has_masks(cfg.val_split):
+        log(f"train-seg: no validation: split '{cfg.val_split}' has no GT masks")
         return []
     return dataset.ids(cfg.val_split)
 
