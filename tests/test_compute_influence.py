@@ -211,7 +211,7 @@ def test_resume_refuses_other_settings_and_force_redoes(influenced, tmp_path):
     "settings, message",
     [
         ({"relabel_confidence": 0.4}, "relabel-confidence: 0.4 is not allowed (a number in [0.5, 1))"),
-        ({"relabel_drop_below": 0.6}, "relabel_drop_below = 0.6, relabel_confidence = 0.5; need relabel_drop_below <="),
+        ({"relabel_drop_below": 0.6}, "relabel_drop_below = 0.6, relabel_confidence = 0.7; need relabel_drop_below <="),
         ({"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, "relabel_drop_below = 0.3, relabel_confidence = 0.8"),
     ],
 )
@@ -479,7 +479,7 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
 
 def _scores_and_fit(ws: Workspace, **overrides) -> tuple[dict, dict]:
     """Rerun compute-influence with other weight / suggestion settings (nothing is recomputed but scores.csv)."""
-    cfg = _influence_cfg(ws, relabel_threshold=-100.0, relabel_drop_below=0.5, **overrides)
+    cfg = _influence_cfg(ws, relabel_threshold=-100.0, relabel_confidence=0.5, relabel_drop_below=0.5, **overrides)
     assert compute_influence.run(cfg, ws, OPTS)["scored"] == 0
     scores = influence_io.read_scores(ws.influence_dir("train"), ws.dataset().ids("train"), "x", 5)
     return scores, influence_io.read_fit(ws.influence_dir("train"))
