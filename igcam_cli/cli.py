@@ -735,7 +735,10 @@ def status(workspace: WorkspaceOpt = None):
 @handles_errors
 def demo(
     workspace: Annotated[
-        Path | None, typer.Option("--workspace", "-w", help="Workspace \\[default: ./igcam-demo]")
+        Path | None,
+        typer.Option(
+            "--workspace", "-w", help="Workspace \\[default: ./igcam-demo, with --influence ./igcam-demo-influence]"
+        ),
     ] = None,
     n_train: Annotated[int | None, typer.Option(min=8, help="\\[default: 320, with --influence 160]")] = None,
     n_val: Annotated[int | None, typer.Option(min=4, help="\\[default: 80, with --influence 40]")] = None,
