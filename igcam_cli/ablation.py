@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.config import RunOptions
+from igcam_cli.config import RunOptions, changed_settings
 from igcam_cli.registry import stage_config
 from igcam_cli.stages import crf, evaluate, refine
 from igcam_cli.workspace import Workspace
@@ -44,11 +44,12 @@ def run(
         sub = _sub_workspace(ws, name)
         source = "cams" if settings is None else "refined"
         if settings is not None:
-            refine.run(stage_config(ws, "refine", split=split, workers=workers, **settings), sub, opts)
+            refine_cfg = stage_config(ws, "refine", split=split, workers=workers, **settings)
+            refine.run(refine_cfg, sub, opts, force=_settings_changed(sub, "refine", split, refine_cfg))
         # every variant's CRF labels whole: crf's ignore band marks a segmenter's training targets, and on raw CAMs,
         # which are unsure over most of an object, it would leave the CAM row little to score
         crf_cfg = stage_config(ws, "crf", split=split, source=source, workers=workers, ignore_between=[])
-        crf.run(crf_cfg, sub, opts)
+        crf.run(crf_cfg, sub, opts, force=_settings_changed(sub, "crf", split, crf_cfg))
         maps = evaluate.run(stage_config(ws, "evaluate", artifact=source, split=split), sub, quiet)
         labels = evaluate.run(stage_config(ws, "evaluate", artifact="crf", split=split), sub, quiet)
         rows.append({"variant": name, "refine": settings, "maps": _summary(maps), "crf": _summary(labels)})
@@ -56,6 +57,13 @@ def run(
         _write(ws, split, rows)
     print_table(rows, split)
     return rows
+
+
+def _settings_changed(sub: Workspace, stage: str, split: str, cfg) -> bool:
+    """A variant made with other settings (igcam.toml edited since) is redone, not refused: it is the ablation's
+    own cache, and `igcam ablate` has no --force."""
+    previous = sub.latest(stage, split)
+    return previous is not None and bool(changed_settings(cfg, previous["config"]))
 
 
 def _sub_workspace(ws: Workspace, name: str) -> Workspace:

@@ -9,6 +9,7 @@ import pytest
 
 from cli_helpers import assert_error, igcam, ok
 from igcam_cli.store import LabelStore, MapStore
+from igcam_cli.workspace import Workspace
 
 REFINE = ["--split", "train", "--workers", "0", "--batch-size", "4"]
 
@@ -173,6 +174,24 @@ def test_ablation_table_has_every_variant_with_and_without_crf(chain_ws):
         json.loads((chain_ws / "eval" / "cams-train.json").read_text())["miou"]
     )
     assert "| +guidance +boundary |" in (chain_ws / "eval" / "ablation-train.md").read_text()
+
+
+def test_ablation_labels_every_pixel_and_redoes_a_variant_after_the_toml_changed(chain_ws):
+    from igcam_cli import ablation
+    from igcam_cli.config import RunOptions
+
+    ws = Workspace.open(chain_ws)  # a private copy
+    ws.set_stage_options("crf", {"ignore_between": [0.15, 0.45]})  # the segmenter's band: not the ablation's
+    opts = RunOptions(device="cpu", quiet=True)
+    first = ablation.run(ws, "train", opts, workers=0, variants=("CAM",))[0]
+    sub = Workspace.open(ws.path("ablation", "cam"))
+    assert sub.latest("crf", "train")["config"]["ignore_between"] == []
+    pseudo = LabelStore(sub.path("pseudo", "train"))
+    assert pseudo.ids() and not any((pseudo.read(i) == 255).any() for i in pseudo.ids())
+    ws.set_stage_options("crf", {"preset": "irn"})  # edited since: the variant is redone, not refused
+    again = ablation.run(ws, "train", opts, workers=0, variants=("CAM",))[0]
+    assert sub.latest("crf", "train")["config"]["preset"] == "irn" and 0 <= again["crf"]["miou"] <= 1
+    assert first["maps"]["miou"] == again["maps"]["miou"]
 
 
 def test_each_shard_runs_its_own_chain_and_the_union_equals_the_unsharded_run(trained_ws):
