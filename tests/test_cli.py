@@ -313,6 +313,21 @@ def test_status_shows_a_workspace_path_with_brackets(tmp_path):
     assert "runs[lr=0.1]" in result.output
 
 
+def test_status_calls_a_running_record_whose_process_is_gone_killed(tmp_path):
+    ok("init", "-w", tmp_path / "ws", "--dataset", "synthetic", "--n-train", 4)
+    ws = Workspace.open(tmp_path / "ws")
+    ws.start("make-cams", {}, split="train")  # this process: alive
+    ws.start("refine", {}, split="train")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    manifest = json.loads(ws.manifest_path.read_text())
+    manifest["runs"][-1]["pid"] = gone.pid
+    ws.manifest_path.write_text(json.dumps(manifest))
+    states = {r["stage"]: r["state"] for r in status_stage.run(ws)}
+    assert states["make-cams"] == "running" and states["refine"] == "killed"
+    assert f"process {gone.pid} is gone" in " ".join(ok("status", "-w", ws.root).output.split())
+
+
 def test_status_lists_the_chain_stages_not_run_yet(tmp_path):
     ws = tmp_path / "ws"
     ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 4, "--n-val", 2, "--image-size", 32)

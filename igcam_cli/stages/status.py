@@ -1,7 +1,11 @@
-"""status: the latest run of each stage and split, and whether it is done, stale, running or failed; the
-stages of `igcam run`'s chain that have not run yet are listed as such."""
+"""status: the latest run of each stage and split, and whether it is done, stale, running, killed or failed; the
+stages of `igcam run`'s chain that have not run yet are listed as such. A run still marked running whose process
+on this host is gone (SIGKILL, a crash, a lost node's job killed by the scheduler) shows as killed."""
 
 from __future__ import annotations
+
+import os
+import socket
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,6 +27,8 @@ def run(ws: Workspace) -> list[dict]:
         state = record["status"]
         if state == "done" and ws.is_stale(record):
             state = "stale"
+        elif state == "running" and _process_gone(record):
+            state = "killed"
         rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
     ran = {record["stage"] for record in ws.records()}
     for stage in CHAIN:
@@ -31,7 +37,7 @@ def run(ws: Workspace) -> list[dict]:
     table = Table(title=escape(f"igcam workspace {ws.root}"))
     for column in ("stage", "split", "shard", "status", "ended", "metrics"):
         table.add_column(column, no_wrap=column != "metrics")
-    style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red", "not run": "dim"}
+    style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red", "killed": "red", "not run": "dim"}
     for row in rows:
         record = row["record"]
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
@@ -42,7 +48,7 @@ def run(ws: Workspace) -> list[dict]:
             escape(row["shard"] or "-"),
             f"[{style[row['state']]}]{row['state']}[/]",
             ended,
-            escape(metrics or record.get("error", "")),
+            escape(metrics or record.get("error", "") or _killed_note(row)),
         )
     if not ran:
         table.caption = "no stage has run yet"
@@ -52,3 +58,23 @@ def run(ws: Workspace) -> list[dict]:
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _process_gone(record: dict) -> bool:
+    """Whether the run's process, on this host, no longer exists (a run on another host cannot be checked)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process: it exists
+        return False
+    return False
+
+
+def _killed_note(row: dict) -> str:
+    if row["state"] != "killed":
+        return ""
+    return f"process {row['record']['pid']} is gone; rerun the stage to resume it"
