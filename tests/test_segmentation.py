@@ -392,6 +392,9 @@ def test_predict_bad_inputs(seg_ws, fresh_ws, tmp_path):
     assert_error(igcam("predict", "-w", seg_ws, *PREDICT), 2, "--split", "--images")
     assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--images", photos, *PREDICT), 2, "exactly one")
     assert_error(igcam("predict", "-w", fresh_ws, "--split", "val", *PREDICT), 3, f"igcam train-seg -w {fresh_ws}")
+    runs = (seg_ws / "manifest.json").read_text()
+    assert_error(igcam("predict", "-w", seg_ws, "--split", "val", "--device", "tpu"), 2, "device 'tpu'")
+    assert (seg_ws / "manifest.json").read_text() == runs  # no phantom "running" record for evaluate to name
     assert_error(
         igcam("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val"),
         3,

@@ -87,6 +87,7 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
     seg_record = ws.latest("train-seg", done=True)  # the run that wrote model.pt, not a later failed one
     inputs = {input_key("train-seg"): seg_record["id"] if seg_record else None}
     remedy = "pass --force to redo it, or --out NAME to write elsewhere"
+    device = local_device(resolve_device(opts.device))  # a bad --device before any record or deletion
     job = map_stage.prepare(
         ws,
         "predict",
@@ -106,7 +107,6 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
     provenance = {key: bool(meta.get(key) or (seg_record or {}).get(key)) for key in ("oracle", "upper_bound")}
     provenance["labels"] = meta.get("labels", "pseudo")
     record = job.start(**provenance)
-    device = local_device(resolve_device(opts.device))
     place_model(model, device).eval()
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
     crf = f"CRF ({cfg.preset}, {cfg.workers} worker(s))" if cfg.crf else "no CRF"
