@@ -22,7 +22,7 @@ from typing import Any
 
 from igcam_cli import __version__
 from igcam_cli.config import TOML_NAME, changed_settings, read_toml, write_toml
-from igcam_cli.errors import MissingArtifact, UsageError
+from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.registry import BY_NAME, MAP_KINDS, PRODUCER
 from igcam_cli.store import LabelStore, MapStore
 
@@ -279,9 +279,21 @@ class Workspace:
         return self.path("manifest.json")
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.manifest_path.exists():
+        """Every run's record, oldest first. A damaged manifest is one line naming it (BadData), never a traceback:
+        it is the workspace's history, so nothing is rewritten or guessed."""
+        path = self.manifest_path
+        if not path.exists():
             return []
-        return json.loads(self.manifest_path.read_text())["runs"]
+        try:
+            runs = json.loads(path.read_text())["runs"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise BadData(
+                f"{path} is damaged ({type(exc).__name__}: {exc}); restore it from a backup, or move it aside to "
+                "start the workspace's history afresh"
+            ) from None
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and "id" in r and "stage" in r for r in runs):
+            raise BadData(f"{path} is damaged (its 'runs' are not a list of run records)")
+        return runs
 
     def latest(self, stage: str, split: str | None = None, done: bool = False) -> dict[str, Any] | None:
         """The most recently started record of a stage (and split), whatever its status unless `done`."""
