@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class MapStore:
         for name, stat in parts.items():
             cached = self._part_keys.get(name)
             if cached is None or cached[0] != stat:
-                with h5py.File(self.directory / name, "r", locking=False) as f:
+                with self._opened(name) as f:
                     cached = (stat, list(f.keys()))
             cache[name] = cached
         index = {}
@@ -140,6 +141,20 @@ class MapStore:
     def __len__(self) -> int:
         return len(self._refresh())
 
+    @contextmanager
+    def _opened(self, name: str) -> Iterator[h5py.File]:
+        """A complete part, open for reading; a damaged one (truncated, not HDF5) is BadData naming it."""
+        path = self.directory / name
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as exc:
+            raise BadData(
+                f"map part {path} is damaged ({exc}); delete it and rerun the stage that wrote it, "
+                "which redoes that part's images"
+            ) from None
+        with f:
+            yield f
+
     @staticmethod
     def _read_group(group: h5py.Group) -> MapRecord:
         maps = group["maps"][()].astype(np.float32)
@@ -151,7 +166,7 @@ class MapStore:
         index = self._refresh()
         if image_id not in index:
             raise KeyError(f"image {image_id!r} is not in {self.directory}")
-        with h5py.File(self.directory / index[image_id], "r", locking=False) as f:
+        with self._opened(index[image_id]) as f:
             return self._read_group(f[image_id])
 
     def iter_records(self, ids: Iterable[str]) -> Iterator[tuple[str, MapRecord]]:
@@ -175,7 +190,7 @@ class MapStore:
                 raise KeyError(f"image {image_id!r} is not in {self.directory}")
             by_part.setdefault(index[image_id], []).append(image_id)
         for name in sorted(by_part):
-            with h5py.File(self.directory / name, "r", locking=False) as f:
+            with self._opened(name) as f:
                 for image_id in by_part[name]:
                     yield image_id, f[image_id]
 
@@ -185,7 +200,7 @@ class MapStore:
         names = list(self._list_parts())
         if not names:
             return {}
-        with h5py.File(self.directory / names[-1], "r", locking=False) as f:
+        with self._opened(names[-1]) as f:
             return {k: _plain(v) for k, v in f.attrs.items()}
 
     # ----- writing and cleanup -----
