@@ -183,8 +183,10 @@ class Workspace:
             return self.maps(artifact, split)
         if artifact == "influence":
             return MapStore(self.influence_dir(split))
-        if artifact in ("crf", "pred"):
-            return self.pseudo(split) if artifact == "crf" else self.predictions(split)
+        if artifact == "crf":
+            return self.pseudo(split)
+        if artifact == "pred":
+            return self.predictions(split)
         raise ValueError(f"no per-image store for artifact '{artifact}'")
 
     def model_path(self, artifact: str, round: int = 1) -> Path:

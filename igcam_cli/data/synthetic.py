@@ -602,11 +602,11 @@ class SyntheticDataset(Dataset):
 
     def _noisy_labels(self) -> dict[str, np.ndarray]:
         """The train images whose labels `label_noise` corrupts (data/noise.py; seeded by the dataset's seed)."""
-        from igcam_cli.data.noise import corrupt_labels
-
         if self._noisy is None:
             self._noisy = {}
             if self.label_noise > 0:
+                from igcam_cli.data.noise import corrupt_labels
+
                 train = {i: self.true_labels(i) for i in self.ids("train")}
                 self._noisy = corrupt_labels(train, self.num_classes, self.label_noise, self.seed, self.noise_kind)
         return self._noisy

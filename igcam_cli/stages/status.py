@@ -16,8 +16,9 @@ from igcam_cli.workspace import Workspace
 
 
 def run(ws: Workspace) -> list[dict]:
+    records = ws.records()
     latest: dict[tuple, dict] = {}
-    for record in ws.records():
+    for record in records:
         stage = record["stage"]
         if stage == "evaluate":  # one row per evaluated artifact
             stage = f"evaluate {record['config'].get('artifact')}"
@@ -30,7 +31,7 @@ def run(ws: Workspace) -> list[dict]:
         elif state == "running" and _process_gone(record):
             state = "killed"
         rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
-    ran = {record["stage"] for record in ws.records()}
+    ran = {record["stage"] for record in records}
     for stage in CHAIN:
         if stage not in ran and stage != "evaluate":
             rows.append({"stage": stage, "split": None, "shard": None, "state": "not run", "record": {}})
