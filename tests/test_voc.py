@@ -243,7 +243,7 @@ def test_open_dataset_string_classes(custom_voc):
 
 @pytest.mark.parametrize(
     "spec",
-    [{"format": "coco", "root": "x"}, {"root": "x"}, {"format": "voc"}, {"format": "voc", "root": "x", "rot": 1}],
+    [{"format": "kitti", "root": "x"}, {"root": "x"}, {"format": "voc"}, {"format": "voc", "root": "x", "rot": 1}],
 )
 def test_open_dataset_usage_errors(spec):
     with pytest.raises(UsageError):

@@ -8,7 +8,7 @@ from igcam_cli.data.base import Dataset, Sample
 from igcam_cli.data.classes import VOC_CLASSES, parse_class_list
 from igcam_cli.errors import UsageError
 
-FORMATS = ("voc", "folder", "synthetic")
+FORMATS = ("voc", "folder", "coco", "synthetic")
 FILE_FORMAT_KEYS = {"format", "root", "classes"}
 
 __all__ = ["Dataset", "Sample", "VOC_CLASSES", "FORMATS", "open_dataset", "parse_class_list"]
@@ -38,6 +38,10 @@ def open_dataset(spec: dict[str, Any]) -> Dataset:
         from igcam_cli.data.voc import VocDataset
 
         return VocDataset(spec["root"], spec.get("classes"))
+    if fmt == "coco":
+        from igcam_cli.data.coco import CocoDataset
+
+        return CocoDataset(spec["root"], spec.get("classes"))
     from igcam_cli.data.folder import FolderDataset
 
     return FolderDataset(spec["root"], spec.get("classes"))
