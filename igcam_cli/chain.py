@@ -7,7 +7,8 @@ the ones it would run with now, and every run it read from is still the latest o
 changed, resuming when it was only interrupted. `--from STAGE` reruns that stage and every later
 one from scratch; `--until STAGE` stops after it.
 
-Chain: train-cls -> make-cams -> refine -> crf on the pseudo-label split (train-seg's split),
+Chain: train-cls -> make-cams -> (train-irn, when [refine] method walks) -> refine -> crf on the pseudo-label
+split (train-seg's split),
 then train-seg -> predict on the validation split, then evaluate every artifact whose split has
 GT masks. Like the demo and the ablation it drives the stage modules; stages never import it.
 """
@@ -31,7 +32,7 @@ from igcam_cli.registry import CHAIN, check_tables, stage_config
 from igcam_cli.stages import evaluate
 from igcam_cli.workspace import Workspace
 
-STAGES = CHAIN  # train-cls, make-cams, refine, crf, train-seg, predict, evaluate (registry.py)
+STAGES = CHAIN  # train-cls, make-cams, train-irn, refine, crf, train-seg, predict, evaluate (registry.py)
 
 
 @dataclass
@@ -121,8 +122,12 @@ def plan(ws: Workspace, opts: RunOptions, split: str | None, val_split: str | No
         steps.append(_influence(ws, opts, influence_cfg))
         round2 = stage_config(ws, "train-cls", round=2, sample_weights="influence")
         steps.append(replace(_training(ws, opts, "train-cls", round2, key="round"), phase="train-cls"))
-    for stage in ("make-cams", "refine", "crf"):  # the pseudo-label chain, on `split`
-        steps.append(_per_image(ws, opts, stage, stage_config(ws, stage, split=split), split, ids))
+    steps.append(_per_image(ws, opts, "make-cams", stage_config(ws, "make-cams", split=split), split, ids))
+    refine_cfg = stage_config(ws, "refine", split=split)
+    if refine_cfg.method != "igcam":  # IRN's random walk needs the boundary network, trained on these CAMs
+        steps.append(_training(ws, opts, "train-irn", stage_config(ws, "train-irn", split=split)))
+    steps.append(_per_image(ws, opts, "refine", refine_cfg, split, ids))
+    steps.append(_per_image(ws, opts, "crf", stage_config(ws, "crf", split=split), split, ids))
     steps.append(_training(ws, opts, "train-seg", seg_cfg))
     if val_split:
         pred_cfg = stage_config(ws, "predict", split=val_split, images=None, out=val_split)

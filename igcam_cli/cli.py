@@ -46,6 +46,7 @@ WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes")]
 class DatasetFormat(str, Enum):
     voc = "voc"
     folder = "folder"
+    coco = "coco"
     synthetic = "synthetic"
 
 
@@ -185,7 +186,7 @@ def _root(
 def init(
     workspace: WorkspaceOpt = None,
     dataset: Annotated[DatasetFormat, typer.Option(help="Dataset layout")] = DatasetFormat.synthetic,
-    root: Annotated[Path | None, typer.Option(help="Dataset root (voc, folder)")] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset root (voc, folder, coco)")] = None,
     classes: Annotated[str | None, typer.Option(help="Class list: a file (one per line) or a,b,c")] = None,
     n_train: Annotated[int, typer.Option(min=1, help="Synthetic: training images")] = 320,
     n_val: Annotated[int, typer.Option(min=1, help="Synthetic: validation images")] = 80,
@@ -279,6 +280,9 @@ def train_cls(
     crop_height: Annotated[int | None, typer.Option(help="Rows of the training canvas (0: --crop, a square)")] = None,
     lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[bool | None, typer.Option("--freeze-bn/--no-freeze-bn")] = None,
+    frozen_stages: Annotated[
+        int | None, typer.Option(help="Stages 1..k keep their pretrained weights (IRN: 2, conv1 to layer2)")
+    ] = None,
     warmup_epochs: Annotated[
         int | None, typer.Option(help="Epochs of linear learning-rate warm-up (at most a quarter of the run)")
     ] = None,
@@ -329,6 +333,7 @@ def train_cls(
         crop_height=crop_height,
         lr=lr,
         freeze_bn=freeze_bn,
+        frozen_stages=frozen_stages,
         warmup_epochs=warmup_epochs,
         workers=workers,
         round=round,
@@ -481,11 +486,66 @@ def influence_report(
         typer.echo(stage.summary(result))
 
 
+@app.command("train-irn", cls=StageCommand)
+@handles_errors
+def train_irn(
+    workspace: WorkspaceOpt = None,
+    split: SplitOpt = None,
+    fg_threshold: Annotated[float | None, typer.Option(help="IR labels: confident foreground above (IRN 0.30)")] = None,
+    bg_threshold: Annotated[float | None, typer.Option(help="IR labels: confident background below (IRN 0.05)")] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="Backbone: imagenet (IRN), cls (this workspace's classifier), or a file")
+    ] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone with imagenet or a file")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    crop: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    radius: Annotated[int | None, typer.Option(help="Training pairs within this radius on the stride-4 grid")] = None,
+    workers: WorkersOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from irn/last.pt")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+):
+    """Train IRN's boundary network on IR labels made from the CAMs (irn/model.pt), for `refine --method irn`."""
+    from igcam_cli.stages import train_irn as stage
+
+    ws = _ws(workspace)
+    cfg = stage_config(
+        ws,
+        "train-irn",
+        split=split,
+        fg_threshold=fg_threshold,
+        bg_threshold=bg_threshold,
+        pretrained=pretrained,
+        backbone=backbone,
+        epochs=epochs,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        radius=radius,
+        workers=workers,
+    )
+    stage.run(cfg, ws, _opts(device, seed, quiet), stage.TrainOptions(resume=resume))
+
+
 @app.command(cls=StageCommand)
 @handles_errors
 def refine(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="igcam: guidance + boundary; irn: IRN's random walk (after train-irn); both: igcam, then walk"
+        ),
+    ] = None,
+    walk_beta: Annotated[float | None, typer.Option(help="Random walk: affinities ** beta (IRN 10)")] = None,
+    walk_steps: Annotated[int | None, typer.Option(help="Random walk: steps of the transition (IRN 256)")] = None,
+    walk_radius: Annotated[
+        int | None, typer.Option(help="Random walk: pair radius on the stride-4 grid (IRN 5)")
+    ] = None,
     guidance: Annotated[
         str | None, typer.Option(help="Guidance regions: proposals are label-free; gt is an ORACLE (GT masks)")
     ] = None,
@@ -506,7 +566,7 @@ def refine(
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ):
-    """Instance guidance + multi-scale boundary enhancement of CAMs (refined/<split>/part-*.h5).
+    """Instance guidance + multi-scale boundary enhancement of CAMs, or IRN's random walk (refined/<split>/part-*.h5).
 
     More parameters (anchor_threshold, select_threshold, min_share, dilations, sigma_rgb, sigma_xy)
     are set in the \\[refine] table of igcam.toml.
@@ -518,6 +578,10 @@ def refine(
         ws,
         "refine",
         split=split,
+        method=method,
+        walk_beta=walk_beta,
+        walk_steps=walk_steps,
+        walk_radius=walk_radius,
         guidance=guidance,
         boundary=boundary,
         scales=_floats(scales, "--scales"),
@@ -684,6 +748,10 @@ def evaluate(
     ] = None,
     split: SplitOpt = None,
     bg_tau: Annotated[float | None, typer.Option(help="Fixed background threshold instead of a sweep")] = None,
+    fixed_tau: Annotated[
+        float | None,
+        typer.Option(help="Maps are also scored at this threshold (default: 0.15 for cams as IRN, 0.50 for refined)"),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -700,7 +768,7 @@ def evaluate(
         if quiet:
             typer.echo(influence_report.summary(result))
         return
-    cfg = stage_config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau)
+    cfg = stage_config(ws, "evaluate", artifact=artifact, split=split, bg_tau=bg_tau, fixed_tau=fixed_tau)
     result = stage.run(cfg, ws, _opts(device, seed, quiet))
     if quiet:  # the result, in one line
         typer.echo(stage.summary(result))

@@ -26,6 +26,7 @@ from igcam_cli.config import (
     PredictConfig,
     RefineConfig,
     TrainClsConfig,
+    TrainIrnConfig,
     TrainSegConfig,
     build,
 )
@@ -51,6 +52,7 @@ ARTIFACTS = {
     "cls": "cls/model.pt (cls/round<k>/ for later rounds)",
     "cams": "cams/<split>/ HDF5 map parts",
     "influence": "influence/<split>/ statistics, HDF5 map parts, scores.csv",
+    "irn": "irn/model.pt (IRN's boundary network) and irn/ir_labels/<split>/ label PNGs",
     "refined": "refined/<split>/ HDF5 map parts",
     "crf": "pseudo/<split>/ label PNGs",
     "seg": "seg/model.pt",
@@ -73,7 +75,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "influence-report", InfluenceReportConfig, "influence_report", writes=None, reads=("influence",), in_chain=False
     ),
-    Stage("refine", RefineConfig, "refine", writes="refined", reads=("cams",), per_image=True),
+    # in `igcam run` when [refine] method is irn or both (chain.py)
+    Stage("train-irn", TrainIrnConfig, "train_irn", writes="irn", reads=("cams", "cls")),
+    Stage("refine", RefineConfig, "refine", writes="refined", reads=("cams", "irn"), per_image=True),
     Stage("crf", CrfConfig, "crf", writes="crf", reads=("cams", "refined"), per_image=True),
     Stage("train-seg", TrainSegConfig, "train_seg", writes="seg", reads=("crf", "cls")),
     Stage("predict", PredictConfig, "predict", writes="pred", reads=("seg",), per_image=True),
@@ -101,6 +105,12 @@ def stage_config(ws: Workspace, stage: str, **overrides: Any) -> Any:
     """A stage's config as a run would use it: `overrides` (None: not given) over its igcam.toml table over
     the defaults, every value checked."""
     return build(BY_NAME[stage].config, ws.stage_table(stage), overrides, table=stage)
+
+
+def chain_stages(ws: Workspace) -> tuple[str, ...]:
+    """`igcam run`'s stages for this workspace: train-irn only where refine walks (`method` irn or both)."""
+    walks = stage_config(ws, "refine").method != "igcam"
+    return tuple(stage for stage in CHAIN if stage != "train-irn" or walks)
 
 
 def check_tables(toml: dict[str, Any]) -> None:

@@ -190,7 +190,9 @@ class Workspace:
         raise ValueError(f"no per-image store for artifact '{artifact}'")
 
     def model_path(self, artifact: str, round: int = 1) -> Path:
-        """model.pt of a training stage's artifact: `cls` (classifier round `round`) or `seg`."""
+        """model.pt of a training stage's artifact: `cls` (classifier round `round`), `irn` or `seg`."""
+        if artifact == "irn":
+            return self.path("irn", "model.pt")
         return (self.cls_round_dir(round) if artifact == "cls" else self.seg_dir) / "model.pt"
 
     def command(self, stage: str, split: str | None = None) -> str:
@@ -325,6 +327,12 @@ class Workspace:
         }
         self._put_record(record)
         return StageRun(self, record)
+
+    def share_records(self, records: list[dict[str, Any]]) -> None:
+        """Write another workspace's run records here (the ablation's sub-workspaces, which link the parent's
+        classifier, CAMs and boundary network, record where those came from)."""
+        for record in records:
+            self._put_record(record)
 
     def _put_record(self, record: dict[str, Any]) -> None:
         with self._manifest_lock():

@@ -7,12 +7,13 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models import classifier as clf
-from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
+from igcam_cli.models.classifier import STAGE4_LAYOUT, CamClassifier, build_classifier, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,6 +32,26 @@ def test_output_stride_16(backbone, channels):
         feats = model.features(torch.randn(1, 3, 64, 64))
         assert feats.shape == (1, channels, 4, 4)
         assert model.features(torch.randn(1, 3, 96, 128)).shape == (1, channels, 6, 8)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_stage4_is_irns_stride_1_without_dilation(backbone):
+    """IRN's resnet50(strides=(2, 2, 2, 1)) for every depth: no conv anywhere is dilated, stage 4 keeps
+    stride 1, and odd sizes give ceil(H/16) cells (each stride-2 layer pads to ceil)."""
+    model = CamClassifier(backbone, 2).eval()
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.dilation == (1, 1) for m in convs)
+    assert all(m.stride == (1, 1) for m in model.backbone.layer4.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        assert model.features(torch.randn(1, 3, 33, 47)).shape[-2:] == (3, 3)
+
+
+def test_checkpoint_from_the_dilated_layout_is_refused(tmp_path):
+    model = CamClassifier("resnet18", 2)
+    path = tmp_path / "old.pt"
+    torch.save({"backbone": "resnet18", "num_classes": 2, "classes": ["a", "b"], "model": model.state_dict()}, path)
+    with pytest.raises(BadData, match=r"old\.pt was trained by an older igcam .*dilated.*`igcam train-cls -w ws`"):
+        load_checkpoint(path, "igcam train-cls -w ws")
 
 
 def test_logits_are_mean_of_maps_and_cams_are_relu(resnet18):
@@ -68,7 +89,8 @@ def _bn_state(model: CamClassifier) -> dict[str, torch.Tensor]:
     }
 
 
-def test_freeze_batchnorm_keeps_statistics_and_parameters():
+def test_freeze_batchnorm_keeps_statistics_and_trains_affine_parameters():
+    """IRN's FixedBatchNorm: running statistics fixed in train mode, γ and β trained."""
     torch.manual_seed(0)
     model = CamClassifier("resnet18", 3)
     model.freeze_batchnorm()
@@ -76,17 +98,47 @@ def test_freeze_batchnorm_keeps_statistics_and_parameters():
     assert model.training and model.head.training
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)
-    assert all(not p.requires_grad for m in bns for p in m.parameters())
     backbone, _ = model.param_groups()
-    bn_ids = {id(p) for m in bns for p in m.parameters()}
-    assert backbone and not any(id(p) in bn_ids for p in backbone)
+    assert {id(p) for m in bns for p in m.parameters()} <= {id(p) for p in backbone}
     before = _bn_state(model)
     logits, _ = model(torch.randn(4, 3, 64, 64) * 3 + 1)
     logits.sum().backward()
     after = _bn_state(model)
     for key in before:
         assert torch.equal(before[key], after[key]), key
-    assert all(m.weight.grad is None for m in bns)
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in bns)
+
+
+def test_frozen_stages_get_no_gradient_and_keep_their_weights():
+    """IRN freezes conv1 to layer2 (stage 2's output is detached); layer3, layer4 and the head train."""
+    torch.manual_seed(0)
+    model = CamClassifier("resnet18", 3)
+    model.freeze_batchnorm()
+    model.freeze_stages(2)
+    model.train()
+    frozen = [model.backbone.conv1, model.backbone.bn1, model.backbone.layer1, model.backbone.layer2]
+    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    backbone, head = model.param_groups()
+    assert not frozen_ids & {id(p) for p in backbone}
+    assert {id(p) for p in model.backbone.layer3.parameters()} <= {id(p) for p in backbone}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([*backbone, *head], lr=0.1)
+    logits, _ = model(torch.randn(4, 3, 64, 64))
+    F.multilabel_soft_margin_loss(logits, torch.tensor([[1.0, 0, 1]] * 4)).backward()
+    optimizer.step()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    after = model.state_dict()
+    for key, value in before.items():
+        unchanged = torch.equal(value, after[key])
+        if key.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2")):
+            assert unchanged, key
+    assert not torch.equal(before["backbone.layer3.0.conv1.weight"], after["backbone.layer3.0.conv1.weight"])
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    with torch.no_grad():  # the forward itself is unchanged by freezing
+        x = torch.randn(1, 3, 48, 48)
+        reference = CamClassifier("resnet18", 3)
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model.eval()(x)[1], reference.eval()(x)[1])
 
 
 def test_without_freeze_a_train_forward_changes_statistics():
@@ -241,7 +293,14 @@ def test_load_checkpoint_round_trip_and_errors(tmp_path):
     model = CamClassifier("resnet18", 4)
     path = tmp_path / "model.pt"
     torch.save(
-        {"backbone": "resnet18", "num_classes": 4, "classes": ["a", "b", "c", "d"], "model": model.state_dict()}, path
+        {
+            "backbone": "resnet18",
+            "stage4": STAGE4_LAYOUT,
+            "num_classes": 4,
+            "classes": list("abcd"),
+            "model": model.state_dict(),
+        },
+        path,
     )
     loaded = load_checkpoint(path, "igcam train-cls -w ws")
     assert loaded.num_classes == 4 and loaded.backbone_name == "resnet18"

@@ -52,7 +52,7 @@ def _another_value(hint, default):
             return default[:1] if len(default) > 1 else [0.5]
         high = ranges[0].high if ranges else None
         if base is int:
-            return default + 16
+            return default + 16 if high is None else (default + 1 if default + 1 <= high else default - 1)
         if high is not None:
             return (default + high) / 2 if default < high else default / 2
         return default * 2 + 0.5

@@ -142,3 +142,13 @@ def test_which_settings_count():
 def test_a_rule_names_the_setting_that_was_given():
     with pytest.raises(UsageError, match=r"^igcam.toml \[train-seg\] scale_max: scale_min = 0.5, scale_max = 0.1"):
         build(TrainSegConfig, {"scale_max": 0.1}, {}, table="train-seg")
+
+
+def test_standard_train_cls_is_irns_recipe():
+    """The defaults (the standard preset) are IRN's train_cam: the field's CAM baseline was measured with them."""
+    cfg = TrainClsConfig()
+    assert (cfg.backbone, cfg.pretrained, cfg.epochs, cfg.batch_size, cfg.crop) == ("resnet50", "imagenet", 5, 16, 512)
+    assert (cfg.crop * cfg.scale_min, cfg.crop * cfg.scale_max) == (320, 640)  # long side 320-640
+    assert (cfg.lr, cfg.lr * cfg.head_lr_mult, cfg.weight_decay) == (0.1, 1.0, 1e-4)
+    assert cfg.momentum == 1e-4  # PolyOptimizer's weight decay in SGD's momentum slot
+    assert cfg.freeze_bn and cfg.frozen_stages == 2 and cfg.warmup_epochs == 0

@@ -13,11 +13,11 @@ import torch
 
 from cli_helpers import OPTS, SYNTH
 from igcam_cli.config import MakeCamsConfig, build
-from igcam_cli.core.cam import multiscale_cams, normalize_cams
+from igcam_cli.core.cam import normalize_cams, pyramid_cams
 from igcam_cli.data.synthetic import SyntheticDataset, write_folder
-from igcam_cli.data.transforms import normalize
+from igcam_cli.data.transforms import normalize, normalize_on_device
 from igcam_cli.errors import BadData, UsageError
-from igcam_cli.models.classifier import CamClassifier, load_checkpoint
+from igcam_cli.models.classifier import STAGE4_LAYOUT, CamClassifier, load_checkpoint
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.stages import init as init_stage
 from igcam_cli.stages import make_cams
@@ -76,7 +76,8 @@ def reference(tmp_path_factory, model_path) -> dict[str, tuple[np.ndarray, np.nd
 
 def expected_maps(model: CamClassifier, image: np.ndarray, classes: np.ndarray, scales, flip=True) -> np.ndarray:
     with torch.no_grad():
-        cams = multiscale_cams(model.cams, normalize(image)[None], scales, flip)[0]
+        x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+        cams = pyramid_cams(model.cams, x, scales, flip, prepare=normalize_on_device)[0]
     return normalize_cams(cams[torch.as_tensor(classes, dtype=torch.long) - 1]).numpy()
 
 
@@ -242,7 +243,13 @@ def test_wrong_class_count_and_bad_options(tmp_path, model_path):
     torch.manual_seed(0)
     other = CamClassifier("resnet18", 3)
     torch.save(
-        {"backbone": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"], "model": other.state_dict()},
+        {
+            "backbone": "resnet18",
+            "stage4": STAGE4_LAYOUT,
+            "num_classes": 3,
+            "classes": list("abc"),
+            "model": other.state_dict(),
+        },
         ws.cls_dir / "model.pt",
     )
     with pytest.raises(BadData, match="3 classes"):

@@ -105,8 +105,9 @@ def test_cams_hold_one_normalised_record_per_train_image(chain_ws):
         assert maps.dtype == np.float16 and maps.shape == (len(classes), 64, 64)
         assert maps.min() >= 0 and maps.max() <= 1
         peaks = maps.reshape(len(classes), -1).max(axis=1)
-        assert set(peaks.tolist()) <= {0.0, 1.0}  # each map peaks at exactly 1 (all zero when the CAM is dead)
-        peak_count += int((peaks == 1).sum())
+        # each map peaks at 1 to within IRN's + 1e-5 and float16 (all zero when the CAM is dead)
+        assert all(p == 0.0 or 0.999 <= p <= 1.0 for p in peaks.tolist())
+        peak_count += int((peaks >= 0.999).sum())
         assert (attrs["height"], attrs["width"], attrs["source"]) == (64, 64, "make-cams")
     assert peak_count > 0  # one epoch on 12 images leaves many class maps dead, but not all
 

@@ -162,13 +162,27 @@ def test_unknown_guidance_is_a_usage_error(chain_ws):
 
 
 def test_ablation_table_has_every_variant_with_and_without_crf(chain_ws):
+    Workspace.open(chain_ws).set_stage_options("train-irn", {"epochs": 2, "workers": 0})
     result = ok("ablate", "-w", chain_ws, "--split", "train", "--workers", "0", "--quiet")
-    assert "+guidance +boundary" in result.stdout
+    assert "+guidance +boundary" in result.stdout and "IRN random walk" in result.stdout
     table = json.loads((chain_ws / "eval" / "ablation-train.json").read_text())
-    assert [row["variant"] for row in table["rows"]] == ["CAM", "+guidance", "+boundary", "+guidance +boundary"]
+    assert [row["variant"] for row in table["rows"]] == [
+        "CAM",
+        "+guidance",
+        "+boundary",
+        "+guidance +boundary",
+        "IRN random walk",
+        "+guidance +boundary, then random walk",
+    ]
+    fixed = [row["maps"]["fixed_tau"] for row in table["rows"]]
+    assert fixed == [0.15, 0.50, 0.50, 0.50, 0.25, 0.25]  # CAMs as IRN, IG-CAM's maps, walked maps as IRN
     for row in table["rows"]:
         assert 0 <= row["maps"]["miou"] <= 1 and 0 <= row["crf"]["miou"] <= 1
+        assert row["maps"]["miou_fixed_tau"] <= row["maps"]["miou"] + 1e-9  # the fixed tau lies on the sweep
         assert row["crf"]["crf"] is True and row["maps"]["crf"] is False and row["maps"]["oracle"] is False
+    assert (chain_ws / "irn" / "model.pt").is_file()  # trained once, in the parent, and shared
+    walked = Workspace.open(chain_ws / "ablation" / "irn-random-walk")
+    assert walked.latest("refine", "train")["inputs"]["train-irn"] == Workspace.open(chain_ws).latest("train-irn")["id"]
     cam_row = table["rows"][0]
     assert cam_row["maps"]["miou"] == pytest.approx(
         json.loads((chain_ws / "eval" / "cams-train.json").read_text())["miou"]

@@ -12,7 +12,7 @@ from cli_helpers import OPTS, make_workspace, tiny_cls_config
 from igcam_cli.core.metrics import average_precision, class_prior_loss, mean_average_precision
 from igcam_cli.data.transforms import eval_view, normalize, resize_long, train_view
 from igcam_cli.errors import BadData, UsageError
-from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
+from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, STAGE4_LAYOUT, CamClassifier
 from igcam_cli.stages import train_cls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,15 +178,30 @@ def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
     moved = [k for k in random_bn if not torch.equal(random_bn[k], trained[k])]
     assert len(moved) == len(random_bn), sorted(set(random_bn) - set(moved))  # statistics and affine parameters
     assert "BatchNorm layers are trained" in ws.log_path("train-cls").read_text()
-    # From trained weights (here --init-from) freeze_bn holds BN where it was.
+    # From trained weights (here --init-from) freeze_bn holds the BN statistics where they were, and
+    # frozen_stages 2 keeps conv1 to layer2 as they were.
     path = tmp_path / "start.pt"
     torch.save(
-        {"backbone": "resnet18", "num_classes": 5, "classes": ws.dataset().classes, "model": model.state_dict()}, path
+        {
+            "backbone": "resnet18",
+            "stage4": STAGE4_LAYOUT,
+            "num_classes": 5,
+            "classes": ws.dataset().classes,
+            "model": model.state_dict(),
+        },
+        path,
     )
     again = train_cls.run(
-        tiny_cls_config(ws, epochs=1, freeze_bn=True), ws, OPTS, train_cls.TrainOptions(init_from=str(path))
+        tiny_cls_config(ws, epochs=1, freeze_bn=True, frozen_stages=2),
+        ws,
+        OPTS,
+        train_cls.TrainOptions(init_from=str(path)),
     )
-    assert all(torch.equal(trained[k], v) for k, v in _batchnorm_state(again).items())
+    start, end = model.backbone.state_dict(), again.backbone.state_dict()
+    assert all(torch.equal(start[k], end[k]) for k in start if k.startswith(("conv1", "bn1", "layer1", "layer2")))
+    assert not torch.equal(start["layer3.0.conv1.weight"], end["layer3.0.conv1.weight"])
+    stats = [k for k in trained if "running_" in k]
+    assert stats and all(torch.equal(trained[k], _batchnorm_state(again)[k]) for k in stats)
     assert not torch.equal(again.head.weight, model.head.weight)
 
 
@@ -199,6 +214,7 @@ def _save_checkpoint(path, num_classes: int, backbone: str = "resnet18") -> None
     torch.save(
         {
             "backbone": backbone,
+            "stage4": STAGE4_LAYOUT,
             "num_classes": num_classes,
             "classes": [f"c{i}" for i in range(num_classes)],
             "model": model.state_dict(),

@@ -149,6 +149,24 @@ def crf_labels(
     return labels
 
 
+def ir_labels(
+    image: np.ndarray, maps: np.ndarray, classes: np.ndarray, fg_threshold: float = 0.30, bg_threshold: float = 0.05
+) -> np.ndarray:
+    """IRN's inter-pixel relation labels (`cam_to_ir_label`): H x W uint8 with the class of confident
+    foreground, 0 for confident background and 255 in between.
+
+    Two CRF passes (IRN's preset, unary from labels) of the maps arg-maxed against a constant background:
+    at `fg_threshold` what stays an object is confident foreground; at `bg_threshold` what is still
+    background is confident background.
+    """
+    params = PRESETS["irn"]
+    foreground = crf_labels(image, maps, classes, params, bg_mode="constant", bg_tau=fg_threshold)
+    background = crf_labels(image, maps, classes, params, bg_mode="constant", bg_tau=bg_threshold)
+    labels = np.where(foreground == 0, 255, foreground).astype(np.uint8)
+    labels[(foreground == 0) & (background == 0)] = 0
+    return labels
+
+
 def crf_refine(image: np.ndarray, probs: np.ndarray, labels: np.ndarray, params: CrfParams) -> np.ndarray:
     """Refine a segmentation's probabilities: ``probs`` K x H x W over the label indices ``labels`` (K,
     e.g. the classes that win some pixel), renormalised per pixel, then the CRF and an arg-max.

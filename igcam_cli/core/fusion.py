@@ -15,7 +15,7 @@ def influence_heat(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     pos = maps.float().clamp_min(0)[None]
     if pos.shape[-2:] != tuple(size):
         pos = F.interpolate(pos, size=tuple(size), mode="bilinear", align_corners=False)
-    # Not normalize_cams: its absolute floor would wipe maps whose whole scale is small (influence
+    # Not normalize_cams: its + 1e-5 would flatten maps whose whole scale is small (influence
     # values can be 1e-6 and less); any positive peak counts.
     peak = pos[0].flatten(-2).amax(-1)[..., None, None]
     return torch.where(peak > 0, pos[0] / peak.clamp_min(torch.finfo(pos.dtype).tiny), torch.zeros_like(pos[0]))

@@ -17,6 +17,13 @@ def normalize(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((image.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1).copy())
 
 
+def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W float images with uint8 values -> ImageNet mean/std, on their device."""
+    mean = torch.tensor(_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
 def multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """Class indices 1..C -> the classifier's float target of length C."""
     target = torch.zeros(num_classes)
@@ -30,7 +37,7 @@ def resize_long(image: np.ndarray, long_side: int) -> np.ndarray:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size == (w, h):
         return image
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))  # IRN's resize
 
 
 def train_view(

@@ -1,4 +1,4 @@
-"""The CAM classifier: a torchvision ResNet at output stride 16 with a bias-free 1x1 conv head.
+"""The CAM classifier: a torchvision ResNet at output stride 16 (IRN's strides) with a bias-free 1x1 conv head.
 
 Global average pooling commutes with the 1x1 head, so one forward pass gives both the image
 logits (the spatial mean of the class maps) and the class activation maps (their ReLU).
@@ -24,6 +24,8 @@ BACKBONES = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 20
+# Written into every checkpoint: classifiers saved before igcam 0.2 had a dilated stage 4 and lack it.
+STAGE4_LAYOUT = "stride1-undilated"
 
 
 class CamClassifier(nn.Module):
@@ -39,6 +41,7 @@ class CamClassifier(nn.Module):
         self.head = nn.Conv2d(self.backbone.fc.in_features, num_classes, kernel_size=1, bias=False)
         self.backbone.fc = nn.Identity()
         self.bn_frozen = False
+        self.frozen_stages = 0
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.trunk(x, 0), 0)
@@ -46,8 +49,16 @@ class CamClassifier(nn.Module):
     def trunk(self, x: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """Stem and stages 1-3, then every block of stage 4 but its last `tail_blocks` (0: all of it)."""
         b = self.backbone
-        x = b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))
-        return b.layer4[: len(b.layer4) - tail_blocks](x)
+        grad = torch.is_grad_enabled()
+        for index, stage in enumerate((self._stem, b.layer2, b.layer3, b.layer4[: len(b.layer4) - tail_blocks])):
+            with torch.set_grad_enabled(grad and index >= self.frozen_stages):  # IRN detaches stage 2's output
+                x = stage(x)
+        return x
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """IRN's stage 1: conv1, BN, ReLU, max-pool and layer1."""
+        b = self.backbone
+        return b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
 
     def tail(self, h: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """The last `tail_blocks` blocks of stage 4 (0: none): `tail(trunk(x, k), k) == features(x)`."""
@@ -66,12 +77,18 @@ class CamClassifier(nn.Module):
         return backbone, list(self.head.parameters())
 
     def freeze_batchnorm(self) -> None:
-        """Keep BN statistics and affine parameters fixed (small batches make them noisy)."""
+        """Keep BN statistics fixed (IRN's FixedBatchNorm: small batches make them noisy); γ and β still
+        train wherever the gradient reaches."""
         self.bn_frozen = True
-        for module in self.backbone.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                for p in module.parameters():
-                    p.requires_grad_(False)
+
+    def freeze_stages(self, count: int) -> None:
+        """Stages 1..`count` (IRN's stage 1 is the stem with layer1) run without gradients and keep their weights."""
+        self.frozen_stages = count
+        b = self.backbone
+        stage_modules = [[b.conv1, b.bn1, b.layer1], [b.layer2], [b.layer3], [b.layer4]]
+        for module in (m for stage in stage_modules[:count] for m in stage):
+            for p in module.parameters():
+                p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> CamClassifier:
         super().train(mode)
@@ -83,14 +100,18 @@ class CamClassifier(nn.Module):
 
 
 def _resnet_os16(name: str) -> torchvision.models.ResNet:
-    """ResNet whose last stage keeps stride 1 (dilated where the block type allows)."""
+    """IRN's `resnet50(strides=(2, 2, 2, 1))` for every depth: stage 4 keeps stride 1 with no dilation.
+
+    torchvision's `replace_stride_with_dilation` would dilate stage 4's 3x3 convs instead, a
+    different network for the same weights (feature values differ by up to 27, measured on ResNet-50).
+    """
     builder, _ = BACKBONES[name]
-    if name in ("resnet18", "resnet34"):  # BasicBlock cannot dilate; drop the stride instead
-        net = builder(weights=None)
-        net.layer4[0].conv1.stride = (1, 1)
-        net.layer4[0].downsample[0].stride = (1, 1)
-        return net
-    return builder(weights=None, replace_stride_with_dilation=[False, False, True])
+    net = builder(weights=None)
+    first = net.layer4[0]
+    strided = first.conv2 if isinstance(first, torchvision.models.resnet.Bottleneck) else first.conv1
+    strided.stride = (1, 1)
+    first.downsample[0].stride = (1, 1)
+    return net
 
 
 def build_classifier(backbone: str, num_classes: int, pretrained: str = "none") -> CamClassifier:
@@ -162,8 +183,13 @@ def load_checkpoint(path: Path, command: str) -> CamClassifier:
         raise MissingArtifact(f"no trained classifier at {path}: run `{command}` first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("stage4") != STAGE4_LAYOUT:
+            raise BadData(
+                f"{path} was trained by an older igcam whose ResNet stage 4 was dilated, so its weights mean "
+                f"something else now: retrain it with `{command}`"
+            )
         model = CamClassifier(ckpt["backbone"], ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, OSError) as exc:
+    except (KeyError, RuntimeError, OSError, AttributeError) as exc:
         raise BadData(f"cannot load classifier checkpoint {path}: {exc}") from None
     return model

@@ -1,7 +1,8 @@
 """evaluate: an artifact against GT masks (docs/METHOD.md §8), written to eval/<artifact>-<split>.json and .md.
 
-Map artifacts (cams, refined) are scored with a background-threshold sweep; the best threshold
-is reported together with the split it was tuned on. Label artifacts (crf: pseudo/<split>/, seg:
+Map artifacts (cams, refined) are scored at a fixed background threshold (`fixed_tau`: IRN's 0.15
+for CAMs) and with a threshold sweep whose best threshold is reported together with the split it
+was tuned on; `miou` is the sweep's best. Label artifacts (crf: pseudo/<split>/, seg:
 predict's pred/<split>/) are scored as they are. Segmentation reports say whether predict used a
 CRF and whether the model was trained on GT masks (`upper_bound`).
 """
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.config import EvaluateConfig, RunOptions, to_dict
+from igcam_cli.config import FIXED_TAU, FIXED_TAU_WALKED, EvaluateConfig, RunOptions, to_dict
 from igcam_cli.core.metrics import best_threshold, confusion_matrix, scores, threshold_confusions
 from igcam_cli.errors import BadData, MissingArtifact
 from igcam_cli.registry import MAP_KINDS, PRODUCER
@@ -44,17 +45,20 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
     if cfg.artifact in MAP_KINDS:
         store = ws.complete_maps(cfg.artifact, cfg.split, ids)
         taus = _taus(cfg)
-        confs = np.zeros((len(taus), n, n), dtype=np.int64)
+        fixed_tau = cfg.fixed_tau if cfg.fixed_tau is not None else _default_fixed_tau(cfg.artifact, store)
+        confs = np.zeros((len(taus) + 1, n, n), dtype=np.int64)  # the sweep, then the fixed threshold
         for image_id, record in log.track(store.iter_records(ids), len(ids), f"evaluate {cfg.artifact}"):
             mask = _mask(dataset, image_id, record.maps.shape[1:], cfg.artifact)
-            confs += threshold_confusions(mask, record.maps, record.classes, taus, n)
-        best, tau, curve = best_threshold(confs, taus)
+            confs += threshold_confusions(mask, record.maps, record.classes, np.append(taus, fixed_tau), n)
+        best, tau, curve = best_threshold(confs[:-1], taus)
         conf = confs[best]
         oracle = bool(store.attrs.get("oracle", False))
+        fixed = scores(confs[-1], names)
         threshold: dict[str, Any] = {
             "tau": tau,
             "tuned_on": cfg.split if len(taus) > 1 else None,
             "curve": {"tau": [float(t) for t in taus], "miou": [float(m) for m in curve]},
+            "fixed": {"fixed_tau": float(fixed_tau), "miou_fixed_tau": fixed["miou"]},
         }
     else:
         if cfg.artifact == "seg":
@@ -79,7 +83,7 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
                 )
             conf += confusion_matrix(mask, pred, n)
         oracle = bool((source_record or {}).get("oracle", False))
-        threshold = {"tau": None, "tuned_on": None, "curve": None}
+        threshold = {"tau": None, "tuned_on": None, "curve": None, "fixed": {}}
 
     result = _result(cfg, scores(conf, names), names, threshold, len(ids), dataset, oracle, source_record)
     cams_record = _cams_record(ws, source_record) or {}
@@ -117,6 +121,11 @@ def _check_seg_source(ws: Workspace, split: str, record: dict | None, has_output
         )
 
 
+def _default_fixed_tau(artifact: str, store) -> float:
+    walked = artifact == "refined" and store.attrs.get("method") in ("irn", "both")
+    return FIXED_TAU_WALKED if walked else FIXED_TAU[artifact]
+
+
 def _taus(cfg: EvaluateConfig) -> np.ndarray:
     if cfg.bg_tau is not None:
         return np.array([cfg.bg_tau])
@@ -149,6 +158,7 @@ def _result(
         "threshold": threshold["tau"],
         "threshold_tuned_on": threshold["tuned_on"],
         "threshold_curve": threshold["curve"],
+        **threshold["fixed"],
         "n_images": n_images,
         "gt_source": dataset.gt_source_for(cfg.split) if hasattr(dataset, "gt_source_for") else dataset.gt_source,
         "dataset": dataset.name,
@@ -222,13 +232,29 @@ def describe(result: dict) -> str:
     )
 
 
+def headline(result: dict) -> str:
+    """`cams / train: mIoU 43.50 %`, and for maps both numbers: the sweep's best, then the fixed threshold's."""
+    line = f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %"
+    if result.get("fixed_tau") is None:
+        return line
+    best = "best τ" if result["threshold_tuned_on"] else f"τ {result['threshold']:.2f}"
+    return f"{line} ({best}), {result['miou_fixed_tau'] * 100:.2f} % at fixed τ {result['fixed_tau']:.2f}"
+
+
 def summary(result: dict) -> str:
     """One line for --quiet: the mIoU and what it was measured on."""
-    return f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} % ({describe(result)})"
+    return f"{headline(result)} ({describe(result)})"
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# {result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %", "", describe(result), ""]
+    lines = [f"# {headline(result)}", "", describe(result), ""]
+    if result.get("fixed_tau") is not None:
+        lines += [
+            f"The per-class table is at the {'best' if result['threshold_tuned_on'] else 'given'} threshold "
+            f"{result['threshold']:.2f}; at the fixed threshold {result['fixed_tau']:.2f} the mIoU is "
+            f"{result['miou_fixed_tau'] * 100:.2f} %.",
+            "",
+        ]
     if result["oracle"]:
         lines += ["**ORACLE: ground-truth masks guided these maps. Not a weakly supervised result.**", ""]
     if result.get("upper_bound"):
@@ -249,7 +275,7 @@ def print_result(result: dict) -> None:
             "[bold white on blue] UPPER BOUND: the model was trained on ground-truth masks; not weakly supervised [/]"
         )
     table = Table(
-        title=escape(f"{result['artifact']} / {result['split']}: mIoU {result['miou'] * 100:.2f} %"),
+        title=escape(headline(result)),
         caption=escape(describe(result)),
     )
     for column in ("class", "IoU %", "precision %", "recall %"):

@@ -71,11 +71,13 @@ def _stage_defaults(preset: str, dataset) -> dict[str, dict[str, Any]]:
     if "train_aug" in dataset.splits():  # the usual VOC recipe: classifier and segmenter on train_aug (10,582 images)
         defaults.setdefault("train-cls", {})["split"] = "train_aug"
         defaults.setdefault("train-seg", {})["split"] = "train_aug"  # `igcam run` makes its pseudo-labels there too
+        defaults.setdefault("train-irn", {})["split"] = "train_aug"  # IR labels from the CAMs `igcam run` makes
     if preset == "synthetic":
         split = defaults["train-cls"].get("split", "train")
         if split in dataset.splits():
             crop, crop_height = whole_image_crop(dataset, split)
             defaults["train-cls"]["crop"] = crop
+            defaults["train-irn"]["crop"] = crop
             if crop_height != crop:
                 defaults["train-cls"]["crop_height"] = crop_height
     return defaults

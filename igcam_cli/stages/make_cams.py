@@ -11,10 +11,10 @@ from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io, map_stage
 from igcam_cli.config import MakeCamsConfig, RunOptions
-from igcam_cli.core.cam import multiscale_cams, normalize_cams
+from igcam_cli.core.cam import normalize_cams, pyramid_cams
 from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset
-from igcam_cli.data.transforms import normalize
+from igcam_cli.data.transforms import normalize_on_device
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
@@ -28,7 +28,7 @@ from igcam_cli.workspace import Workspace, classifier_key, input_key
 @dataclass
 class _Item:
     id: str
-    image: torch.Tensor  # 3 x H x W, normalised
+    image: torch.Tensor  # 3 x H x W, uint8 (IRN resizes the uint8 image, then normalises)
     labels: np.ndarray
     influence: dict[int, np.ndarray] | None = None  # class -> spatial influence map (h x w), for fusion
 
@@ -52,7 +52,8 @@ class _Images(TorchDataset):
         if self.influence is not None:
             maps, classes, _ = influence_io.read_maps(self.influence, sample.id)
             influence = {int(c): m for c, m in zip(classes, maps)}
-        return _Item(sample.id, normalize(sample.image), self.relabelled.get(sample.id, sample.labels), influence)
+        image = torch.from_numpy(sample.image.transpose(2, 0, 1).copy())
+        return _Item(sample.id, image, self.relabelled.get(sample.id, sample.labels), influence)
 
 
 def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
@@ -118,8 +119,8 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
 def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.device, writer) -> None:
     x = torch.stack([item.image for item in batch]).to(device, memory_format=memory_format(device))
     with autocast(device):
-        cams = multiscale_cams(model.cams, x, cfg.scales, cfg.flip)
-        logits = model(x)[0].float() if cfg.label_source == "predicted" else None
+        cams = pyramid_cams(model.cams, x, cfg.scales, cfg.flip, prepare=normalize_on_device)
+        logits = model(normalize_on_device(x.float()))[0].float() if cfg.label_source == "predicted" else None
     for b, item in enumerate(batch):
         if logits is None:
             classes = np.asarray(item.labels, dtype=np.int64)

@@ -1,13 +1,14 @@
-"""refine: instance guidance and multi-scale boundary enhancement of CAMs (docs/METHOD.md §4-5).
+"""refine: instance guidance and multi-scale boundary enhancement of CAMs (docs/METHOD.md §4-5), or
+IRN's random walk (`--method irn`, docs/RANDOM_WALK.md), or the walk after them (`--method both`).
 
-Guidance (region proposals, CPU) runs in DataLoader worker processes; boundary propagation runs
-batched on the device in the main process. `--guidance gt` is the ORACLE mode: GT masks serve
-as the regions, and the output is marked `oracle = true` for every later stage and report.
+Guidance (region proposals, CPU) runs in DataLoader worker processes; boundary propagation and the
+random walk run batched on the device in the main process. `--guidance gt` is the ORACLE mode: GT
+masks serve as the regions, and the output is marked `oracle = true` for every later stage and report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,12 +19,16 @@ from torch.utils.data import Dataset as TorchDataset
 from igcam_cli import map_stage
 from igcam_cli.config import RefineConfig, RunOptions
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
+from igcam_cli.core.cam import normalize_cams
 from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
+from igcam_cli.core.random_walk import random_walk, walk_to_maps
 from igcam_cli.data.base import Dataset
+from igcam_cli.data.transforms import normalize_on_device
 from igcam_cli.errors import BadData, UsageError
+from igcam_cli.models.boundary_net import BoundaryNet, load_boundary_net
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import resolve_device
+from igcam_cli.runtime.devices import autocast, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
@@ -108,6 +113,9 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
         guidance_params(cfg), boundary_params(cfg)
     except ValueError as exc:
         raise UsageError(f"refine: {exc}") from None
+    recorded = cfg
+    if cfg.method == "irn":  # the walk alone: no guidance, no boundary enhancement (idle settings)
+        cfg = replace(cfg, guidance="none", boundary=False)
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
     cams = ws.complete_maps("cams", cfg.split, shard.select(split_ids))  # a shard needs only its own images
@@ -119,26 +127,73 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     store = ws.maps("refined", cfg.split)
     cams_record = ws.latest("make-cams", cfg.split)
     inputs = {input_key("make-cams", cfg.split): cams_record["id"] if cams_record else None}
-    job = map_stage.prepare(ws, "refine", cfg, store, cfg.split, split_ids, shard, force, inputs, log)
+    walker = None
+    if cfg.method != "igcam":
+        walker, irn_record = _walker(ws, cfg, cams_record or {})
+        inputs[input_key("train-irn")] = irn_record["id"]
+        walker.to(device).eval()
+    igcam = cfg.method != "irn"
+    job = map_stage.prepare(ws, "refine", recorded, store, cfg.split, split_ids, shard, force, inputs, log)
     record = job.start(oracle=oracle)
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
-    log(
-        f"refine '{cfg.split}' shard {shard}: {job.progress}; guidance {cfg.guidance}, boundary {boundary}, "
-        f"device {device}"
-    )
+    steps = [f"guidance {cfg.guidance}, boundary {boundary}"] if igcam else []
+    if walker is not None:
+        steps.append(f"IRN random walk (radius {cfg.walk_radius}, beta {cfg.walk_beta:g}, {cfg.walk_steps} steps)")
+    log(f"refine '{cfg.split}' shard {shard}: {job.progress}; {', then '.join(steps)}, device {device}")
     params = boundary_params(cfg)
+    attrs = {"oracle": oracle, "guided": cfg.method != "igcam" or cfg.guidance != "none", "method": cfg.method}
     with record:
-        with store.writer(
-            rank=shard.index, source="refine", attrs={"oracle": oracle, "guided": cfg.guidance != "none"}
-        ) as writer:
+        with store.writer(rank=shard.index, source="refine", attrs=attrs) as writer:
             todo = job.todo
             batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
-                for item, maps in zip(batch, boundary_batch(batch, cfg.boundary, params, device)):
+                refined = boundary_batch(batch, cfg.boundary, params, device)
+                if walker is not None:
+                    refined = walk_batch(batch, refined, walker, cfg, device)
+                for item, maps in zip(batch, refined):
                     writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
         return job.finish(split_images=len(split_ids))
+
+
+def _walker(ws: Workspace, cfg: RefineConfig, cams_record: dict) -> tuple[BoundaryNet, dict]:
+    """train-irn's boundary network and its record; refused for CAMs of another classifier run than the
+    one whose CAMs made its IR labels (its boundaries were learnt from that classifier's view)."""
+    irn_record = ws.require_done("train-irn", what="the boundary network of --method " + cfg.method)
+    trained_on = (irn_record.get("classifier") or {}).get("run")
+    cams_from = (cams_record.get("classifier") or {}).get("run")
+    if trained_on != cams_from:
+        raise UsageError(
+            f"irn/model.pt learnt its boundaries from the CAMs of classifier run {trained_on}, but cams/{cfg.split} "
+            f"were drawn by run {cams_from}: retrain it with `{ws.command('train-irn')}` first"
+        )
+    return load_boundary_net(ws.path("irn", "model.pt"), ws.command("train-irn")), irn_record
+
+
+def walk_batch(
+    batch: list[RefineItem], maps: list[np.ndarray], walker: BoundaryNet, cfg: RefineConfig, device: torch.device
+) -> list[np.ndarray]:
+    """IRN's random walk of a same-size batch's maps over the boundary map of its images.
+
+    The maps are averaged over 4 x 4 cells onto the boundary's stride-4 grid (IRN interpolates each
+    scale's CAM there instead; the difference is within the bilinear upsampling's smoothing), each
+    divided by its max + 1e-5 as IRN's stride-4 CAMs are, walked, upsampled x4, cropped and divided
+    by the image's largest value (docs/RANDOM_WALK.md). An image without classes keeps no maps.
+    """
+    k_max = max(len(item.classes) for item in batch)
+    if k_max == 0:
+        return maps
+    images = torch.stack([item.image for item in batch]).to(device).float()
+    size = (images.shape[-2], images.shape[-1])
+    with torch.no_grad():
+        with autocast(device):
+            boundary = walker.boundary(normalize_on_device(images)).float()
+        stacked = torch.stack([F.pad(torch.from_numpy(m), (0, 0, 0, 0, 0, k_max - len(m))) for m in maps]).to(device)
+        cells = F.avg_pool2d(stacked, kernel_size=4, stride=4, ceil_mode=True)
+        walked = random_walk(normalize_cams(cells), boundary, cfg.walk_radius, cfg.walk_beta, cfg.walk_steps)
+        out = walk_to_maps(walked, size).cpu().numpy()
+    return [out[b, : len(item.classes)] for b, item in enumerate(batch)]
 
 
 def boundary_batch(

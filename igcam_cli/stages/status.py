@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.registry import CHAIN
+from igcam_cli.registry import chain_stages
 from igcam_cli.workspace import Workspace
 
 
@@ -32,7 +32,7 @@ def run(ws: Workspace) -> list[dict]:
             state = "killed"
         rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
     ran = {record["stage"] for record in records}
-    for stage in CHAIN:
+    for stage in chain_stages(ws):
         if stage not in ran and stage != "evaluate":
             rows.append({"stage": stage, "split": None, "shard": None, "state": "not run", "record": {}})
     table = Table(title=escape(f"igcam workspace {ws.root}"))

@@ -21,7 +21,7 @@ from igcam_cli.core.metrics import class_prior_loss, mean_average_precision
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import eval_view, multi_hot, train_view
 from igcam_cli.errors import BadData, MissingArtifact
-from igcam_cli.models.classifier import CamClassifier, build_classifier, load_checkpoint
+from igcam_cli.models.classifier import STAGE4_LAYOUT, CamClassifier, build_classifier, load_checkpoint
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime import training
 from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device, seed_everything
@@ -101,14 +101,17 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     device = ddp.device(resolve_device(opts.device))
     seed_everything(opts.seed)
     model = _initial_model(cfg, dataset.num_classes, train.init_from, ws)
-    if cfg.freeze_bn and _random_start(cfg, train.init_from):
-        # BN frozen at its random initialisation (identity statistics, unit scale) stops the loss moving
+    if _random_start(cfg, train.init_from) and (cfg.freeze_bn or cfg.frozen_stages):
+        # BN frozen at its random initialisation (identity statistics) stops the loss moving; frozen random
+        # stages would only pass noise on
         log(
-            f"train-cls: freeze_bn ignored: the backbone starts from random weights (pretrained {cfg.pretrained}), "
-            "so its BatchNorm layers are trained"
+            f"train-cls: freeze_bn and frozen_stages ignored: the backbone starts from random weights (pretrained "
+            f"{cfg.pretrained}), so every stage and its BatchNorm layers are trained"
         )
-    elif cfg.freeze_bn:
-        model.freeze_batchnorm()
+    else:
+        if cfg.freeze_bn:
+            model.freeze_batchnorm()
+        model.freeze_stages(cfg.frozen_stages)
     place_model(model, device)
     optimizer, base_lrs = training.sgd(model, schedule)
 
@@ -362,6 +365,7 @@ def _save_final(path: Path, cfg: TrainClsConfig, model: CamClassifier, classes: 
     training.atomic_save(
         {
             "backbone": cfg.backbone,
+            "stage4": STAGE4_LAYOUT,
             "num_classes": model.num_classes,
             "classes": classes,
             "config": to_dict(cfg),
