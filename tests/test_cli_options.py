@@ -17,7 +17,7 @@ from igcam_cli.workspace import Workspace
 # Options of a stage command that are not config fields: how to run, not what to compute.
 RUN_OPTIONS = {"workspace", "device", "seed", "quiet", "force", "shard", "resume", "init_from", "wait", "timeout"}
 # Fields that go down, not up, to keep a rule over two fields (scale_min <= scale_max, ...).
-LOWER = {"scale_min", "tau_min", "w_min", "learned_low"}
+LOWER = {"scale_min", "tau_min", "w_min", "learned_low", "bg_threshold"}
 # Options a value needs beside it (a rule over two fields).
 COMPANIONS = {("train-cls", "sample_weights"): ["--round", "2"]}
 
@@ -91,7 +91,8 @@ def test_every_option_reaches_its_field(ws_dir, monkeypatch, stage, command):
         if param.name not in hints:
             continue
         name = param.name
-        value = _another_value(hints[name], getattr(shown, name))
+        default = getattr(shown, name)
+        value = default / 2 if name in LOWER and default else _another_value(hints[name], default)
         if isinstance(value, bool):
             args = [param.opts[0] if value else param.secondary_opts[0]]
         else:

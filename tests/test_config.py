@@ -29,6 +29,7 @@ BAD_VALUES = [
     ("make-cams", "scales", 1.0, "a non-empty list of numbers > 0"),
     ("compute-influence", "hessian", "exact", "one of ekfac, kfac, none"),
     ("influence-report", "top_k", 2.5, "an integer >= 1"),
+    ("train-irn", "radius", 1, "an integer in [2, 20]"),
     ("refine", "max_area", 1.5, "a number in [0, 1]"),
     ("crf", "preset", "fast", "one of psa, irn, deeplab, toco"),
     ("train-seg", "arch", "unet", "one of deeplabv3_resnet50"),

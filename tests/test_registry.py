@@ -23,7 +23,7 @@ def test_every_stage_has_its_module_command_and_known_artifacts():
 
 
 def test_derived_tables():
-    assert CHAIN == ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "evaluate")
+    assert CHAIN == ("train-cls", "make-cams", "train-irn", "refine", "crf", "train-seg", "predict", "evaluate")
     assert chain.STAGES == CHAIN
     assert PRODUCER["cams"] == "make-cams" and PRODUCER["crf"] == "crf" and PRODUCER["pred"] == "predict"
     assert all(PRODUCER[kind] in BY_NAME and BY_NAME[PRODUCER[kind]].per_image for kind in MAP_KINDS)
