@@ -78,7 +78,7 @@ def _boundary_network(ws: Workspace, split: str, opts: RunOptions) -> None:
         and not changed_settings(cfg, record["config"])
     )
     if not fresh:
-        train_irn.run(cfg, ws, opts)
+        train_irn.run(cfg, ws, opts, train_irn.TrainOptions(force=True))
 
 
 def _settings_changed(sub: Workspace, stage: str, split: str, cfg) -> bool:

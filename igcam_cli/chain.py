@@ -194,7 +194,7 @@ def _training(ws: Workspace, opts: RunOptions, stage: str, cfg: Any, key: str | 
         None,
         cfg,
         lambda: ws.model_path(artifact, getattr(cfg, "round", 1)).is_file(),
-        lambda force: module.run(cfg, ws, opts, module.TrainOptions(resume=not force)),
+        lambda force: module.run(cfg, ws, opts, module.TrainOptions(resume=not force, force=force)),
         key=key,
     )
 

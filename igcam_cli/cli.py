@@ -40,6 +40,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and r
 SplitOpt = Annotated[str | None, typer.Option(help="Dataset split, e.g. train, val, train_aug")]
 ShardOpt = Annotated[str | None, typer.Option(help="Process shard i/n of the images (automatic under torchrun)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo images that are already done")]
+TrainForceOpt = Annotated[bool, typer.Option("--force", help="Train a new model over a finished model.pt")]
 WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes")]
 
 
@@ -151,9 +152,12 @@ def _opts(device: str, seed: int, quiet: bool) -> RunOptions:
     return RunOptions(device=device, seed=seed, quiet=quiet)
 
 
-def _train(stage: Any, cfg: Any, ws: Workspace, opts: RunOptions, resume: bool, init_from: Path | None) -> None:
-    """Run a training stage (train-cls, train-seg) with its --resume and --init-from."""
-    stage.run(cfg, ws, opts, stage.TrainOptions(resume=resume, init_from=str(init_from) if init_from else None))
+def _train(
+    stage: Any, cfg: Any, ws: Workspace, opts: RunOptions, resume: bool, init_from: Path | None, force: bool
+) -> None:
+    """Run a training stage (train-cls, train-seg) with its --resume, --init-from and --force."""
+    init = str(init_from) if init_from else None
+    stage.run(cfg, ws, opts, stage.TrainOptions(resume=resume, init_from=init, force=force))
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:
@@ -306,6 +310,7 @@ def train_cls(
     finetune_lr_mult: Annotated[float | None, typer.Option(help="Rounds >= 2 fine-tune at lr x this (> 0)")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
+    force: TrainForceOpt = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this classifier checkpoint")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -342,7 +347,7 @@ def train_cls(
         finetune_lr_mult=finetune_lr_mult,
         finetune_epochs=finetune_epochs,
     )
-    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from)
+    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from, force)
 
 
 @app.command("make-cams", cls=StageCommand)
@@ -504,6 +509,7 @@ def train_irn(
     radius: Annotated[int | None, typer.Option(help="Training pairs within this radius on the stride-4 grid")] = None,
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from irn/last.pt")] = False,
+    force: TrainForceOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -527,7 +533,7 @@ def train_irn(
         radius=radius,
         workers=workers,
     )
-    stage.run(cfg, ws, _opts(device, seed, quiet), stage.TrainOptions(resume=resume))
+    stage.run(cfg, ws, _opts(device, seed, quiet), stage.TrainOptions(resume=resume, force=force))
 
 
 @app.command(cls=StageCommand)
@@ -664,6 +670,7 @@ def train_seg(
     lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
+    force: TrainForceOpt = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -688,7 +695,7 @@ def train_seg(
         lr=lr,
         workers=workers,
     )
-    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from)
+    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from, force)
 
 
 @app.command(cls=StageCommand)

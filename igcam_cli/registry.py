@@ -86,6 +86,8 @@ STAGES: tuple[Stage, ...] = (
 
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 CHAIN: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.in_chain)  # `igcam run`, in order
+# The artifacts that are a model.pt, saved atomically when their training stage finishes
+TRAINED_MODELS: tuple[str, ...] = ("cls", "irn", "seg")
 # The artifacts that are per-image class maps in HDF5 parts (crf and evaluate read them as maps)
 MAP_KINDS: tuple[str, ...] = ("cams", "refined")
 # The stage that makes each artifact: "run `igcam X` first" and the inputs a run records.

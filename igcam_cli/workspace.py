@@ -23,7 +23,7 @@ from typing import Any
 from igcam_cli import __version__
 from igcam_cli.config import TOML_NAME, changed_settings, read_toml, write_toml
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
-from igcam_cli.registry import BY_NAME, MAP_KINDS, PRODUCER
+from igcam_cli.registry import BY_NAME, MAP_KINDS, PRODUCER, TRAINED_MODELS
 from igcam_cli.store import LabelStore, MapStore
 
 
@@ -359,7 +359,9 @@ class Workspace:
 
         def latest_id(stage: str, split: str | None) -> str | None:
             stage, _, round_ = stage.partition("@")  # "train-cls@2": the latest run of classifier round 2
-            newest = _newest(runs, stage, split, round_=int(round_) if round_ else None)
+            # A training stage writes model.pt only when it finishes: a failed or running one changed nothing yet
+            trains = stage in BY_NAME and BY_NAME[stage].writes in TRAINED_MODELS
+            newest = _newest(runs, stage, split, done=trains, round_=int(round_) if round_ else None)
             return newest["id"] if newest else None
 
         def stale(rec: dict[str, Any]) -> bool:

@@ -245,3 +245,16 @@ def test_pyramid_cams_do_not_stretch_the_stride_grid():
     assert cams[:, :24].abs().max() == 0 and (cams[:, 24] > 0).all() and (cams[:, 39] > 0.96).all()
     stretched = multiscale_cams(last_column, image, [1.0], flip=False)[0, 0]
     assert (stretched[:, 20] > 0).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (2, 3)])
+def test_tiny_images_keep_at_least_one_pixel_per_scale(size):
+    """A 1 x 1 image: scale 0.5 rounds to 0 pixels, which no network takes; every level keeps one."""
+    torch.manual_seed(0)
+    model = CamClassifier("resnet18", 2).eval()
+    image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+    with torch.no_grad():
+        cams = pyramid_cams(model.cams, image, [1.0, 0.5, 1.5, 2.0], flip=True, prepare=normalize_on_device)
+        probs = multiscale_cams(model.cams, normalize_on_device(image.float()), [1.0, 0.5, 0.75], flip=True)
+    assert cams.shape == probs.shape == (1, 2, *size)
+    assert torch.isfinite(cams).all() and torch.isfinite(probs).all()

@@ -24,15 +24,10 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
     size = images.shape[-2:]
     total: torch.Tensor | None = None
     for scale in scales:
-        # recompute_scale_factor: sample with the exact in/out ratio, so that resizing commutes with
-        # a horizontal flip also when size * scale is not an integer (e.g. 375 * 1.5).
-        x = (
-            images
-            if scale == 1.0
-            else F.interpolate(
-                images, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=True
-            )
-        )
+        # An explicit size samples with the exact in/out ratio, so that resizing commutes with a horizontal
+        # flip also when size * scale is not an integer (e.g. 375 * 1.5); at least one pixel (a 1 x 1 image).
+        scaled = (max(1, int(size[0] * scale)), max(1, int(size[1] * scale)))
+        x = images if scale == 1.0 else F.interpolate(images, size=scaled, mode="bilinear", align_corners=False)
         if flip:
             out = cam_fn(torch.cat([x, x.flip(-1)])).float()
             out = out[: len(images)] + out[len(images) :].flip(-1)
@@ -46,8 +41,9 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
 
 
 def pyramid_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """IRN's pyramid level: `np.round(s * H) x np.round(s * W)` (round half to even, as Python's round)."""
-    return round(size[0] * scale), round(size[1] * scale)
+    """IRN's pyramid level: `np.round(s * H) x np.round(s * W)` (round half to even, as Python's round),
+    at least 1 (where IRN would fail on an empty image)."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def resize_bicubic_like_pil(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

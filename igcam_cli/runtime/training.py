@@ -73,6 +73,16 @@ def epoch_batches(
     return log.track(loader, len(loader), f"epoch {epoch + 1}/{epochs}", unit="batch")
 
 
+def refuse_replacing(model_path: Path, resume: bool, force: bool) -> None:
+    """Nothing finished is replaced without --force: a trained model.pt stays unless the run is forced,
+    or resumed (which continues an interrupted run, or finds this one done and leaves it)."""
+    if model_path.is_file() and not (resume or force):
+        raise UsageError(
+            f"{model_path} already holds a trained model: pass --force to train a new one in its place, "
+            "or --resume to continue an interrupted run"
+        )
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save under a temporary name, then a rename: a killed run never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -8,10 +8,15 @@ from typing import Any
 from igcam_cli.config import SYNTHETIC_DEFAULTS
 from igcam_cli.data import open_dataset, parse_class_list
 from igcam_cli.data.synthetic import SYNTH_MARKER
-from igcam_cli.errors import UsageError
+from igcam_cli.errors import BadData, UsageError
 from igcam_cli.workspace import Workspace
 
 PRESETS = ("auto", "synthetic", "standard")
+# Where each format keeps its splits, for the message when a dataset has none (a folder always has one)
+SPLIT_FILES = {
+    "voc": "ImageSets/Segmentation/<split>.txt",
+    "coco": "annotations/instances_train2014.json or instances_val2014.json",
+}
 SIZE_SAMPLE = 32  # images read to find the size of a dataset's images
 STRIDE = 16
 
@@ -52,6 +57,9 @@ def run(
         spec["classes"] = parse_class_list(classes)
     dataset = open_dataset(spec)  # fails here, with the file named, rather than in a later stage
     if fmt != "synthetic":
+        if not dataset.splits():
+            expected = SPLIT_FILES.get(fmt, "split files")
+            raise BadData(f"the {fmt} dataset at {spec['root']} has no splits: expected {expected}")
         _check_labels(dataset)
     return Workspace.create(path, spec, _stage_defaults(choose_preset(fmt, root, preset), dataset), overwrite=force)
 

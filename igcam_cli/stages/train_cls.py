@@ -45,6 +45,7 @@ LEARNED_CHECK_STEPS = 50
 class TrainOptions:
     resume: bool = False
     init_from: str | None = None
+    force: bool = False  # train over a finished model.pt
 
 
 class _ClassifierImages(training.EpochDataset):
@@ -87,6 +88,7 @@ class _ClassifierImages(training.EpochDataset):
 
 def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> CamClassifier:
     log = StageLog(ws.log_path("train-cls"), quiet=opts.quiet or not ddp.is_main())
+    training.refuse_replacing(ws.model_path("cls", cfg.round), train.resume, train.force)
     dataset = ws.dataset()
     _check(cfg, dataset)
     ids = dataset.ids(cfg.split)
@@ -116,8 +118,8 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     optimizer, base_lrs = training.sgd(model, schedule)
 
     out_dir = ws.cls_round_dir(cfg.round)
-    out_dir.mkdir(parents=True, exist_ok=True)
     last_path, model_path = out_dir / "last.pt", out_dir / "model.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, step = 0, 0
     if train.resume and last_path.is_file():
         start_epoch, step = _restore(last_path, cfg, model, optimizer)

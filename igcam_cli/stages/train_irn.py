@@ -40,6 +40,7 @@ IR_SOURCE_NAME = "source.json"  # in irn/ir_labels/<split>/: the CAM run and thr
 @dataclass
 class TrainOptions:
     resume: bool = False
+    force: bool = False  # train over a finished irn/model.pt
 
 
 class _RelationImages(training.EpochDataset):
@@ -63,6 +64,7 @@ class _RelationImages(training.EpochDataset):
 def run(cfg: TrainIrnConfig, ws: Workspace, opts: RunOptions, train: TrainOptions | None = None) -> BoundaryNet:
     train = train or TrainOptions()
     log = StageLog(ws.log_path("train-irn"), quiet=opts.quiet)
+    training.refuse_replacing(ws.model_path("irn"), train.resume, train.force)
     dataset = ws.dataset()
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")

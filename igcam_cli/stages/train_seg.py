@@ -45,6 +45,7 @@ LABEL_SOURCES = ("pseudo", "gt")
 class TrainOptions:
     resume: bool = False
     init_from: str | None = None
+    force: bool = False  # train over a finished model.pt
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,7 @@ class _SegImages(training.EpochDataset):
 
 def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> Segmenter:
     log = StageLog(ws.log_path("train-seg"), quiet=opts.quiet or not ddp.is_main())
+    training.refuse_replacing(ws.model_path("seg"), train.resume, train.force)
     dataset = ws.dataset()
     _check(cfg, dataset)
     ids = dataset.ids(cfg.split)

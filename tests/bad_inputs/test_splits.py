@@ -53,3 +53,11 @@ def test_an_empty_split_is_an_error_not_a_nan(tmp_path, make, open_):
 def test_init_names_the_empty_split_file(tmp_path):
     root = folder_with_split(tmp_path, "")
     assert_error(igcam("init", "-w", tmp_path / "ws", "--dataset", "folder", "--root", root), 4, "lists no image")
+
+
+def test_a_voc_root_without_split_files_fails_init(tmp_path):
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    result = igcam("init", "-w", tmp_path / "ws", "--dataset", "voc", "--root", root, "--classes", "cat,dog")
+    assert_error(result, 4, str(root), "has no splits", "ImageSets/Segmentation/<split>.txt")
+    assert not (tmp_path / "ws" / "igcam.toml").exists()
