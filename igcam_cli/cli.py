@@ -14,7 +14,7 @@ from typer.core import TyperCommand, TyperOption
 
 from igcam_cli import __version__
 from igcam_cli.config import RunOptions, build, to_dict
-from igcam_cli.errors import IgcamError, UsageError
+from igcam_cli.errors import IgcamError, UsageError, storage_error
 from igcam_cli.registry import config_class, stage_config
 from igcam_cli.runtime.distributed import parse_shard
 from igcam_cli.validation import allowed, says_more_than_its_type
@@ -140,6 +140,12 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             typer.echo("igcam: interrupted; finished work is kept, rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a full disk or a read-only workspace, wherever the write was
+            error = storage_error(exc)
+            if error is None:
+                raise
+            typer.echo(f"igcam: error: {error.message}", err=True)
+            raise typer.Exit(error.exit_code) from None
 
     return wrapper
 
@@ -804,6 +810,22 @@ def status(workspace: WorkspaceOpt = None):
     from igcam_cli.stages import status as stage
 
     stage.run(_ws(workspace))
+
+
+@app.command()
+@handles_errors
+def report(
+    workspace: WorkspaceOpt = None,
+    sample: Annotated[int, typer.Option(min=0, help="Images per split in the contact sheets (seeded)")] = 8,
+    out: Annotated[Path | None, typer.Option(help="Where to write the page \\[default: WS/report/index.html]")] = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+):
+    """One self-contained HTML page of the workspace (pictures, evaluations, provenance) that opens offline."""
+    from igcam_cli.html_report import write_report
+
+    path = write_report(_ws(workspace), out=out, sample=sample, seed=seed)
+    typer.echo(str(path) if quiet else f"wrote {path}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from igcam_cli.errors import BadData
+from igcam_cli.errors import BadData, StorageError
 
 PART_RE = re.compile(r"^part-r(\d+)-(\d+)\.h5$")
 TEMP_RE = re.compile(r"^\.part-r(\d+)-(\d+)\.h5\.tmp$")
@@ -247,6 +248,21 @@ class MapStore:
         self._part_keys, self._index, self._index_state = {}, {}, None
 
 
+# Free space a map write leaves at least: the part's HDF5 metadata, its close and rename, the manifest record
+SPACE_MARGIN = 8 * 2**20
+
+
+def require_space(directory: Path, nbytes: int) -> None:
+    """StorageError before a write the disk cannot take. HDF5 fails badly on a full disk (tracebacks from
+    its destructors, a half-written part, then a segfault), so a map write never starts without room."""
+    free = shutil.disk_usage(directory).free
+    if free < nbytes + SPACE_MARGIN:
+        raise StorageError(
+            f"no space left on the device of {directory} ({free / 2**20:.1f} MiB free): free some space and "
+            "rerun the same command; the images finished so far are kept"
+        )
+
+
 class MapWriter:
     """Writes images into parts of `part_size` images; a context manager.
 
@@ -324,6 +340,8 @@ class MapWriter:
             raise ValueError(f"{image_id}: maps hold NaN, inf or values beyond the float16 range")
         group_attrs = {"height": maps.shape[1], "width": maps.shape[2], "source": self.source, **attrs}
 
+        self.store.directory.mkdir(parents=True, exist_ok=True)
+        require_space(self.store.directory, maps16.nbytes)
         f = self._file if self._file is not None else self._open_part()
         if image_id in self._ids:  # written twice into this part: the later write wins
             del f[image_id]

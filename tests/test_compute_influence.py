@@ -358,7 +358,10 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
     train_cls._initial_model = spy
     try:
         train_cls.run(
-            tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions()
+            tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence"),
+            ws,
+            OPTS,
+            train_cls.TrainOptions(force=True),  # over the template's round 2
         )
     finally:
         train_cls._initial_model = original
@@ -425,7 +428,10 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
     train_cls._ClassifierImages.__getitem__ = spy
     try:
         train_cls.run(
-            tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence"), ws, OPTS, train_cls.TrainOptions()
+            tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence"),
+            ws,
+            OPTS,
+            train_cls.TrainOptions(force=True),  # over the template's round 2
         )
     finally:
         train_cls._ClassifierImages.__getitem__ = original

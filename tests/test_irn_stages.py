@@ -81,6 +81,9 @@ def test_train_irn_then_refine_with_the_random_walk(chain_ws):
     assert "at fixed τ 0.25" in result.stdout
 
     ok("refine", "-w", chain_ws, "--split", "train", "--method", "both", "--force", *WALK)
+    before = (chain_ws / "irn" / "model.pt").read_bytes()
+    assert_error(igcam("train-irn", "-w", chain_ws, *IRN), 2, "irn/model.pt already holds a trained model")
+    assert (chain_ws / "irn" / "model.pt").read_bytes() == before
     assert MapStore(chain_ws / "refined" / "train").attrs["method"] == "both"
 
 

@@ -195,7 +195,7 @@ def test_freeze_bn_applies_only_to_trained_weights(tmp_path):
         tiny_cls_config(ws, epochs=1, freeze_bn=True, frozen_stages=2),
         ws,
         OPTS,
-        train_cls.TrainOptions(init_from=str(path)),
+        train_cls.TrainOptions(init_from=str(path), force=True),
     )
     start, end = model.backbone.state_dict(), again.backbone.state_dict()
     assert all(torch.equal(start[k], end[k]) for k in start if k.startswith(("conv1", "bn1", "layer1", "layer2")))

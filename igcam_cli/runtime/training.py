@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from igcam_cli.errors import BadData, UsageError
+from igcam_cli.errors import BadData, StorageError, UsageError
 from igcam_cli.runtime import distributed as ddp
 
 POLY_POWER = 0.9
@@ -86,8 +86,17 @@ def refuse_replacing(model_path: Path, resume: bool, force: bool) -> None:
 def atomic_save(obj, path: Path) -> None:
     """torch.save under a temporary name, then a rename: a killed run never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and "write" in str(exc):  # torch's stream writer on a full disk
+            first = str(exc).strip().splitlines()[0]
+            raise StorageError(
+                f"cannot write {path} ({first}): is the disk full? Free some space and rerun with --resume"
+            ) from None
+        raise
 
 
 def fit_epoch(

@@ -88,7 +88,6 @@ class _ClassifierImages(training.EpochDataset):
 
 def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> CamClassifier:
     log = StageLog(ws.log_path("train-cls"), quiet=opts.quiet or not ddp.is_main())
-    training.refuse_replacing(ws.model_path("cls", cfg.round), train.resume, train.force)
     dataset = ws.dataset()
     _check(cfg, dataset)
     ids = dataset.ids(cfg.split)
@@ -103,6 +102,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     device = ddp.device(resolve_device(opts.device))
     seed_everything(opts.seed)
     model = _initial_model(cfg, dataset.num_classes, train.init_from, ws)
+    training.refuse_replacing(ws.model_path("cls", cfg.round), train.resume, train.force)
     if _random_start(cfg, train.init_from) and (cfg.freeze_bn or cfg.frozen_stages):
         # BN frozen at its random initialisation (identity statistics) stops the loss moving; frozen random
         # stages would only pass noise on

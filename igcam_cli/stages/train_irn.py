@@ -64,13 +64,13 @@ class _RelationImages(training.EpochDataset):
 def run(cfg: TrainIrnConfig, ws: Workspace, opts: RunOptions, train: TrainOptions | None = None) -> BoundaryNet:
     train = train or TrainOptions()
     log = StageLog(ws.log_path("train-irn"), quiet=opts.quiet)
-    training.refuse_replacing(ws.model_path("irn"), train.resume, train.force)
     dataset = ws.dataset()
     if cfg.split not in dataset.splits():
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
     ids = dataset.ids(cfg.split)
     cams = ws.complete_maps("cams", cfg.split, ids)
     cams_record = ws.require_done("make-cams", cfg.split, what=f"cams for split '{cfg.split}'")
+    training.refuse_replacing(ws.model_path("irn"), train.resume, train.force)
     labels = _ir_labels(ws, cfg, dataset, cams, ids, cams_record["id"], log)
 
     device = resolve_device(opts.device)

@@ -89,7 +89,6 @@ class _SegImages(training.EpochDataset):
 
 def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOptions) -> Segmenter:
     log = StageLog(ws.log_path("train-seg"), quiet=opts.quiet or not ddp.is_main())
-    training.refuse_replacing(ws.model_path("seg"), train.resume, train.force)
     dataset = ws.dataset()
     _check(cfg, dataset)
     ids = dataset.ids(cfg.split)
@@ -102,6 +101,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     seed_everything(opts.seed)
     pretrained, cls_record = _pretrained(cfg, ws)
     model, weights = _initial_model(cfg, dataset.num_classes + 1, pretrained, train.init_from)
+    training.refuse_replacing(ws.model_path("seg"), train.resume, train.force)
     if ddp.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     place_model(model, device)

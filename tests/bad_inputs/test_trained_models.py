@@ -8,17 +8,20 @@ from cli_helpers import TRAIN, assert_error, igcam, ok
 
 
 @pytest.mark.parametrize(
-    ("command", "model"),
-    [("train-cls", "cls/model.pt"), ("train-seg", "seg/model.pt"), ("train-irn", "irn/model.pt")],
+    ("command", "options", "model"),
+    [("train-cls", [], "cls/model.pt"), ("train-seg", ["--labels", "gt", "--pretrained", "none"], "seg/model.pt")],
 )
-def test_a_finished_model_is_not_replaced_without_force(tmp_path, command, model):
+def test_a_finished_model_is_not_replaced_without_force(tmp_path, command, options, model):
+    """Checked once the inputs are (a bad split or device is said first), before any training or record."""
     ws = tmp_path / "ws"
     ok("init", "-w", ws, "--dataset", "synthetic", "--n-train", 4, "--n-val", 2, "--image-size", 32)
     path = ws / model
     path.parent.mkdir(parents=True)
     path.write_bytes(b"a finished model")  # the refusal comes before anything reads it
-    assert_error(igcam(command, "-w", ws, "--epochs", "1"), 2, str(path), "already holds a trained model", "--force")
+    result = igcam(command, "-w", ws, "--epochs", "1", *options)
+    assert_error(result, 2, str(path), "already holds a trained model", "--force")
     assert path.read_bytes() == b"a finished model"
+    assert not (ws / "manifest.json").exists()
 
 
 @pytest.mark.slow
