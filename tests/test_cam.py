@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from igcam_cli.core.cam import multiscale_cams, normalize_cams, pyramid_cams
+from igcam_cli.core.cam import multiscale_cams, normalize_cams, pyramid_cams, strided_cams
 from igcam_cli.data.synthetic import SyntheticDataset
 from igcam_cli.data.transforms import normalize, normalize_on_device
 from igcam_cli.models.classifier import CamClassifier
@@ -258,3 +258,27 @@ def test_tiny_images_keep_at_least_one_pixel_per_scale(size):
         probs = multiscale_cams(model.cams, normalize_on_device(image.float()), [1.0, 0.5, 0.75], flip=True)
     assert cams.shape == probs.shape == (1, 2, *size)
     assert torch.isfinite(cams).all() and torch.isfinite(probs).all()
+
+
+def test_strided_cams_equal_irns_stride_4_reference():
+    """IRN's strided_cam (the random walk's input): each scale's map, PIL-resized image as above, resized
+    bilinearly onto the ((H - 1) // 4 + 1) x ((W - 1) // 4 + 1) grid and summed."""
+    torch.manual_seed(0)
+    model = CamClassifier("resnet18", 3).eval()
+    dataset = SyntheticDataset(n_train=1, n_val=0, size=96)
+    image = dataset.load(dataset.ids("train")[0], with_mask=False).image[:45, :61].copy()
+    scales = [1.0, 0.5, 1.5, 2.0]
+    grid = ((45 - 1) // 4 + 1, (61 - 1) // 4 + 1)
+    want = torch.zeros(3, *grid)
+    for scale in scales:
+        size = (round(61 * scale), round(45 * scale))
+        resized = image if scale == 1.0 else np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+        with torch.no_grad():
+            view = torch.relu(model(normalize(resized)[None])[1])
+            view = view + torch.relu(model(normalize(np.ascontiguousarray(resized[:, ::-1]))[None])[1]).flip(-1)
+        want += F.interpolate(view, size=grid, mode="bilinear", align_corners=False)[0]
+    batch = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        got = strided_cams(model.cams, batch, scales, flip=True, prepare=normalize_on_device)[0]
+    assert got.shape == (3, *grid)
+    assert (normalize_cams(got) - normalize_cams(want)).abs().max().item() < 1e-3

@@ -379,7 +379,7 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
 
     # The same round without weights ends elsewhere: the weights reach the loss.
     other = _copy(influenced, tmp_path / "unweighted")
-    train_cls.run(tiny_cls_config(other, epochs=1, round=2), other, OPTS, train_cls.TrainOptions())
+    train_cls.run(tiny_cls_config(other, epochs=1, round=2), other, OPTS, train_cls.TrainOptions(force=True))
     unweighted = torch.load(other.cls_round_dir(2) / "model.pt", weights_only=True)["model"]
     assert not torch.equal(unweighted["head.weight"], round2["model"]["head.weight"])
 
@@ -470,7 +470,7 @@ def test_round2_trains_on_suggested_labels_and_make_cams_follows_it(influenced, 
         tiny_cls_config(ws, epochs=1, round=2, sample_weights="influence", relabel=False),
         ws,
         OPTS,
-        train_cls.TrainOptions(),
+        train_cls.TrainOptions(force=True),
     )
     assert not (ws.cls_round_dir(2) / influence_io.RELABELLED_NAME).exists()
     result = evaluate.run(build(EvaluateConfig, None, {"artifact": "cams", "split": "train"}), ws, OPTS)

@@ -7,7 +7,7 @@ is the plain bilinear test-time augmentation that `predict` uses for the segment
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,20 +83,57 @@ def pyramid_cams(
     """
     height, width = images.shape[-2:]
     canvas = (math.ceil(height / stride) * stride, math.ceil(width / stride) * stride)
+    return _sum_over_scales(
+        F.interpolate(out, size=canvas, mode="bilinear", align_corners=False)[..., :height, :width]
+        for out in _scale_maps(cam_fn, images, scales, flip, prepare)
+    )
+
+
+def strided_cams(
+    cam_fn: CamFn,
+    images: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool = True,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    stride: int = 4,
+) -> torch.Tensor:
+    """IRN's `strided_cam`, the input of its random walk: each scale's map (as in `pyramid_cams`) resized
+    bilinearly onto the ceil(H/stride) x ceil(W/stride) grid and summed. Returns float32 B x C x h x w."""
+    height, width = images.shape[-2:]
+    grid = (math.ceil(height / stride), math.ceil(width / stride))
+    return _sum_over_scales(
+        F.interpolate(out, size=grid, mode="bilinear", align_corners=False)
+        for out in _scale_maps(cam_fn, images, scales, flip, prepare)
+    )
+
+
+def _scale_maps(
+    cam_fn: CamFn,
+    images: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[torch.Tensor]:
+    """Each scale's CAM at feature resolution: the PIL-like bicubic resize of the uint8 images, `prepare`,
+    ReLU(CAM) of the image plus the flipped-back ReLU(CAM) of its mirror."""
+    size = (images.shape[-2], images.shape[-1])
     images = images.float()
-    total: torch.Tensor | None = None
     for scale in scales:
-        x = images if scale == 1.0 else resize_bicubic_like_pil(images, pyramid_size((height, width), scale))
+        x = images if scale == 1.0 else resize_bicubic_like_pil(images, pyramid_size(size, scale))
         x = prepare(x)
         if flip:
             out = cam_fn(torch.cat([x, x.flip(-1)])).float()
-            out = out[: len(images)] + out[len(images) :].flip(-1)
+            yield out[: len(images)] + out[len(images) :].flip(-1)
         else:
-            out = cam_fn(x).float()
-        out = F.interpolate(out, size=canvas, mode="bilinear", align_corners=False)[..., :height, :width]
+            yield cam_fn(x).float()
+
+
+def _sum_over_scales(maps: Iterable[torch.Tensor]) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for out in maps:
         total = out if total is None else total + out
     if total is None:
-        raise ValueError("pyramid_cams needs at least one scale")
+        raise ValueError("CAMs need at least one scale")
     return total
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset as TorchDataset
 from igcam_cli import map_stage
 from igcam_cli.config import RefineConfig, RunOptions
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
-from igcam_cli.core.cam import normalize_cams
+from igcam_cli.core.cam import normalize_cams, strided_cams
 from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
 from igcam_cli.core.random_walk import random_walk, walk_to_maps
@@ -27,8 +27,9 @@ from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize_on_device
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.boundary_net import BoundaryNet, load_boundary_net
+from igcam_cli.models.classifier import CamClassifier, load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, resolve_device
+from igcam_cli.runtime.devices import autocast, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
@@ -127,11 +128,12 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     store = ws.maps("refined", cfg.split)
     cams_record = ws.latest("make-cams", cfg.split)
     inputs = {input_key("make-cams", cfg.split): cams_record["id"] if cams_record else None}
-    walker = None
+    walker, strided = None, None
     if cfg.method != "igcam":
         walker, irn_record = _walker(ws, cfg, cams_record or {})
         inputs[input_key("train-irn")] = irn_record["id"]
         walker.to(device).eval()
+        strided = _strided_cams(ws, cams_record or {}, device) if cfg.method == "irn" else None
     igcam = cfg.method != "irn"
     job = map_stage.prepare(ws, "refine", recorded, store, cfg.split, split_ids, shard, force, inputs, log)
     record = job.start(oracle=oracle)
@@ -151,7 +153,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 refined = boundary_batch(batch, cfg.boundary, params, device)
                 if walker is not None:
-                    refined = walk_batch(batch, refined, walker, cfg, device)
+                    refined = walk_batch(batch, refined, walker, cfg, device, strided)
                 for item, maps in zip(batch, refined):
                     writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
         return job.finish(split_images=len(split_ids))
@@ -171,15 +173,40 @@ def _walker(ws: Workspace, cfg: RefineConfig, cams_record: dict) -> tuple[Bounda
     return load_boundary_net(ws.path("irn", "model.pt"), ws.command("train-irn")), irn_record
 
 
-def walk_batch(
-    batch: list[RefineItem], maps: list[np.ndarray], walker: BoundaryNet, cfg: RefineConfig, device: torch.device
-) -> list[np.ndarray]:
-    """IRN's random walk of a same-size batch's maps over the boundary map of its images.
+@dataclass
+class StridedCams:
+    """What draws IRN's stride-4 CAMs for `--method irn`: the classifier and make-cams' pyramid that drew the CAMs."""
 
-    The maps are averaged over 4 x 4 cells onto the boundary's stride-4 grid (IRN interpolates each
-    scale's CAM there instead; the difference is within the bilinear upsampling's smoothing), each
-    divided by its max + 1e-5 as IRN's stride-4 CAMs are, walked, upsampled x4, cropped and divided
-    by the image's largest value (docs/RANDOM_WALK.md). An image without classes keeps no maps.
+    classifier: CamClassifier
+    scales: list[float]
+    flip: bool
+
+    def __call__(self, batch: list[RefineItem], k_max: int, device: torch.device) -> torch.Tensor:
+        """B x k_max x ceil(H/4) x ceil(W/4): each image's classes (zero maps after them)."""
+        images = torch.stack([item.image for item in batch]).to(device)
+        with autocast(device):
+            cams = strided_cams(self.classifier.cams, images, self.scales, self.flip, prepare=normalize_on_device)
+        chosen = [
+            cams[b, torch.as_tensor(item.classes.astype(np.int64) - 1, device=device)] for b, item in enumerate(batch)
+        ]
+        return torch.stack([F.pad(c, (0, 0, 0, 0, 0, k_max - len(c))) for c in chosen]).float()
+
+
+def walk_batch(
+    batch: list[RefineItem],
+    maps: list[np.ndarray],
+    walker: BoundaryNet,
+    cfg: RefineConfig,
+    device: torch.device,
+    strided: StridedCams | None = None,
+) -> list[np.ndarray]:
+    """IRN's random walk of a same-size batch over the boundary map of its images.
+
+    The walk starts from IRN's stride-4 CAMs (`strided`, `--method irn`: drawn again by the classifier with
+    make-cams' pyramid, as IRN's make_cam writes them beside the full-size ones) or from `maps` averaged over
+    4 x 4 cells (`--method both`: IG-CAM's refined maps have no stride-4 form); each divided by its
+    max + 1e-5, walked, upsampled x4, cropped and divided by the image's largest value (docs/RANDOM_WALK.md).
+    An image without classes keeps no maps.
     """
     k_max = max(len(item.classes) for item in batch)
     if k_max == 0:
@@ -189,11 +216,22 @@ def walk_batch(
     with torch.no_grad():
         with autocast(device):
             boundary = walker.boundary(normalize_on_device(images)).float()
-        stacked = torch.stack([F.pad(torch.from_numpy(m), (0, 0, 0, 0, 0, k_max - len(m))) for m in maps]).to(device)
-        cells = F.avg_pool2d(stacked, kernel_size=4, stride=4, ceil_mode=True)
+        if strided is not None:
+            cells = strided(batch, k_max, device)
+        else:
+            stacked = torch.stack([F.pad(torch.from_numpy(m), (0, 0, 0, 0, 0, k_max - len(m))) for m in maps])
+            cells = F.avg_pool2d(stacked.to(device), kernel_size=4, stride=4, ceil_mode=True)
         walked = random_walk(normalize_cams(cells), boundary, cfg.walk_radius, cfg.walk_beta, cfg.walk_steps)
         out = walk_to_maps(walked, size).cpu().numpy()
     return [out[b, : len(item.classes)] for b, item in enumerate(batch)]
+
+
+def _strided_cams(ws: Workspace, cams_record: dict, device: torch.device) -> StridedCams:
+    """The classifier that drew the split's CAMs and the pyramid it drew them with (the make-cams record)."""
+    classifier = load_checkpoint(ws.root / cams_record["classifier"]["path"], ws.command("train-cls"))
+    place_model(classifier, device).eval()
+    settings = cams_record["config"]
+    return StridedCams(classifier, list(settings.get("scales", [1.0])), bool(settings.get("flip", True)))
 
 
 def boundary_batch(
