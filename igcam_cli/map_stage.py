@@ -1,7 +1,8 @@
 """What every per-image map stage does around its own work (make-cams, refine, crf, predict).
 
 A map stage writes one output per image of a split (HDF5 parts, or label PNGs) and may be run
-in shards, killed and resumed. `prepare` decides what this run may do: with `--force` it first
+in shards, killed and resumed. `prepare` decides what this run may do: it takes the output's lock
+(a second run of the same output and shard is refused, runtime/locks.py); with `--force` it first
 deletes this shard's outputs; it refuses to add to outputs made with other settings or from
 another run of an input (so an artifact never mixes two upstream runs); it removes the temporary
 part a killed run of this shard left; it lists this shard's images not done yet. The stage then
@@ -18,6 +19,7 @@ from typing import Any
 
 from igcam_cli.config import to_dict
 from igcam_cli.runtime.distributed import Shard
+from igcam_cli.runtime.locks import OutputLock
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import LabelStore, MapStore
 from igcam_cli.workspace import StageRun, Workspace
@@ -38,9 +40,11 @@ class MapStage:
     todo: list[str] = field(default_factory=list)
     mine: list[str] = field(default_factory=list)
     record: StageRun | None = None
+    lock: OutputLock | None = None  # held from prepare() to the end of the record's `with` block
 
     def start(self, **extra: Any) -> StageRun:
-        """The manifest record of this run (use it as a context manager around the work)."""
+        """The manifest record of this run (use it as a context manager around the work; leaving it
+        releases the output's lock)."""
         self.record = self.ws.start(
             self.stage,
             to_dict(self.cfg),
@@ -49,6 +53,7 @@ class MapStage:
             inputs={key: run for key, run in self.inputs.items() if run},
             **extra,
         )
+        self.record.on_exit = self.lock.release if self.lock is not None else None
         return self.record
 
     @property
@@ -85,6 +90,8 @@ def prepare(
         ws, stage, cfg, store, name, ids, shard, inputs, log, what or f"{store.directory.parent.name}/{name}"
     )
     job.mine = shard.select(ids)
+    # before anything is deleted: a second run must not remove the first one's parts or temporaries
+    job.lock = OutputLock(store.directory.parent / f".{store.directory.name}.lock-r{shard.index}", job.what).acquire()
     if force:
         _delete(store, job.mine, shard, also_delete)
     ws.check_resumable(stage, name, cfg, has_output=len(store) > 0, inputs=inputs, what=what, remedy=remedy)

@@ -14,7 +14,7 @@ import platform
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +37,7 @@ class StageRun:
 
     workspace: Workspace
     record: dict[str, Any]
+    on_exit: Callable[[], None] | None = None  # e.g. releasing the output's lock
 
     @property
     def id(self) -> str:
@@ -53,8 +54,12 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Marks the record failed when the stage's work raises (Ctrl-C included); never swallows it."""
-        if exc_type is not None and self.record.get("status") == "running":
-            self.fail(f"{exc_type.__name__}: {exc}")
+        try:
+            if exc_type is not None and self.record.get("status") == "running":
+                self.fail(f"{exc_type.__name__}: {exc}")
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
 
     def _update(self, **changes) -> None:
         self.record.update(changes, ended=_now())

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli.errors import BadData, StorageError, UsageError
 from igcam_cli.runtime import distributed as ddp
+from igcam_cli.runtime.locks import OutputLock
 
 POLY_POWER = 0.9
 
@@ -81,6 +82,14 @@ def refuse_replacing(model_path: Path, resume: bool, force: bool) -> None:
             f"{model_path} already holds a trained model: pass --force to train a new one in its place, "
             "or --resume to continue an interrupted run"
         )
+
+
+def lock_model(model_path: Path) -> OutputLock | None:
+    """One training run at a time per model: the main rank takes a lock beside model.pt (release it when the
+    run ends; the kernel drops it if the process dies), a second run is refused in one line."""
+    if not ddp.is_main():
+        return None
+    return OutputLock(model_path.with_name(f".{model_path.name}.lock"), str(model_path)).acquire()
 
 
 def atomic_save(obj, path: Path) -> None:

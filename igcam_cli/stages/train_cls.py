@@ -144,19 +144,6 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         inputs = {classifier_key(cfg.round - 1): previous["id"]} if previous else {}
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
-    record = (
-        ws.start(
-            "train-cls",
-            to_dict(cfg),
-            seed=opts.seed,
-            device=str(device),
-            round=cfg.round,
-            classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
-            inputs=inputs,
-        )
-        if ddp.is_main()
-        else None
-    )
     net = ddp.wrap(model, device)
     train_data = _ClassifierImages(
         dataset,
@@ -189,6 +176,20 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         # per-image weights (mean 1 over the split) on the per-image loss
         return (F.multilabel_soft_margin_loss(logits.float(), y, reduction="none") * w).mean()
 
+    lock = training.lock_model(model_path)  # before the record: a refused run leaves none
+    record = (
+        ws.start(
+            "train-cls",
+            to_dict(cfg),
+            seed=opts.seed,
+            device=str(device),
+            round=cfg.round,
+            classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
+            inputs=inputs,
+        )
+        if ddp.is_main()
+        else None
+    )
     metrics: dict[str, float] = {}
     learned: bool | None = None
     try:
@@ -226,6 +227,8 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                 )
                 log(f"saved {model_path}")
     finally:
+        if lock is not None:
+            lock.release()
         ddp.barrier()
     return model
 

@@ -114,6 +114,7 @@ def run(cfg: TrainIrnConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             return boundary_net_loss(model, x.contiguous(memory_format=memory_format(device)), pairs, offsets)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = training.lock_model(model_path)  # before the record: a refused run leaves none
     record = ws.start(
         "train-irn",
         to_dict(cfg),
@@ -124,6 +125,7 @@ def run(cfg: TrainIrnConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         inputs=inputs,
     )
     loss = float("nan")
+    record.on_exit = lock.release if lock is not None else None
     with record:
         for epoch in range(start_epoch, cfg.epochs):
             batches = training.epoch_batches(

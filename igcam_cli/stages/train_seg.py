@@ -138,11 +138,6 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     elif train.resume:
         log(f"--resume: no {last_path} yet, starting from scratch")
 
-    record = (
-        ws.start("train-seg", to_dict(cfg), seed=opts.seed, device=str(device), inputs=inputs, **provenance)
-        if ddp.is_main()
-        else None
-    )
     net = ddp.wrap(model, device)
     train_data = _SegImages(dataset, ids, labels, cfg, opts.seed, train=True)
     total_steps = max(1, steps_per_epoch * epochs)
@@ -162,6 +157,12 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             logits = net(x.contiguous(memory_format=memory_format(device)))
         return seg_loss(logits, y)
 
+    lock = training.lock_model(model_path)  # before the record: a refused run leaves none
+    record = (
+        ws.start("train-seg", to_dict(cfg), seed=opts.seed, device=str(device), inputs=inputs, **provenance)
+        if ddp.is_main()
+        else None
+    )
     metrics: dict[str, float] = {}
     try:
         with record or nullcontext():  # None on the other ranks
@@ -184,6 +185,8 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                 record.finish(outputs=[str(model_path)], metrics=metrics)
                 log(f"saved {model_path}")
     finally:
+        if lock is not None:
+            lock.release()
         ddp.barrier()
     return model
 
