@@ -12,12 +12,15 @@ records and logs how much of the split the output now covers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from igcam_cli.config import to_dict
+from igcam_cli.errors import BadData
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.runtime.locks import OutputLock
 from igcam_cli.runtime.progress import StageLog
@@ -112,3 +115,16 @@ def _delete(
         store.path(image_id).unlink(missing_ok=True)
         if also_delete is not None:
             also_delete(image_id).unlink(missing_ok=True)
+
+
+def images_with_maps(dataset, maps: MapStore, ids: list[str], what: str) -> Iterator[tuple[str, np.ndarray, Any]]:
+    """(id, uint8 image, map record) for `ids`, or BadData where an image and its maps (`what`, e.g. "cams")
+    differ in size: they were made from another version of the dataset."""
+    for image_id, record in maps.iter_records(ids):
+        image = dataset.load(image_id, with_mask=False).image
+        if image.shape[:2] != record.maps.shape[1:]:
+            raise BadData(
+                f"{what} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
+                f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force"
+            )
+        yield image_id, image, record

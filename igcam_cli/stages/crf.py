@@ -9,7 +9,6 @@ import numpy as np
 from igcam_cli import map_stage
 from igcam_cli.config import CrfConfig, RunOptions
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels
-from igcam_cli.errors import BadData
 from igcam_cli.registry import PRODUCER
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.runtime.pool import map_ordered, process_pool
@@ -54,13 +53,7 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
 
 
 def _jobs(dataset, maps, ids: list[str], params: CrfParams, cfg: CrfConfig, alpha: float) -> Iterator[tuple]:
-    for image_id, record in maps.iter_records(ids):
-        image = dataset.load(image_id, with_mask=False).image
-        if image.shape[:2] != record.maps.shape[1:]:
-            raise BadData(
-                f"{cfg.source} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "
-                f"but the image is {image.shape[1]}x{image.shape[0]}: rerun the upstream stage with --force"
-            )
+    for image_id, image, record in map_stage.images_with_maps(dataset, maps, ids, cfg.source):
         uncertain = tuple(cfg.ignore_between) if cfg.ignore_between else None
         yield (
             image_id,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from igcam_cli import map_stage
 from igcam_cli.config import RunOptions, TrainIrnConfig, result_settings, to_dict
 from igcam_cli.core.densecrf import ir_labels
 from igcam_cli.core.random_walk import affinity_pair_labels, downsample_ir_labels, path_offsets
@@ -197,11 +198,5 @@ def _ir_labels(
 
 
 def _ir_jobs(dataset: Dataset, cams: MapStore, ids: list[str], cfg: TrainIrnConfig) -> Iterator[tuple]:
-    for image_id, record in cams.iter_records(ids):
-        image = dataset.load(image_id, with_mask=False).image
-        if image.shape[:2] != record.maps.shape[1:]:
-            raise BadData(
-                f"cams of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} but the image is "
-                f"{image.shape[1]}x{image.shape[0]}: rerun make-cams with --force"
-            )
+    for image_id, image, record in map_stage.images_with_maps(dataset, cams, ids, "cams"):
         yield image_id, (image, record.maps, record.classes, cfg.fg_threshold, cfg.bg_threshold)
