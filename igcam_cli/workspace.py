@@ -359,6 +359,10 @@ class Workspace:
 
     def is_stale(self, record: dict[str, Any]) -> bool:
         """A finished run is stale when an input it read has since been rerun, or is stale itself."""
+        return self.stale_reason(record) is not None
+
+    def stale_reason(self, record: dict[str, Any]) -> str | None:
+        """Why a run is stale ("make-cams:train ran again", "its input refine:train is stale"), or None."""
         runs = self.records()
         by_id = {r["id"]: r for r in runs}
 
@@ -369,14 +373,16 @@ class Workspace:
             newest = _newest(runs, stage, split, done=trains, round_=int(round_) if round_ else None)
             return newest["id"] if newest else None
 
-        def stale(rec: dict[str, Any]) -> bool:
-            for stage_split, run_id in rec.get("inputs", {}).items():
-                stage, _, split = stage_split.partition(":")
-                if latest_id(stage, split or None) != run_id or (run_id in by_id and stale(by_id[run_id])):
-                    return True
-            return False
+        def reason(rec: dict[str, Any]) -> str | None:
+            for key, run_id in rec.get("inputs", {}).items():
+                stage, _, split = key.partition(":")
+                if latest_id(stage, split or None) != run_id:
+                    return f"{key} ran again"
+                if run_id in by_id and reason(by_id[run_id]) is not None:
+                    return f"its input {key} is stale"
+            return None
 
-        return stale(record)
+        return reason(record)
 
 
 def _newest(

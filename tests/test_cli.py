@@ -21,6 +21,7 @@ from cli_helpers import (
     assert_intact,
     build_voc,
     igcam,
+    make_workspace,
     ok,
     snapshot,
     with_option,
@@ -343,3 +344,32 @@ def test_warmup_epochs_option_reaches_the_recorded_config(fresh_ws):
     ok("train-cls", "-w", fresh_ws, *TRAIN, "--warmup-epochs", "2", "--quiet")
     records = json.loads((fresh_ws / "manifest.json").read_text())["runs"]
     assert records[-1]["config"]["warmup_epochs"] == 2
+
+
+def test_status_says_partial_stale_failed_and_what_to_run_next(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0, size=32)
+    ids = ws.dataset().ids("train")
+    cls = ws.start("train-cls", {}, round=1)
+    cls.finish()
+    cams = ws.start("make-cams", {}, split="train", shard="0/1", inputs={"train-cls": cls.id})
+    with ws.maps("cams", "train").writer() as writer:
+        for image_id in ids[:2]:
+            writer.write(image_id, np.ones((1, 32, 32), np.float32), np.array([1]))
+    cams.finish()
+    refine = ws.start("refine", {}, split="train", shard="0/1", inputs={"make-cams:train": cams.id})
+    refine.finish()
+    ws.start("crf", {}, split="train", shard="0/1").fail("BadData: train_00001.png is truncated")
+    ws.start("train-seg", {}).fail("KeyboardInterrupt: ")
+    rows = {r["stage"]: r for r in status_stage.run(ws)}
+    assert rows["make-cams"]["state"] == "partial" and rows["make-cams"]["detail"] == "2 of 4 images"
+    assert rows["make-cams"]["next"] == f"igcam make-cams -w {ws.root} --split train"
+    assert rows["refine"]["state"] == "partial"  # not stale: its input is still the latest make-cams run
+    assert rows["crf"]["state"] == "failed" and "train_00001.png is truncated" in rows["crf"]["detail"]
+    assert rows["train-seg"]["next"] == f"igcam train-seg -w {ws.root} --resume"
+
+    ws.start("make-cams", {}, split="train", shard="0/1", inputs={"train-cls": cls.id}).finish()  # ran again
+    rows = {r["stage"]: r for r in status_stage.run(ws)}
+    assert rows["refine"]["state"] == "stale" and rows["refine"]["detail"] == "make-cams:train ran again"
+    assert rows["refine"]["next"] == f"igcam refine -w {ws.root} --split train --force"
+    output = " ".join(ok("status", "-w", ws.root).output.split())
+    assert "make-cams:train ran again" in output and "2 of 4 images" in output

@@ -1,6 +1,7 @@
-"""status: the latest run of each stage and split, and whether it is done, stale, running, killed or failed; the
-stages of `igcam run`'s chain that have not run yet are listed as such. A run still marked running whose process
-on this host is gone (SIGKILL, a crash, a lost node's job killed by the scheduler) shows as killed."""
+"""status: the latest run of each stage and split: done, partial (n of N images), stale (which input ran again),
+running, killed or failed (its error line), and the command to run next; the stages of `igcam run`'s chain that
+have not run yet are listed as such. A run still marked running whose process on this host is gone (SIGKILL, a
+crash, a lost node's job killed by the scheduler) shows as killed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.registry import chain_stages
+from igcam_cli.registry import BY_NAME, chain_stages
 from igcam_cli.workspace import Workspace
 
 
@@ -23,38 +24,103 @@ def run(ws: Workspace) -> list[dict]:
         if stage == "evaluate":  # one row per evaluated artifact
             stage = f"evaluate {record['config'].get('artifact')}"
         latest[(stage, record.get("split"), record.get("shard"))] = record
-    rows = []
-    for (stage, split, shard), record in latest.items():
-        state = record["status"]
-        if state == "done" and ws.is_stale(record):
-            state = "stale"
-        elif state == "running" and _process_gone(record):
-            state = "killed"
-        rows.append({"stage": stage, "split": split, "shard": shard, "state": state, "record": record})
+    rows = [_row(ws, stage, split, shard, record) for (stage, split, shard), record in latest.items()]
     ran = {record["stage"] for record in records}
     for stage in chain_stages(ws):
         if stage not in ran and stage != "evaluate":
-            rows.append({"stage": stage, "split": None, "shard": None, "state": "not run", "record": {}})
-    table = Table(title=escape(f"igcam workspace {ws.root}"))
-    for column in ("stage", "split", "shard", "status", "ended", "metrics"):
-        table.add_column(column, no_wrap=column != "metrics")
-    style = {"done": "green", "stale": "yellow", "running": "cyan", "failed": "red", "killed": "red", "not run": "dim"}
+            rows.append(
+                {
+                    "stage": stage,
+                    "split": None,
+                    "shard": None,
+                    "state": "not run",
+                    "record": {},
+                    "detail": "",
+                    "next": ws.command(stage),
+                }
+            )
+    _print(ws, rows, caption="no stage has run yet" if not ran else None)
+    return rows
+
+
+def _row(ws: Workspace, stage: str, split: str | None, shard: str | None, record: dict) -> dict:
+    """The row of a stage's latest run: its state, what explains it, and the command to run next."""
+    state, detail = record["status"], ""
+    name = record["stage"]
+    stale = ws.stale_reason(record) if state == "done" else None
+    covered = _coverage(ws, name, split) if name in BY_NAME and BY_NAME[name].per_image else None
+    if stale is not None:
+        state, detail = "stale", stale
+    elif state == "running" and _process_gone(record):
+        state, detail = "killed", f"process {record['pid']} is gone"
+    elif state == "failed":
+        detail = record.get("error", "")
+    elif state == "done" and covered is not None and covered[0] < covered[1]:
+        state = "partial"
+    if covered is not None and state != "stale":
+        detail = "; ".join(part for part in (f"{covered[0]} of {covered[1]} images", detail) if part)
+    if not detail:
+        detail = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
+    return {
+        "stage": stage,
+        "split": split,
+        "shard": shard,
+        "state": state,
+        "record": record,
+        "detail": detail,
+        "next": _next_command(ws, name, split, state, record),
+    }
+
+
+def _coverage(ws: Workspace, stage: str, split: str | None) -> tuple[int, int] | None:
+    """(images done, images of the split) of a map stage's output, now; None where the split is not the dataset's."""
+    dataset = ws.dataset()
+    if split is None or split not in dataset.splits():
+        return None
+    ids = set(dataset.ids(split))
+    return len(ws.outputs(BY_NAME[stage].writes or "", split).ids() & ids), len(ids)
+
+
+def _next_command(ws: Workspace, stage: str, split: str | None, state: str, record: dict) -> str:
+    """What to run: the same command to resume (killed, failed, partial), with --force to redo stale work."""
+    if state in ("done", "running"):
+        return ""
+    if stage == "evaluate":
+        return f"{ws.command('evaluate', split)} --artifact {record['config'].get('artifact')}"
+    command = ws.command(stage, split if stage not in ("train-cls", "train-seg", "train-irn") else None)
+    if stage == "train-cls" and int(record.get("round") or 1) > 1:
+        command += f" --round {record['round']}"
+    if state == "stale":
+        return f"{command} --force"
+    trains = stage in BY_NAME and not BY_NAME[stage].per_image and stage != "evaluate"
+    return f"{command} --resume" if trains and state in ("killed", "failed") else command
+
+
+def _print(ws: Workspace, rows: list[dict], caption: str | None) -> None:
+    table = Table(title=escape(f"igcam workspace {ws.root}"), caption=caption)
+    for column in ("stage", "split", "shard", "status", "ended", "detail", "next"):
+        table.add_column(column, no_wrap=column not in ("detail", "next"))
+    style = {
+        "done": "green",
+        "stale": "yellow",
+        "partial": "yellow",
+        "running": "cyan",
+        "failed": "red",
+        "killed": "red",
+        "not run": "dim",
+    }
     for row in rows:
-        record = row["record"]
-        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
-        ended = (record.get("ended") or "-")[:16].replace("T", " ")
+        ended = (row["record"].get("ended") or "-")[:16].replace("T", " ")
         table.add_row(
             row["stage"],
             escape(row["split"] or "-"),
             escape(row["shard"] or "-"),
             f"[{style[row['state']]}]{row['state']}[/]",
             ended,
-            escape(metrics or record.get("error", "") or _killed_note(row)),
+            escape(row["detail"]),
+            escape(row["next"]),
         )
-    if not ran:
-        table.caption = "no stage has run yet"
-    Console(width=max(120, Console().width)).print(table)
-    return rows
+    Console(width=max(140, Console().width)).print(table)
 
 
 def _fmt(value) -> str:
@@ -73,9 +139,3 @@ def _process_gone(record: dict) -> bool:
     except OSError:  # e.g. another user's process: it exists
         return False
     return False
-
-
-def _killed_note(row: dict) -> str:
-    if row["state"] != "killed":
-        return ""
-    return f"process {row['record']['pid']} is gone; rerun the stage to resume it"
