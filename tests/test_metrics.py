@@ -113,7 +113,8 @@ def test_threshold_confusions_matches_per_tau_loop(k):
     # Maps and thresholds on the same 1/20 grid, so ties (max == tau -> background) occur.
     maps = rng.integers(0, 21, size=(k, h, w)) / 20
     classes = np.sort(rng.choice(np.arange(1, n), size=k, replace=False)).astype(np.uint8)
-    taus = np.arange(1, 13) / 20
+    # unsorted, with a repeat (evaluate appends its fixed threshold to the sweep), on the maps' grid (ties)
+    taus = np.concatenate([np.arange(1, 13) / 20, [0.15, 0.05, 0.6]])[::-1].copy()
     fast = threshold_confusions(gt, maps, classes, taus, n)
     assert fast.shape == (len(taus), n, n) and fast.dtype == np.int64
     np.testing.assert_array_equal(fast, _slow_threshold_confusions(gt, maps, classes, taus, n))
