@@ -40,7 +40,10 @@ class OutputLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            # Unlock before closing: forked DataLoader workers share the open file description, and a close alone
+            # would leave the lock held until the last of them exits.
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
             self._fd = None
 
     def __del__(self) -> None:
