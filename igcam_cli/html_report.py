@@ -27,7 +27,7 @@ from igcam_cli import __version__, report
 from igcam_cli.errors import IgcamError
 from igcam_cli.stages import evaluate
 from igcam_cli.stages.influence_report import fit_line
-from igcam_cli.workspace import Workspace
+from igcam_cli.workspace import Workspace, process_gone
 
 CELL = 160  # px: the width of every picture in the contact sheets
 TOP_INFLUENCE = 10  # rows of the mislabel ranking shown
@@ -359,6 +359,8 @@ def _provenance_row(ws: Workspace, record: dict) -> str:
     status = str(record.get("status", "?"))
     if status == "done" and ws.is_stale(record):
         status = "stale"
+    elif status == "running" and process_gone(record):
+        status = "killed"
     seed = record.get("seed", (record.get("config") or {}).get("seed"))
     versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items())
     split = record.get("split") or "-"
@@ -560,7 +562,7 @@ line.mark.fixed { stroke: #888; } line.mark.best { stroke: #d0612a; }
 circle.mark.fixed { fill: #888; } circle.mark.best { fill: #d0612a; }
 text.mark-label.fixed { fill: #555; } text.mark-label.best { fill: #d0612a; }
 .status.done { color: #1b7a2f; } .status.stale { color: #a86b00; font-weight: 600; }
-.status.failed, .status.running { color: #b00020; } tr.run.stale { background: #fff8e6; }
+.status.failed, .status.killed, .status.running { color: #b00020; } tr.run.stale { background: #fff8e6; }
 details table { font-size: 12px; } details h4 { margin: .4em 0 .1em; }
 """
 

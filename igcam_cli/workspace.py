@@ -385,6 +385,20 @@ class Workspace:
         return reason(record)
 
 
+def process_gone(record: dict) -> bool:
+    """Whether the run's process, on this host, no longer exists (a run on another host cannot be checked)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process: it exists
+        return False
+    return False
+
+
 def _newest(
     runs: list[dict[str, Any]], stage: str, split: str | None = None, done: bool = False, round_: int | None = None
 ) -> dict[str, Any] | None:

@@ -148,6 +148,18 @@ def test_provenance_rows_stale_and_escaped(ws):
     assert "<details><summary>" in text and cams.id in text
 
 
+def test_a_run_whose_process_is_gone_shows_as_killed(ws):
+    """As `igcam status` says: marked running, but its process on this host no longer exists."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ws.start("crf", {}, split="train")
+    manifest = json.loads(ws.manifest_path.read_text())
+    manifest["runs"][-1]["pid"] = gone.pid
+    ws.manifest_path.write_text(json.dumps(manifest))
+    text = write_report(ws).read_text()
+    assert '<span class="status killed">killed</span>' in text
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [("{not json", "JSONDecodeError"), ('{"artifact": "cams"}', "KeyError"), ("[1, 2]", "a JSON object")],

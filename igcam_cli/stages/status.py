@@ -5,15 +5,12 @@ crash, a lost node's job killed by the scheduler) shows as killed."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli.registry import BY_NAME, chain_stages
-from igcam_cli.workspace import Workspace
+from igcam_cli.workspace import Workspace, process_gone
 
 
 def run(ws: Workspace) -> list[dict]:
@@ -51,7 +48,7 @@ def _row(ws: Workspace, stage: str, split: str | None, shard: str | None, record
     covered = _coverage(ws, name, split) if name in BY_NAME and BY_NAME[name].per_image else None
     if stale is not None:
         state, detail = "stale", stale
-    elif state == "running" and _process_gone(record):
+    elif state == "running" and process_gone(record):
         state, detail = "killed", f"process {record['pid']} is gone"
     elif state == "failed":
         detail = record.get("error", "")
@@ -125,17 +122,3 @@ def _print(ws: Workspace, rows: list[dict], caption: str | None) -> None:
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _process_gone(record: dict) -> bool:
-    """Whether the run's process, on this host, no longer exists (a run on another host cannot be checked)."""
-    pid = record.get("pid")
-    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # e.g. another user's process: it exists
-        return False
-    return False
