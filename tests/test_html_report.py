@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +58,8 @@ def ws(filled, tmp_path) -> Workspace:
 
 
 @pytest.fixture(scope="module")
-def page(filled) -> str:
-    out = write_report(Workspace.open(filled), out=Path(tempfile.mkdtemp()) / "index.html")
+def page(filled, tmp_path_factory) -> str:
+    out = write_report(Workspace.open(filled), out=tmp_path_factory.mktemp("page") / "index.html")
     return out.read_text()
 
 
