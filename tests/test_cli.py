@@ -366,6 +366,9 @@ def test_status_says_partial_stale_failed_and_what_to_run_next(tmp_path):
     assert rows["refine"]["state"] == "partial"  # not stale: its input is still the latest make-cams run
     assert rows["crf"]["state"] == "failed" and "train_00001.png is truncated" in rows["crf"]["detail"]
     assert rows["train-seg"]["next"] == f"igcam train-seg -w {ws.root} --resume"
+    ws.start("predict", {}, split="train", shard="1/2").fail("KeyboardInterrupt: ")
+    shard_row = next(r for r in status_stage.run(ws) if r["stage"] == "predict")
+    assert shard_row["next"] == f"igcam predict -w {ws.root} --split train --shard 1/2"  # the same shard again
 
     ws.start("make-cams", {}, split="train", shard="0/1", inputs={"train-cls": cls.id}).finish()  # ran again
     rows = {r["stage"]: r for r in status_stage.run(ws)}

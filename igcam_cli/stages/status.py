@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from igcam_cli.registry import BY_NAME, chain_stages
+from igcam_cli.registry import BY_NAME, TRAINED_MODELS, chain_stages
 from igcam_cli.workspace import Workspace, process_gone
 
 
@@ -21,7 +21,8 @@ def run(ws: Workspace) -> list[dict]:
         if stage == "evaluate":  # one row per evaluated artifact
             stage = f"evaluate {record['config'].get('artifact')}"
         latest[(stage, record.get("split"), record.get("shard"))] = record
-    rows = [_row(ws, stage, split, shard, record) for (stage, split, shard), record in latest.items()]
+    dataset = ws.dataset()
+    rows = [_row(ws, dataset, stage, split, shard, record) for (stage, split, shard), record in latest.items()]
     ran = {record["stage"] for record in records}
     for stage in chain_stages(ws):
         if stage not in ran and stage != "evaluate":
@@ -40,12 +41,12 @@ def run(ws: Workspace) -> list[dict]:
     return rows
 
 
-def _row(ws: Workspace, stage: str, split: str | None, shard: str | None, record: dict) -> dict:
+def _row(ws: Workspace, dataset, stage: str, split: str | None, shard: str | None, record: dict) -> dict:
     """The row of a stage's latest run: its state, what explains it, and the command to run next."""
     state, detail = record["status"], ""
     name = record["stage"]
     stale = ws.stale_reason(record) if state == "done" else None
-    covered = _coverage(ws, name, split) if name in BY_NAME and BY_NAME[name].per_image else None
+    covered = _coverage(ws, dataset, name, split) if name in BY_NAME and BY_NAME[name].per_image else None
     if stale is not None:
         state, detail = "stale", stale
     elif state == "running" and process_gone(record):
@@ -65,31 +66,33 @@ def _row(ws: Workspace, stage: str, split: str | None, shard: str | None, record
         "state": state,
         "record": record,
         "detail": detail,
-        "next": _next_command(ws, name, split, state, record),
+        "next": _next_command(ws, name, split, shard, state, record),
     }
 
 
-def _coverage(ws: Workspace, stage: str, split: str | None) -> tuple[int, int] | None:
+def _coverage(ws: Workspace, dataset, stage: str, split: str | None) -> tuple[int, int] | None:
     """(images done, images of the split) of a map stage's output, now; None where the split is not the dataset's."""
-    dataset = ws.dataset()
     if split is None or split not in dataset.splits():
         return None
     ids = set(dataset.ids(split))
     return len(ws.outputs(BY_NAME[stage].writes or "", split).ids() & ids), len(ids)
 
 
-def _next_command(ws: Workspace, stage: str, split: str | None, state: str, record: dict) -> str:
-    """What to run: the same command to resume (killed, failed, partial), with --force to redo stale work."""
+def _next_command(ws: Workspace, stage: str, split: str | None, shard: str | None, state: str, record: dict) -> str:
+    """What to run: the same command to resume (killed, failed, partial), with --force to redo stale work;
+    a map stage's shard and a classifier's round as the run had them."""
     if state in ("done", "running"):
         return ""
     if stage == "evaluate":
         return f"{ws.command('evaluate', split)} --artifact {record['config'].get('artifact')}"
-    command = ws.command(stage, split if stage not in ("train-cls", "train-seg", "train-irn") else None)
+    trains = stage in BY_NAME and BY_NAME[stage].writes in TRAINED_MODELS
+    command = ws.command(stage, None if trains else split)
+    if shard and shard != "0/1":
+        command += f" --shard {shard}"
     if stage == "train-cls" and int(record.get("round") or 1) > 1:
         command += f" --round {record['round']}"
     if state == "stale":
         return f"{command} --force"
-    trains = stage in BY_NAME and not BY_NAME[stage].per_image and stage != "evaluate"
     return f"{command} --resume" if trains and state in ("killed", "failed") else command
 
 

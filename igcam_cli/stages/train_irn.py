@@ -185,7 +185,8 @@ def _ir_labels(
     directory.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(source))
     store = LabelStore(directory)
-    todo = [i for i in ids if i not in store.ids()]
+    done = store.ids()  # one directory listing, not one per image
+    todo = [i for i in ids if i not in done]
     log(
         f"train-irn: IR labels of '{cfg.split}' (fg {cfg.fg_threshold}, bg {cfg.bg_threshold}): "
         f"{len(todo)} to do, {len(ids) - len(todo)} already done"
