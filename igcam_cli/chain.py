@@ -160,7 +160,7 @@ def _per_image(ws: Workspace, opts: RunOptions, stage: str, cfg: Any, split: str
         stage,
         split,
         cfg,
-        lambda: _covers(ws.outputs(artifact, split).ids(), ids),
+        lambda: _covers(_accounted(ws.outputs(artifact, split)), ids),
         lambda force: run(cfg, ws, opts, force=force),
     )
 
@@ -238,6 +238,11 @@ def _latest(ws: Workspace, step: Step) -> dict | None:
 def _value(record: dict, key: str, config: Any) -> Any:
     """A config value of a record; the default for records older than the option."""
     return record["config"].get(key, getattr(type(config)(), key))
+
+
+def _accounted(store) -> set[str]:
+    """The images an output holds or a --skip-bad run left out of it."""
+    return store.ids() | set(store.skipped())
 
 
 def _covers(have: set[str], ids: list[str]) -> bool:

@@ -40,6 +40,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and r
 SplitOpt = Annotated[str | None, typer.Option(help="Dataset split, e.g. train, val, train_aug")]
 ShardOpt = Annotated[str | None, typer.Option(help="Process shard i/n of the images (automatic under torchrun)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo images that are already done")]
+SkipBadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad",
+        help="Leave out images that cannot be read (listed in the run's record and the final line) instead of "
+        "stopping at the first",
+    ),
+]
 TrainForceOpt = Annotated[bool, typer.Option("--force", help="Train a new model over a finished model.pt")]
 WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes")]
 
@@ -154,8 +162,8 @@ def _ws(path: Path | None) -> Workspace:
     return Workspace.open(path if path is not None else default_workspace())
 
 
-def _opts(device: str, seed: int, quiet: bool) -> RunOptions:
-    return RunOptions(device=device, seed=seed, quiet=quiet)
+def _opts(device: str, seed: int, quiet: bool, skip_bad: bool = False) -> RunOptions:
+    return RunOptions(device=device, seed=seed, quiet=quiet, skip_bad=skip_bad)
 
 
 def _train(
@@ -317,6 +325,7 @@ def train_cls(
     finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of a round >= 2 (0: half of --epochs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from cls/last.pt")] = False,
     force: TrainForceOpt = False,
+    skip_bad: SkipBadOpt = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this classifier checkpoint")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -353,7 +362,7 @@ def train_cls(
         finetune_lr_mult=finetune_lr_mult,
         finetune_epochs=finetune_epochs,
     )
-    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from, force)
+    _train(stage, cfg, ws, _opts(device, seed, quiet, skip_bad), resume, init_from, force)
 
 
 @app.command("make-cams", cls=StageCommand)
@@ -362,6 +371,10 @@ def make_cams(
     workspace: WorkspaceOpt = None,
     split: SplitOpt = None,
     scales: Annotated[str | None, typer.Option(help="Comma-separated scales")] = None,
+    max_side: Annotated[
+        int | None,
+        typer.Option(min=0, help="Draw images longer than this (px) at this longer side, then upsample (0: no cap)"),
+    ] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     label_source: Annotated[
@@ -379,6 +392,7 @@ def make_cams(
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
+    skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -392,6 +406,7 @@ def make_cams(
         "make-cams",
         split=split,
         scales=_floats(scales, "--scales"),
+        max_side=max_side,
         flip=flip,
         batch_size=batch_size,
         label_source=label_source,
@@ -399,7 +414,7 @@ def make_cams(
         influence_fusion=influence_fusion,
         round=round,
     )
-    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+    stage.run(cfg, ws, _opts(device, seed, quiet, skip_bad), parse_shard(shard), force)
 
 
 @app.command("compute-influence", cls=StageCommand)
@@ -574,6 +589,7 @@ def refine(
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
+    skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -605,7 +621,7 @@ def refine(
         batch_size=batch_size,
         workers=workers,
     )
-    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+    stage.run(cfg, ws, _opts(device, seed, quiet, skip_bad), parse_shard(shard), force)
 
 
 @app.command(cls=StageCommand)
@@ -623,9 +639,15 @@ def crf(
         str | None,
         typer.Option(help="LOW,HIGH: pixels whose map value lies between become 255 (ignored by train-seg); '' off"),
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="pydensecrf (CPU processes), torch (batched on the device), auto (torch on a GPU)"),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per torch CRF pass")] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
+    skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -646,8 +668,10 @@ def crf(
         confidence=confidence,
         ignore_between=_floats(ignore_between, "--ignore-between"),
         workers=workers,
+        backend=backend,
+        batch_size=batch_size,
     )
-    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+    stage.run(cfg, ws, _opts(device, seed, quiet, skip_bad), parse_shard(shard), force)
 
 
 @app.command("train-seg", cls=StageCommand)
@@ -677,6 +701,7 @@ def train_seg(
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
     force: TrainForceOpt = False,
+    skip_bad: SkipBadOpt = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this segmenter checkpoint (seg/model.pt)")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -701,7 +726,7 @@ def train_seg(
         lr=lr,
         workers=workers,
     )
-    _train(stage, cfg, ws, _opts(device, seed, quiet), resume, init_from, force)
+    _train(stage, cfg, ws, _opts(device, seed, quiet, skip_bad), resume, init_from, force)
 
 
 @app.command(cls=StageCommand)
@@ -716,6 +741,10 @@ def predict(
         str | None, typer.Option(help="Output name: pred/<out>/ \\[default: the split's or folder's name]")
     ] = None,
     scales: Annotated[str | None, typer.Option(help="Comma-separated scales")] = None,
+    max_side: Annotated[
+        int | None,
+        typer.Option(min=0, help="Draw images longer than this (px) at this longer side, then upsample (0: no cap)"),
+    ] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Add horizontally flipped passes")] = None,
     crf: Annotated[
         bool | None, typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")
@@ -723,9 +752,13 @@ def predict(
     preset: Annotated[str | None, typer.Option(help="CRF parameters (with --crf)")] = None,
     overlays: Annotated[bool | None, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
+    crf_backend: Annotated[
+        str | None, typer.Option(help="The CRF's backend: pydensecrf, torch or auto (torch on a GPU)")
+    ] = None,
     workers: WorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
+    skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -741,14 +774,16 @@ def predict(
         images=str(images) if images is not None else None,
         out=out,
         scales=_floats(scales, "--scales"),
+        max_side=max_side,
         flip=flip,
         crf=crf,
         preset=preset,
         overlays=overlays,
         batch_size=batch_size,
         workers=workers,
+        crf_backend=crf_backend,
     )
-    stage.run(cfg, ws, _opts(device, seed, quiet), parse_shard(shard), force)
+    stage.run(cfg, ws, _opts(device, seed, quiet, skip_bad), parse_shard(shard), force)
 
 
 @app.command(cls=StageCommand)
@@ -906,6 +941,7 @@ def run_chain(
             "suggested labels) before make-cams \\[default: igcam.toml's \\[run] rounds, else 1]",
         ),
     ] = None,
+    skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -920,7 +956,7 @@ def run_chain(
 
     chain.run(
         _ws(workspace),
-        _opts(device, seed, quiet),
+        _opts(device, seed, quiet, skip_bad),
         until=until,
         start=start,
         split=split,

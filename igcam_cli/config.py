@@ -31,6 +31,7 @@ from igcam_cli.validation import (
 TOML_NAME = "igcam.toml"
 Crop = Annotated[int, Range(16)]  # a network input side, at least one stride-16 cell
 CrfPreset = Literal["psa", "irn", "deeplab", "toco"]  # core/densecrf.py PRESETS
+MAX_SIDE = 1024  # make-cams' and predict's cap on an image's longer side (see MakeCamsConfig.max_side)
 SCALE_ORDER = Rule(("scale_min", "scale_max"), lambda c: c.scale_min <= c.scale_max, "need scale_min <= scale_max")
 # Each stage config's NOT_IN_RESULTS: settings that change how fast a stage runs or what else it
 # writes, never its results; a resume or `igcam run` does not count them as changed settings.
@@ -43,6 +44,7 @@ class RunOptions:
     device: str = "auto"
     seed: int = 0
     quiet: bool = False
+    skip_bad: bool = False  # per-image stages: leave out unreadable images instead of stopping (map_stage.py)
 
 
 @dataclass
@@ -113,6 +115,10 @@ class MakeCamsConfig:
     predict_threshold: Fraction = 0.5
     influence_fusion: Fraction = 0.0  # lambda: (1 - lambda) cam + lambda influence map (influence/<split>/); 0 = off
     round: Count | None = None  # classifier round (cls/model.pt = 1, cls/round<k>/model.pt); None = the latest
+    # Images longer than this (px) are drawn at this longer side and their maps upsampled (0 = no cap):
+    # a 4000 x 3000 photo at scale 2.0 needs more memory than most machines have, and the classifier never
+    # saw objects that large. VOC (500 px) and COCO (640 px) images are below it.
+    max_side: NonNegative = MAX_SIDE
 
 
 @dataclass
@@ -259,7 +265,7 @@ class RefineConfig:
     min_scale_side: NonNegative = 64
     iterations: NonNegative = 3  # (*) propagation steps per scale (10: CRF mean 46.8, 3: 47.7)
     batch_size: Count = 8
-    workers: NonNegative = 2
+    workers: NonNegative | None = None  # None: every CPU this process may use (runtime/pool.py available_cpus)
     # proposals (core/proposals.py): Felzenszwalb scale, smoothing, smallest segment (fraction of the image)
     proposal_scale: Positive = 300.0
     proposal_sigma: NonNegativeFloat = 0.8
@@ -284,7 +290,9 @@ class RefineConfig:
 
 @dataclass
 class CrfConfig:
-    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers",)
+    # the backends agree to float rounding (>= 99.5 % of labels, tests/test_torch_crf.py): a resume on another
+    # one is noted in the log and the record, not refused
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "backend", "batch_size")
     RULES: ClassVar[tuple[Rule, ...]] = (
         Rule(
             ("ignore_between",),
@@ -306,13 +314,19 @@ class CrfConfig:
     # [low, high]: pixels whose source map's largest value lies strictly between become 255, which train-seg
     # ignores: neither confidently object nor background (IRN's split). [] keeps every pixel.
     ignore_between: list[float] = field(default_factory=list)
-    workers: NonNegative = 2
+    workers: NonNegative | None = None  # None: every CPU this process may use (runtime/pool.py available_cpus)
+    # pydensecrf (CPU processes) | torch (core/torch_crf.py, batched on the device) | auto: torch on a GPU
+    backend: Literal["auto", "torch", "pydensecrf"] = "auto"
+    batch_size: Count = 8  # images per torch CRF pass
 
 
 @dataclass
 class TrainSegConfig:
     NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "val_split")  # val_split: only the logged val mIoU
-    RULES: ClassVar[tuple[Rule, ...]] = (SCALE_ORDER,)
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        SCALE_ORDER,
+        Rule(("batch_size",), lambda c: c.batch_size >= 2, "need >= 2: BatchNorm cannot train on one image"),
+    )
 
     # models/segmenter.py ARCHS; the resnet18 ones are small, for CPUs
     arch: Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_resnet18", "deeplabv3plus_resnet18"] = (
@@ -339,7 +353,7 @@ class TrainSegConfig:
 
 @dataclass
 class PredictConfig:
-    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size", "overlays")
+    NOT_IN_RESULTS: ClassVar[tuple[str, ...]] = ("workers", "batch_size", "overlays", "crf_backend")
 
     split: str | None = None  # a dataset split ...
     images: str | None = None  # ... or a folder of JPEG/PNG files
@@ -350,7 +364,9 @@ class PredictConfig:
     preset: CrfPreset = "deeplab"
     overlays: bool = True  # pred/<name>/overlays/<id>.jpg
     batch_size: Count = 8
-    workers: NonNegative = 2
+    workers: NonNegative | None = None  # None: every CPU this process may use (runtime/pool.py available_cpus)
+    crf_backend: Literal["auto", "torch", "pydensecrf"] = "auto"  # as crf's backend
+    max_side: NonNegative = MAX_SIDE  # as make-cams': larger images are predicted at this side, then upsampled
 
 
 @dataclass

@@ -8,11 +8,17 @@ another run of an input (so an artifact never mixes two upstream runs); it remov
 part a killed run of this shard left; it lists this shard's images not done yet. The stage then
 starts its manifest record with `start`, writes the images in `todo`, and calls `finish`, which
 records and logs how much of the split the output now covers.
+
+`--skip-bad`: the stage's image readers put an `Unreadable` in place of an image whose file raises
+BadData, and `readable` drops it from the stream into `skipped`. `finish` writes the output's skip
+list (store.py) and names the count in the record and the final line. Images the input artifact
+skipped are not in `todo` and are carried into this output's skip list, so evaluate and the stages
+after know to leave them out. A rerun tries the skipped images again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from igcam_cli.config import to_dict
+from igcam_cli.data.base import Unreadable, load_or_skip
 from igcam_cli.errors import BadData
 from igcam_cli.runtime.distributed import Shard
 from igcam_cli.runtime.locks import OutputLock
 from igcam_cli.runtime.progress import StageLog
-from igcam_cli.store import LabelStore, MapStore
+from igcam_cli.store import LabelStore, MapStore, clear_skipped, write_skipped
 from igcam_cli.workspace import StageRun, Workspace
 
 
@@ -44,10 +51,22 @@ class MapStage:
     mine: list[str] = field(default_factory=list)
     record: StageRun | None = None
     lock: OutputLock | None = None  # held from prepare() to the end of the record's `with` block
+    skip_bad: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # id -> why: unreadable now, or skipped upstream
 
-    def start(self, **extra: Any) -> StageRun:
+    def start(self, compute: str | None = None, **extra: Any) -> StageRun:
         """The manifest record of this run (use it as a context manager around the work; leaving it
-        releases the output's lock)."""
+        releases the output's lock). `compute` (runtime/devices.py describe) is recorded; a resume
+        computed otherwise than the run it continues says so in a note and in the record."""
+        if compute is not None:
+            extra["compute"] = compute
+            resumed = (self.ws.latest(self.stage, self.name) or {}).get("compute")
+            if resumed not in (None, compute) and len(self.todo) < len(self.mine) - len(self.skipped):
+                extra["resumed_from_compute"] = resumed
+                self.log(
+                    f"note: {self.what} was begun on {resumed} and goes on on {compute}; the maps of the two "
+                    "may differ in their last bits (--force redoes them all on this one)"
+                )
         self.record = self.ws.start(
             self.stage,
             to_dict(self.cfg),
@@ -61,15 +80,42 @@ class MapStage:
 
     @property
     def progress(self) -> str:
-        return f"{len(self.todo)} to do, {len(self.mine) - len(self.todo)} already done"
+        upstream = f", {len(self.skipped)} skipped upstream" if self.skipped else ""
+        done = len(self.mine) - len(self.todo) - len(self.skipped)
+        return f"{len(self.todo)} to do, {done} already done{upstream}"
+
+    def readable(self, items: Iterable[Any]) -> Iterator[Any]:
+        """`items` without the Unreadable ones (a --skip-bad run's), which go to `skipped` with a log line."""
+        for item in items:
+            if isinstance(item, Unreadable):
+                self.skipped[item.id] = item.reason
+                self.log(f"skipped '{item.id}': {item.reason}")
+                continue
+            yield item
 
     def finish(self, **metrics: Any) -> int:
-        """Finish the record with the output's coverage of the split, log it; returns the images written."""
+        """Write the shard's skip list, finish the record with the output's coverage of the split and log
+        it; returns the images written."""
         assert self.record is not None, "start() first"
+        rank = self.shard.index
+        retried = set(self.todo) | set(self.skipped)
+        kept = {i: why for i, why in self.store.skipped(rank).items() if i not in retried}
+        write_skipped(self.store.directory, rank, kept | self.skipped)
         coverage = len(self.store.ids() & set(self.ids))
-        self.record.finish(outputs=[str(self.store.directory)], metrics={"images": coverage, **metrics})
-        self.log(f"{self.what}: {coverage} of {len(self.ids)} images")
+        skipped = {i: why for i, why in self.store.skipped().items() if i in set(self.ids)}
+        extra = {"skipped": skipped} if skipped else {}
+        metrics = {"images": coverage, **({"skipped": len(skipped)} if skipped else {}), **metrics}
+        self.record.finish(outputs=[str(self.store.directory)], metrics=metrics, **extra)
+        line = f"{self.what}: {coverage} of {len(self.ids)} images"
+        if skipped:
+            line += f"; {len(skipped)} skipped as unreadable ({', '.join(_first(skipped))})"
+        self.log(line)
         return len(self.todo)
+
+
+def _first(skipped: dict[str, str], shown: int = 5) -> list[str]:
+    names = list(skipped)[:shown]
+    return names + ([f"{len(skipped) - shown} more in the run's record"] if len(skipped) > shown else [])
 
 
 def prepare(
@@ -86,11 +132,24 @@ def prepare(
     what: str | None = None,
     remedy: str = "pass --force to redo it",
     also_delete: Callable[[str], Path] | None = None,
+    skip_bad: bool = False,
+    upstream: MapStore | LabelStore | None = None,
 ) -> MapStage:
     """The run's MapStage, its to-do list filled in. `also_delete(id)`: a file --force deletes beside
-    an image's output (predict's overlays)."""
+    an image's output (predict's overlays). `upstream`: the artifact the stage reads, whose skipped
+    images this output skips too."""
     job = MapStage(
-        ws, stage, cfg, store, name, ids, shard, inputs, log, what or f"{store.directory.parent.name}/{name}"
+        ws,
+        stage,
+        cfg,
+        store,
+        name,
+        ids,
+        shard,
+        inputs,
+        log,
+        what or f"{store.directory.parent.name}/{name}",
+        skip_bad=skip_bad,
     )
     job.mine = shard.select(ids)
     # before anything is deleted: a second run must not remove the first one's parts or temporaries
@@ -101,7 +160,12 @@ def prepare(
     if isinstance(store, MapStore):
         store.remove_temporaries(rank=shard.index)
     done = store.ids()
-    job.todo = [i for i in job.mine if i not in done]
+    if upstream is not None:
+        inherited = upstream.skipped()
+        job.skipped = {i: inherited[i] for i in job.mine if i in inherited}
+        if job.skipped:
+            log(f"{job.what}: leaves out {len(job.skipped)} images its input skipped as unreadable")
+    job.todo = [i for i in job.mine if i not in done and i not in job.skipped]
     return job
 
 
@@ -111,17 +175,25 @@ def _delete(
     if isinstance(store, MapStore):
         store.clear(rank=None if shard.count == 1 else shard.index)
         return
+    clear_skipped(store.directory, None if shard.count == 1 else shard.index)
     for image_id in ids:
         store.path(image_id).unlink(missing_ok=True)
         if also_delete is not None:
             also_delete(image_id).unlink(missing_ok=True)
 
 
-def images_with_maps(dataset, maps: MapStore, ids: list[str], what: str) -> Iterator[tuple[str, np.ndarray, Any]]:
-    """(id, uint8 image, map record) for `ids`, or BadData where an image and its maps (`what`, e.g. "cams")
-    differ in size: they were made from another version of the dataset."""
+def images_with_maps(
+    dataset, maps: MapStore, ids: list[str], what: str, skip_bad: bool = False
+) -> Iterator[tuple[str, np.ndarray, Any] | Unreadable]:
+    """(id, uint8 image, map record) for `ids` (with `skip_bad`, an Unreadable for an image that cannot be
+    read), or BadData where an image and its maps (`what`, e.g. "cams") differ in size: they were made
+    from another version of the dataset."""
     for image_id, record in maps.iter_records(ids):
-        image = dataset.load(image_id, with_mask=False).image
+        sample = load_or_skip(dataset, image_id, skip_bad)
+        if isinstance(sample, Unreadable):
+            yield sample
+            continue
+        image = sample.image
         if image.shape[:2] != record.maps.shape[1:]:
             raise BadData(
                 f"{what} maps of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} "

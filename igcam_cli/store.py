@@ -7,6 +7,8 @@ MapStore layout (one directory per artifact and split, e.g. ``<ws>/cams/train/``
                                        classes  uint8 K (foreground class indices)
                                        attrs    height, width, source, ...
     .part-r{rank}-{seq:05d}.h5.tmp   a part being written (or left by a killed writer)
+    skipped-r{rank}.json             images of the split a `--skip-bad` run of `rank` could not read,
+                                       id -> the reason (both stores; see `skipped`)
 
 A part is written under its temporary name, closed, fsynced and renamed, so readers only ever
 see complete files and a killed writer can lose at most the part it was writing. Each rank
@@ -18,6 +20,7 @@ file systems.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,6 +37,7 @@ from igcam_cli.errors import BadData, StorageError
 
 PART_RE = re.compile(r"^part-r(\d+)-(\d+)\.h5$")
 TEMP_RE = re.compile(r"^\.part-r(\d+)-(\d+)\.h5\.tmp$")
+SKIPPED_RE = re.compile(r"^skipped-r(\d+)\.json$")
 
 
 def _part_numbers(name: str) -> tuple[int, int]:
@@ -73,6 +77,52 @@ def _fsync(path: Path, best_effort: bool = False) -> None:
     except OSError:
         if not best_effort:
             raise
+
+
+def _skipped_files(directory: Path, rank: int | None = None) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p for p in directory.iterdir() if (m := SKIPPED_RE.match(p.name)) and (rank is None or int(m.group(1)) == rank)
+    )
+
+
+def read_skipped(directory: Path, present: set[str], rank: int | None = None) -> dict[str, str]:
+    """id -> reason of the images the skip lists in `directory` name (of `rank`, or all), less those
+    `present` in the store (a later run read them after all). A damaged list raises BadData naming it."""
+    skipped: dict[str, str] = {}
+    for path in _skipped_files(directory, rank):
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BadData(f"cannot read the skip list {path}: {exc}; rerun the stage with --force") from None
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            raise BadData(f"the skip list {path} is not a JSON object of id -> reason; rerun the stage with --force")
+        skipped.update(entries)
+    return {i: reason for i, reason in sorted(skipped.items()) if i not in present}
+
+
+def write_skipped(directory: Path, rank: int, entries: dict[str, str]) -> None:
+    """Replace `rank`'s skip list (atomically; no list when `entries` is empty)."""
+    path = directory / f"skipped-r{rank}.json"
+    if not entries:
+        path.unlink(missing_ok=True)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{path.name}.tmp"
+    try:
+        tmp.write_text(
+            json.dumps(dict(sorted(entries.items())), indent=1), encoding="utf-8"
+        )  # ASCII: ids may hold undecodable bytes
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clear_skipped(directory: Path, rank: int | None = None) -> None:
+    for path in _skipped_files(directory, rank):
+        path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -138,6 +188,10 @@ class MapStore:
 
     def __contains__(self, image_id) -> bool:
         return image_id in self._refresh()
+
+    def skipped(self, rank: int | None = None) -> dict[str, str]:
+        """Images a --skip-bad run left out (id -> why), not written since."""
+        return read_skipped(self.directory, self.ids(), rank)
 
     def __len__(self) -> int:
         return len(self._refresh())
@@ -245,6 +299,7 @@ class MapStore:
         own = [p for p in self.parts() if rank is None or _part_numbers(p.name)[0] == rank]
         for path in own + self.temporaries(rank):
             path.unlink(missing_ok=True)
+        clear_skipped(self.directory, rank)
         self._part_keys, self._index, self._index_state = {}, {}, None
 
 
@@ -420,6 +475,10 @@ class LabelStore:
     def __contains__(self, image_id) -> bool:
         return isinstance(image_id, str) and self.path(image_id).is_file()
 
+    def skipped(self, rank: int | None = None) -> dict[str, str]:
+        """Images a --skip-bad run left out (id -> why), not written since."""
+        return read_skipped(self.directory, self.ids(), rank)
+
     def __len__(self) -> int:
         return len(self.ids())
 
@@ -463,9 +522,10 @@ class LabelStore:
             raise BadData(f"cannot read label {path}: {exc}") from None
 
     def clear(self) -> None:
-        """Delete all PNGs and temporaries (the directory itself stays)."""
+        """Delete all PNGs, temporaries and skip lists (the directory itself stays)."""
         if not self.directory.is_dir():
             return
+        clear_skipped(self.directory)
         for path in self.directory.iterdir():
             is_label = path.name.endswith(".png") or path.name.endswith(".png.tmp")
             if is_label and path.is_file():

@@ -216,9 +216,10 @@ class Workspace:
         return record
 
     def complete_maps(self, kind: str, split: str, ids: list[str]) -> MapStore:
-        """The map store of `kind` for `split`, or MissingArtifact if it lacks any of `ids`."""
+        """The map store of `kind` for `split`, or MissingArtifact if it lacks any of `ids` (images a
+        --skip-bad run skipped are accounted for: `store.skipped()`)."""
         store = self.maps(kind, split)
-        have = store.ids()
+        have = store.ids() | set(store.skipped())
         missing = [i for i in ids if i not in have]
         if missing:
             state = "missing" if not have else f"incomplete ({len(ids) - len(missing)} of {len(ids)} images)"

@@ -15,7 +15,19 @@ from igcam_cli.validation import Range
 from igcam_cli.workspace import Workspace
 
 # Options of a stage command that are not config fields: how to run, not what to compute.
-RUN_OPTIONS = {"workspace", "device", "seed", "quiet", "force", "shard", "resume", "init_from", "wait", "timeout"}
+RUN_OPTIONS = {
+    "workspace",
+    "device",
+    "seed",
+    "quiet",
+    "force",
+    "shard",
+    "resume",
+    "init_from",
+    "wait",
+    "timeout",
+    "skip_bad",
+}
 # Fields that go down, not up, to keep a rule over two fields (scale_min <= scale_max, ...).
 LOWER = {"scale_min", "tau_min", "w_min", "learned_low", "bg_threshold"}
 # Options a value needs beside it (a rule over two fields).

@@ -148,10 +148,19 @@ def test_resume_after_partial_run_equals_full_run(tmp_path, model_path, referenc
     (store.directory / ".part-r0-00002.h5.tmp").write_bytes(b"partial")
     assert store.ids() == set(reference) - lost
 
-    assert make_cams.run(config(ws), ws, OPTS) == 2
+    first = ws.latest("make-cams", "train")["compute"]
+    assert first == "cpu, 1 thread, float32"  # the module's one_thread fixture
+    torch.set_num_threads(2)  # resumed on another machine: the record and the log say so
+    try:
+        assert make_cams.run(config(ws), ws, OPTS) == 2
+    finally:
+        torch.set_num_threads(1)
     assert store.temporaries() == []
     assert_same_maps(read_all(store), reference)
-    assert ws.latest("make-cams", "train")["status"] == "done"
+    record = ws.latest("make-cams", "train")
+    assert record["status"] == "done"
+    assert (record["compute"], record["resumed_from_compute"]) == ("cpu, 2 threads, float32", first)
+    assert f"was begun on {first} and goes on on {record['compute']}" in ws.log_path("make-cams").read_text()
 
 
 def test_force_recomputes_everything(tmp_path, model_path, reference):

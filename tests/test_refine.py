@@ -240,3 +240,16 @@ def test_crf_on_a_process_pool_equals_crf_inline(chain_ws):
     ok("crf", "-w", chain_ws, "--split", "train", "--source", "cams", "--workers", "0", "--force", "--quiet")
     inline = LabelStore(chain_ws / "pseudo" / "train")
     assert len(pooled) == 12 and all(np.array_equal(inline.read(i), label) for i, label in pooled.items())
+
+
+def test_worker_counts_default_to_the_cpus_this_process_may_use(chain_ws, monkeypatch):
+    import os
+
+    from igcam_cli.runtime.pool import worker_count
+
+    assert worker_count(3) == 3 and worker_count(0) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert worker_count(None) == 3
+    assert "workers" not in (chain_ws / "igcam.toml").read_text()  # the default, not a workspace's setting
+    ok("crf", "-w", chain_ws, "--split", "train", "--source", "cams", "--force", "--quiet")
+    assert Workspace.open(chain_ws).latest("crf", "train")["workers"] == 3  # recorded: the count used

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -384,6 +385,16 @@ def test_predict_bad_inputs(seg_ws, fresh_ws, tmp_path):
     _write_images(photos)
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     assert_error(igcam("predict", "-w", seg_ws, "--images", photos, *PREDICT), 4, "broken.png")
+    # --skip-bad: the broken file is left out and named; a file name that is not UTF-8 is predicted like any other
+    named = os.fsencode(photos) + b"/caf\xe9.png"
+    shutil.copy(next(p for p in sorted(photos.glob("*.png")) if p.name != "broken.png"), named)
+    result = ok("predict", "-w", seg_ws, "--images", photos, *PREDICT[:-1], "--skip-bad", "--out", "skipping")
+    assert "1 skipped as unreadable (broken)" in result.output
+    out = seg_ws / "pred" / "skipping"
+    assert (os.fsencode(out) + b"/caf\xe9.png") in {os.fsencode(p) for p in out.glob("*.png")}
+    assert list(Workspace.open(seg_ws).latest("predict", "skipping")["skipped"]) == ["broken"]
+    (photos / "broken.png").unlink()
+    os.unlink(named)
     assert_error(
         igcam("predict", "-w", seg_ws, "--images", tmp_path / "nowhere", *PREDICT), 4, "no such folder", "nowhere"
     )
@@ -425,3 +436,13 @@ def test_predict_labels_do_not_depend_on_the_batch(seg_ws, crf):
         one, four = (np.asarray(Image.open(seg_ws / "pred" / name / f"{image_id}.png")) for name in ("one", "four"))
         np.testing.assert_array_equal(one, four)
     assert len(ids) == 4
+
+
+@pytest.mark.slow
+def test_predict_with_the_torch_crf_labels_as_pydensecrf_does(seg_ws):
+    args = ["--split", "val", "--workers", "0", "--scales", "1.0", "--crf", "--no-overlays", "--quiet"]
+    ok("predict", "-w", seg_ws, *args, "--crf-backend", "pydensecrf", "--out", "pydensecrf")
+    ok("predict", "-w", seg_ws, *args, "--crf-backend", "torch", "--out", "torch", "--batch-size", "3")
+    ids = Workspace.open(seg_ws).dataset().ids("val")
+    pairs = [[np.asarray(Image.open(seg_ws / "pred" / b / f"{i}.png")) for b in ("pydensecrf", "torch")] for i in ids]
+    assert np.mean([(a == b).mean() for a, b in pairs]) >= 0.995

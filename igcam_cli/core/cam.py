@@ -46,6 +46,16 @@ def pyramid_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
+def capped_size(size: tuple[int, int], max_side: int) -> tuple[int, int] | None:
+    """The size an H x W image is drawn at so that its longer side is at most `max_side` (aspect kept,
+    rounded, at least 1), or None when it already fits (or `max_side` is 0: no cap)."""
+    height, width = size
+    if max_side <= 0 or max(height, width) <= max_side:
+        return None
+    ratio = max_side / max(height, width)
+    return max(1, round(height * ratio)), max(1, round(width * ratio))
+
+
 def resize_bicubic_like_pil(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of uint8-valued float images (B x 3 x H x W, 0..255) the way PIL resizes uint8.
 

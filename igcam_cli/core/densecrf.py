@@ -1,7 +1,9 @@
-"""Fully connected CRF (Krähenbühl & Koltun) over CAM-derived scores, via pydensecrf.
+"""Fully connected CRF (Krähenbühl & Koltun) over CAM-derived scores: pydensecrf, or the same model in torch.
 
-pydensecrf comes from the ``pydensecrf2`` package, which imports as ``pydensecrf``.
-Labels are always the image's present classes plus background (L = K + 1), never all C classes.
+pydensecrf comes from the ``pydensecrf2`` package, which imports as ``pydensecrf``; ``backend="torch"``
+runs core/torch_crf.py instead (the same model and inference, batched, on any device; labels agree with
+pydensecrf's, tests/test_torch_crf.py). Labels are always the image's present classes plus background
+(L = K + 1), never all C classes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
+import torch
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-__all__ = ["CrfParams", "PRESETS", "background_score", "dense_crf", "crf_labels", "crf_refine"]
+from igcam_cli.core.torch_crf import dense_crf_batch
+
+__all__ = [
+    "BACKENDS",
+    "CrfParams",
+    "PRESETS",
+    "background_score",
+    "crf_labels",
+    "crf_probabilities",
+    "crf_refine",
+    "dense_crf",
+    "labels_from_marginals",
+]
+
+BACKENDS = ("pydensecrf", "torch")
 
 _EPS = 1e-5
 
@@ -67,10 +84,11 @@ def background_score(maps: np.ndarray, mode: str = "power", tau: float = 0.25, a
     raise ValueError(f"background mode must be 'constant' or 'power', got {mode!r}")
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.ndarray:
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams, backend: str = "pydensecrf") -> np.ndarray:
     """Run the CRF; image H x W x 3 uint8, probs L x H x W (sum 1 over L) -> marginals L x H x W float32.
 
     ``params.unary == "labels"`` uses only ``argmax(probs)``, trusted with ``params.gt_prob``.
+    ``backend="torch"`` runs torch_crf on the CPU (torch_crf.dense_crf_batch batches, on any device).
     """
     image = np.asarray(image)
     probs = np.asarray(probs)
@@ -87,6 +105,10 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
     n_labels, height, width = probs.shape
     if n_labels == 1:
         return np.ones(probs.shape, dtype=np.float32)
+    if backend == "torch":
+        return dense_crf_batch([torch.from_numpy(image)], [torch.from_numpy(probs)], params)[0].numpy()
+    if backend != "pydensecrf":
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
     if params.unary == "labels":
         unary = unary_from_labels(probs.argmax(axis=0), n_labels, gt_prob=params.gt_prob, zero_unsure=False)
@@ -112,16 +134,22 @@ def crf_labels(
     bg_alpha: float = 4.0,
     confidence: float | None = None,
     uncertain: tuple[float, float] | None = None,
+    backend: str = "pydensecrf",
 ) -> np.ndarray:
-    """H x W uint8 class-index label map from K x H x W maps of the present ``classes`` (K labels in 1..C).
+    """H x W uint8 class-index label map from K x H x W maps of the present ``classes`` (K labels in 1..C):
+    ``crf_probabilities``, ``dense_crf``, ``labels_from_marginals``. K == 0 gives all zeros."""
+    probs = crf_probabilities(maps, classes, bg_mode, bg_tau, bg_alpha)
+    if probs.shape[0] == 1:
+        return np.zeros(probs.shape[1:], dtype=np.uint8)
+    marginals = dense_crf(image, probs, params, backend)
+    return labels_from_marginals(marginals, maps, classes, confidence, uncertain)
 
-    Scores [background, maps...] are normalised per pixel into probabilities over the K + 1
-    labels (background, classes...), refined by ``dense_crf`` and arg-maxed. Pixels whose
-    largest marginal is below ``confidence`` become 255 (ignore), and so do pixels whose largest
-    map value lies strictly between ``uncertain = (low, high)``: neither confidently an object nor
-    confidently background (IRN's confident-foreground / confident-background split). K == 0 gives
-    all zeros.
-    """
+
+def crf_probabilities(
+    maps: np.ndarray, classes: np.ndarray, bg_mode: str = "power", bg_tau: float = 0.25, bg_alpha: float = 4.0
+) -> np.ndarray:
+    """(K + 1) x H x W probabilities over (background, classes...): the scores [background, maps...]
+    normalised per pixel."""
     maps = np.asarray(maps)
     classes = np.asarray(classes).reshape(-1)
     if maps.ndim != 3:
@@ -130,15 +158,25 @@ def crf_labels(
         raise ValueError(f"{maps.shape[0]} maps but {classes.shape[0]} class labels")
     if classes.size and (classes.min() < 1 or classes.max() > 254):
         raise ValueError(f"class labels must lie in 1..254, got {classes.tolist()}")
-    if maps.shape[0] == 0:
-        return np.zeros(maps.shape[1:], dtype=np.uint8)
-
     bg = background_score(maps, bg_mode, bg_tau, bg_alpha)
     scores = np.concatenate([bg[None], maps.astype(np.float32)], axis=0)
     scores = np.clip(scores, 0.0, None) + _EPS
-    probs = scores / scores.sum(axis=0, keepdims=True)
+    return scores / scores.sum(axis=0, keepdims=True)
 
-    marginals = dense_crf(image, probs, params)
+
+def labels_from_marginals(
+    marginals: np.ndarray,
+    maps: np.ndarray,
+    classes: np.ndarray,
+    confidence: float | None = None,
+    uncertain: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """The arg-max of the CRF's (K + 1) x H x W marginals as class indices. Pixels whose largest marginal
+    is below ``confidence`` become 255 (ignore), and so do pixels whose largest map value lies strictly
+    between ``uncertain = (low, high)``: neither confidently an object nor confidently background (IRN's
+    confident-foreground / confident-background split)."""
+    maps = np.asarray(maps)
+    classes = np.asarray(classes).reshape(-1)
     lookup = np.concatenate([[0], classes]).astype(np.uint8)  # CRF label l -> class index
     labels = lookup[marginals.argmax(axis=0)]
     if confidence is not None:
@@ -167,7 +205,9 @@ def ir_labels(
     return labels
 
 
-def crf_refine(image: np.ndarray, probs: np.ndarray, labels: np.ndarray, params: CrfParams) -> np.ndarray:
+def crf_refine(
+    image: np.ndarray, probs: np.ndarray, labels: np.ndarray, params: CrfParams, backend: str = "pydensecrf"
+) -> np.ndarray:
     """Refine a segmentation's probabilities: ``probs`` K x H x W over the label indices ``labels`` (K,
     e.g. the classes that win some pixel), renormalised per pixel, then the CRF and an arg-max.
 
@@ -179,5 +219,5 @@ def crf_refine(image: np.ndarray, probs: np.ndarray, labels: np.ndarray, params:
         raise ValueError(f"probs must be K x H x W for K = {labels.size} >= 1 labels, got shape {probs.shape}")
     probs = np.clip(probs, 0.0, None) + _EPS
     probs /= probs.sum(axis=0, keepdims=True)
-    marginals = dense_crf(image, probs, params)
+    marginals = dense_crf(image, probs, params, backend)
     return labels.astype(np.uint8)[marginals.argmax(axis=0)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from igcam_cli.errors import BadData
+
 
 @dataclass
 class Sample:
@@ -18,6 +20,25 @@ class Sample:
     image: np.ndarray  # H x W x 3, uint8, RGB
     labels: np.ndarray  # sorted int64 foreground class indices present (values in 1..C)
     mask: np.ndarray | None  # H x W uint8 (0 bg, k class k, 255 ignore), or None without GT
+
+
+@dataclass
+class Unreadable:
+    """What a `--skip-bad` run has in place of an image it could not read (picklable: it comes from
+    data-loader workers); `reason` is the BadData line."""
+
+    id: str
+    reason: str
+
+
+def load_or_skip(dataset: Dataset, image_id: str, skip_bad: bool, with_mask: bool = False) -> Sample | Unreadable:
+    """The image, or with `skip_bad` an Unreadable in place of the BadData its file raises."""
+    try:
+        return dataset.load(image_id, with_mask=with_mask)
+    except BadData as exc:
+        if not skip_bad:
+            raise
+        return Unreadable(image_id, str(exc))
 
 
 class Dataset(ABC):

@@ -38,6 +38,24 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def describe(device: torch.device) -> str:
+    """What computes a stage's numbers, as far as it moves them: float32 sums are reduced in another order
+    with another CPU thread count (CAMs differ in their last float16 bit between 1 and 2 threads), and CUDA
+    computes in bf16."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}), bf16 autocast"
+    threads = torch.get_num_threads()
+    return f"cpu, {threads} thread{'s' if threads != 1 else ''}, float32"
+
+
+def crf_backend(backend: str, device: torch.device) -> str:
+    """The dense CRF's backend for `auto`: torch on a GPU, pydensecrf's CPU processes otherwise (faster there:
+    benchmarks/README.md)."""
+    if backend == "auto":
+        return "torch" if device.type == "cuda" else "pydensecrf"
+    return backend
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a cluster job's allocation, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(workers: int | None) -> int:
+    """A stage's `workers` setting as a count: None means every available CPU."""
+    return available_cpus() if workers is None else workers
 
 
 class process_pool:

@@ -37,7 +37,7 @@ class StageLog:
 
     def __call__(self, message: str) -> None:
         if self.path is not None:
-            with open(self.path, "a") as fh:
+            with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:  # file names as they are
                 fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
         if not self.quiet:
             console.print(message, highlight=False, markup=False, soft_wrap=True)  # one line per message, never wrapped

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from igcam_cli.data.base import Unreadable, load_or_skip
 from igcam_cli.errors import BadData, StorageError, UsageError
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime.locks import OutputLock
@@ -70,8 +73,29 @@ def epoch_batches(
     resumed run sees the same order; `data.epoch` seeds its augmentation. Tracked in the stage log."""
     data.epoch = epoch
     order = np.random.default_rng([seed, epoch]).permutation(len(data)).tolist()
-    loader = train_loader(data, ddp.shard_indices(order), batch_size, workers, device)
+    indices = ddp.shard_indices(order)
+    if len(indices) % batch_size == 1:  # BatchNorm cannot train on a batch of one image (DeepLab's pooled branch)
+        indices.append(indices[0])  # the last batch gets a second image; the number of steps stays the same
+    loader = train_loader(data, indices, batch_size, workers, device)
     return log.track(loader, len(loader), f"epoch {epoch + 1}/{epochs}", unit="batch")
+
+
+def without_unreadable(dataset, ids: list[str], skip_bad: bool, log) -> tuple[list[str], dict[str, str]]:
+    """With `--skip-bad`, `ids` less the images that cannot be read, and those (id -> why). Every image is
+    decoded once before training, on threads, so each epoch and a resumed run see the same images."""
+    if not skip_bad:
+        return ids, {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as threads:
+        loaded = threads.map(lambda i: load_or_skip(dataset, i, True), ids)
+        skipped = {s.id: s.reason for s in loaded if isinstance(s, Unreadable)}
+    for image_id, reason in skipped.items():
+        log(f"skipped '{image_id}': {reason}")
+    return [i for i in ids if i not in skipped], skipped
+
+
+def skipped_field(unreadable: dict[str, str]) -> dict[str, Any]:
+    """The training record's `skipped` field: the images --skip-bad left out (none: no field)."""
+    return {"skipped": unreadable} if unreadable else {}
 
 
 def refuse_replacing(model_path: Path, resume: bool, force: bool) -> None:

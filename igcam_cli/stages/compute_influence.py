@@ -41,7 +41,7 @@ from igcam_cli.data.transforms import multi_hot, normalize, resize_long
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import CamClassifier, load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device
+from igcam_cli.runtime.devices import autocast, describe, memory_format, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
@@ -145,7 +145,7 @@ def run(
         "run": (cls_record or {}).get("id"),
         "sha256": model_sha,
     }
-    record = job.start(classifier=classifier)
+    record = job.start(describe(device), classifier=classifier)
     log(
         f"{STAGE} '{cfg.split}' shard {shard}: classifier round {round_} ({model_path}), hessian {cfg.hessian}, "
         f"damping {cfg.damping} ({cfg.damping_mode}), {len(layers)} tracked layers ({cfg.scope}), "

@@ -44,6 +44,7 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
 
     if cfg.artifact in MAP_KINDS:
         store = ws.complete_maps(cfg.artifact, cfg.split, ids)
+        ids, skipped = _scored(ids, store.skipped(), cfg)
         taus = _taus(cfg)
         fixed_tau = cfg.fixed_tau if cfg.fixed_tau is not None else _default_fixed_tau(cfg.artifact, store)
         confs = np.zeros((len(taus) + 1, n, n), dtype=np.int64)  # the sweep, then the fixed threshold
@@ -67,6 +68,7 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
             what, command = "predictions", ws.command("predict", cfg.split)
         else:
             labels, what, command = ws.pseudo(cfg.split), "pseudo-labels", ws.command("crf", cfg.split)
+        ids, skipped = _scored(ids, labels.skipped(), cfg)
         missing = [i for i in ids if i not in labels]
         if missing:
             raise MissingArtifact(
@@ -86,6 +88,12 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
         threshold = {"tau": None, "tuned_on": None, "curve": None, "fixed": {}}
 
     result = _result(cfg, scores(conf, names), names, threshold, len(ids), dataset, oracle, source_record)
+    result["skipped"] = len(skipped)
+    if skipped:
+        log(
+            f"evaluate: {len(skipped)} images of '{cfg.split}' left out: skipped as unreadable "
+            f"when {cfg.artifact} was made"
+        )
     cams_record = _cams_record(ws, source_record) or {}
     result["relabelled"] = int(cams_record.get("relabelled", 0))
     result["classifier_round"] = (cams_record.get("classifier") or {}).get("round")
@@ -109,6 +117,14 @@ def run(cfg: EvaluateConfig, ws: Workspace, opts: RunOptions) -> dict[str, Any]:
         print_result(result)
     log(f"wrote {json_path}")
     return result
+
+
+def _scored(ids: list[str], skipped: dict[str, str], cfg: EvaluateConfig) -> tuple[list[str], list[str]]:
+    """(the ids to score, those a --skip-bad run left out of the artifact)."""
+    left_out = [i for i in ids if i in skipped]
+    if left_out and len(left_out) == len(ids):
+        raise BadData(f"every image of split '{cfg.split}' was skipped as unreadable: nothing to evaluate")
+    return [i for i in ids if i not in skipped], left_out
 
 
 def _check_seg_source(ws: Workspace, split: str, record: dict | None, has_output: bool) -> None:
@@ -224,6 +240,8 @@ def describe(result: dict) -> str:
         extra += f", CAMs of classifier round {result['classifier_round']}"
     if result.get("relabelled"):
         extra += f", {result['relabelled']} images with labels suggested by compute-influence"
+    if result.get("skipped"):
+        extra += f", {result['skipped']} unreadable images skipped and not scored"
     if result.get("stale"):
         extra += ", STALE (a stage it was made from ran again since)"
     return (

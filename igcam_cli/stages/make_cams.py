@@ -6,19 +6,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io, map_stage
 from igcam_cli.config import MakeCamsConfig, RunOptions
-from igcam_cli.core.cam import normalize_cams, pyramid_cams
+from igcam_cli.core.cam import capped_size, normalize_cams, pyramid_cams, resize_bicubic_like_pil
 from igcam_cli.core.fusion import fuse
-from igcam_cli.data.base import Dataset
+from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.transforms import normalize_on_device
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device
+from igcam_cli.runtime.devices import autocast, describe, memory_format, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
@@ -40,14 +41,18 @@ class _Images(TorchDataset):
         ids: list[str],
         influence: MapStore | None = None,
         relabelled: dict[str, np.ndarray] | None = None,
+        skip_bad: bool = False,
     ):
         self.dataset, self.ids, self.influence, self.relabelled = dataset, ids, influence, relabelled or {}
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> _Item:
-        sample = self.dataset.load(self.ids[index], with_mask=False)
+    def __getitem__(self, index: int) -> _Item | Unreadable:
+        sample = load_or_skip(self.dataset, self.ids[index], self.skip_bad)
+        if isinstance(sample, Unreadable):
+            return sample
         influence = None
         if self.influence is not None:
             maps, classes, _ = influence_io.read_maps(self.influence, sample.id)
@@ -89,8 +94,12 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     influence_record = ws.latest("compute-influence", cfg.split) if influence is not None else None
     if influence_record:
         inputs[input_key("compute-influence", cfg.split)] = influence_record["id"]
-    job = map_stage.prepare(ws, "make-cams", cfg, store, cfg.split, split_ids, shard, force, inputs, log)
-    record = job.start(classifier=classifier, **({"relabelled": len(relabelled)} if relabelled else {}))
+    job = map_stage.prepare(
+        ws, "make-cams", cfg, store, cfg.split, split_ids, shard, force, inputs, log, skip_bad=opts.skip_bad
+    )
+    record = job.start(
+        describe(device), classifier=classifier, **({"relabelled": len(relabelled)} if relabelled else {})
+    )
     log(f"make-cams: classifier round {round_} ({model_path}, {chosen})")
     if relabelled:
         log(
@@ -100,13 +109,15 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
         )
     log(
         f"make-cams '{cfg.split}' shard {shard}: {job.progress}; scales {cfg.scales}, flip {cfg.flip}, "
-        f"influence fusion {cfg.influence_fusion}, device {device}"
+        f"influence fusion {cfg.influence_fusion}, longer side at most {cfg.max_side or 'as is'} px, device {device}"
     )
     with record:
         with store.writer(rank=shard.index, source="make-cams") as writer, torch.no_grad():
             for batch in log.track(
                 same_size_batches(
-                    _loader(dataset, job.todo, cfg, device, influence, relabelled), cfg.batch_size, _image_size
+                    job.readable(_loader(dataset, job.todo, cfg, device, influence, relabelled, opts.skip_bad)),
+                    cfg.batch_size,
+                    _image_size,
                 ),
                 total=-(-len(job.todo) // cfg.batch_size),
                 description="cams",
@@ -118,6 +129,10 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
 
 def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.device, writer) -> None:
     x = torch.stack([item.image for item in batch]).to(device, memory_format=memory_format(device))
+    size = (x.shape[-2], x.shape[-1])
+    drawn = capped_size(size, cfg.max_side)  # a large photo is drawn smaller, its maps upsampled
+    if drawn is not None:
+        x = resize_bicubic_like_pil(x.float(), drawn)
     with autocast(device):
         cams = pyramid_cams(model.cams, x, cfg.scales, cfg.flip, prepare=normalize_on_device)
         logits = model(normalize_on_device(x.float()))[0].float() if cfg.label_source == "predicted" else None
@@ -126,7 +141,12 @@ def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.d
             classes = np.asarray(item.labels, dtype=np.int64)
         else:
             classes = (torch.nonzero(torch.sigmoid(logits[b]) > cfg.predict_threshold).flatten() + 1).cpu().numpy()
-        maps = normalize_cams(cams[b, torch.as_tensor(classes - 1, dtype=torch.long, device=device)])
+        chosen = cams[b, torch.as_tensor(classes - 1, dtype=torch.long, device=device)]
+        if drawn is not None and len(classes):
+            chosen = F.interpolate(chosen[None], size=size, mode="bilinear", align_corners=False)[0]
+        elif drawn is not None:
+            chosen = chosen.new_zeros((0, *size))
+        maps = normalize_cams(chosen)
         if cfg.influence_fusion > 0 and len(classes):
             maps = fuse(maps, _influence_maps(item, classes), cfg.influence_fusion)
         writer.write(item.id, maps.cpu().numpy(), classes.astype(np.uint8))
@@ -181,8 +201,10 @@ def _loader(
     device: torch.device,
     influence: MapStore | None = None,
     relabelled: dict[str, np.ndarray] | None = None,
+    skip_bad: bool = False,
 ) -> DataLoader:
-    return image_loader(_Images(dataset, ids, influence, relabelled), cfg.batch_size, cfg.workers, device)
+    images = _Images(dataset, ids, influence, relabelled, skip_bad)
+    return image_loader(images, cfg.batch_size, cfg.workers, device)
 
 
 def _image_size(item: _Item) -> tuple[int, ...]:

@@ -10,29 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
 from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import map_stage, report
 from igcam_cli.config import PredictConfig, RunOptions
-from igcam_cli.core.cam import multiscale_cams
+from igcam_cli.core.cam import capped_size, multiscale_cams
 from igcam_cli.core.densecrf import PRESETS, crf_refine
-from igcam_cli.data.base import Dataset
+from igcam_cli.core.torch_crf import dense_crf_batch
+from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.folder import IMAGE_SUFFIXES, index_files
 from igcam_cli.data.imageio import read_image
 from igcam_cli.data.transforms import normalize
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.segmenter import Segmenter, load_segmenter
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, memory_format, place_model, resolve_device
+from igcam_cli.runtime.devices import autocast, crf_backend, describe, memory_format, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
-from igcam_cli.runtime.pool import map_ordered, process_pool
+from igcam_cli.runtime.pool import map_ordered, process_pool, worker_count
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import LabelStore, check_id
 from igcam_cli.workspace import Workspace, input_key
@@ -48,27 +49,35 @@ class _Item:
 
 
 class _SplitImages(TorchDataset):
-    def __init__(self, dataset: Dataset, ids: list[str]):
-        self.dataset, self.ids = dataset, ids
+    def __init__(self, dataset: Dataset, ids: list[str], skip_bad: bool):
+        self.dataset, self.ids, self.skip_bad = dataset, ids, skip_bad
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> _Item:
-        image = self.dataset.load(self.ids[index], with_mask=False).image
-        return _Item(self.ids[index], image, normalize(image))
+    def __getitem__(self, index: int) -> _Item | Unreadable:
+        sample = load_or_skip(self.dataset, self.ids[index], self.skip_bad)
+        if isinstance(sample, Unreadable):
+            return sample
+        return _Item(self.ids[index], sample.image, normalize(sample.image))
 
 
 class _FolderImages(TorchDataset):
-    def __init__(self, files: dict[str, Path], ids: list[str]):
-        self.files, self.ids = files, ids
+    def __init__(self, files: dict[str, Path], ids: list[str], skip_bad: bool):
+        self.files, self.ids, self.skip_bad = files, ids, skip_bad
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> _Item:
-        image = read_image(self.files[self.ids[index]])  # BadData naming the file when unreadable
-        return _Item(self.ids[index], image, normalize(image))
+    def __getitem__(self, index: int) -> _Item | Unreadable:
+        image_id = self.ids[index]
+        try:
+            image = read_image(self.files[image_id])  # BadData naming the file when unreadable
+        except BadData as exc:
+            if not self.skip_bad:
+                raise
+            return Unreadable(image_id, str(exc))
+        return _Item(image_id, image, normalize(image))
 
 
 def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(), force: bool = False) -> int:
@@ -102,24 +111,27 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
         f"pred/{name}",
         remedy,
         also_delete=functools.partial(_overlay_path, store),
+        skip_bad=opts.skip_bad,
     )
 
     provenance = {key: bool(meta.get(key) or (seg_record or {}).get(key)) for key in ("oracle", "upper_bound")}
     provenance["labels"] = meta.get("labels", "pseudo")
-    record = job.start(**provenance)
+    record = job.start(describe(device), workers=worker_count(cfg.workers), **provenance)
     place_model(model, device).eval()
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
-    crf = f"CRF ({cfg.preset}, {cfg.workers} worker(s))" if cfg.crf else "no CRF"
+    workers, backend = worker_count(cfg.workers), crf_backend(cfg.crf_backend, device)
+    where = f"torch on {device}" if backend == "torch" else f"pydensecrf, {workers} worker(s)"
+    crf = f"CRF ({cfg.preset}, {where})" if cfg.crf else "no CRF"
     log(
         f"predict {what} -> pred/{name} shard {shard}: {job.progress}; "
         f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
         + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else "")
     )
     with record:
-        loader = image_loader(make_images(job.todo), cfg.batch_size, cfg.workers, device)
-        with process_pool(cfg.workers if cfg.crf else 0) as pool, torch.no_grad():
+        loader = job.readable(image_loader(make_images(job.todo, opts.skip_bad), cfg.batch_size, workers, device))
+        with process_pool(workers if cfg.crf and backend == "pydensecrf" else 0) as pool, torch.no_grad():
             predictions = _probabilities(loader, model, cfg, device)
-            for item, label in log.track(_labels(predictions, cfg, pool), len(job.todo), "predict"):
+            for item, label in log.track(_labels(predictions, cfg, pool, workers, backend), len(job.todo), "predict"):
                 if cfg.overlays:
                     report.write_overlay(_overlay_path(store, item.id), item.image, label)
                 store.write(item.id, label)  # last: a PNG marks the image done
@@ -133,14 +145,14 @@ def _check(cfg: PredictConfig) -> None:
 
 def _source(
     cfg: PredictConfig, dataset: Dataset
-) -> tuple[list[str], Callable[[list[str]], TorchDataset], PredictConfig, str]:
-    """(ids, ids -> torch Dataset of _Items, cfg with `out` and an absolute `images` filled in, `out`)."""
+) -> tuple[list[str], Callable[[list[str], bool], TorchDataset], PredictConfig, str]:
+    """(ids, (ids, skip_bad) -> torch Dataset of _Items, cfg with `out` and an absolute `images` filled in, `out`)."""
     if cfg.split is not None:
         if cfg.split not in dataset.splits():
             raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
         ids = dataset.ids(cfg.split)
         out = _out_name(cfg.out or cfg.split)
-        return ids, lambda todo: _SplitImages(dataset, todo), dataclasses.replace(cfg, out=out), out
+        return ids, lambda todo, skip: _SplitImages(dataset, todo, skip), dataclasses.replace(cfg, out=out), out
     assert cfg.images is not None  # _check: exactly one of split and images
     folder = Path(cfg.images).expanduser()
     if not folder.is_dir():
@@ -152,7 +164,7 @@ def _source(
     out = _out_name(cfg.out or folder.name)
     return (
         list(files),
-        lambda todo: _FolderImages(files, todo),
+        lambda todo, skip: _FolderImages(files, todo, skip),
         dataclasses.replace(cfg, images=str(folder), out=out),
         out,
     )
@@ -170,7 +182,7 @@ def _overlay_path(store: LabelStore, image_id: str) -> Path:
 
 
 def _probabilities(
-    loader: DataLoader, model: Segmenter, cfg: PredictConfig, device: torch.device
+    loader: Iterable[_Item], model: Segmenter, cfg: PredictConfig, device: torch.device
 ) -> Iterator[tuple[list[_Item], torch.Tensor]]:
     """(items, B x L x H x W probabilities averaged over scales and flips), batching images of one size."""
     passes = len(cfg.scales) * (2 if cfg.flip else 1)
@@ -182,18 +194,39 @@ def _probabilities(
 
     for batch in same_size_batches(loader, cfg.batch_size, lambda item: tuple(item.x.shape)):
         x = torch.stack([item.x for item in batch]).to(device, memory_format=memory_format(device))
-        yield batch, multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
+        size = (x.shape[-2], x.shape[-1])
+        drawn = capped_size(size, cfg.max_side)  # a large photo is predicted smaller, then upsampled
+        if drawn is not None:
+            x = F.interpolate(x, size=drawn, mode="bilinear", align_corners=False)
+        probs = multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
+        if drawn is not None:
+            probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        yield batch, probs
 
 
 def _labels(
-    predictions: Iterator[tuple[list[_Item], torch.Tensor]], cfg: PredictConfig, pool
+    predictions: Iterator[tuple[list[_Item], torch.Tensor]], cfg: PredictConfig, pool, workers: int, backend: str
 ) -> Iterator[tuple[_Item, np.ndarray]]:
-    """(item, H x W uint8 label map): the arg-max, or the CRF over the classes that win some pixel."""
+    """(item, H x W uint8 label map): the arg-max, or the CRF over the classes that win some pixel (`backend`
+    torch: the batch in one pass on the probabilities' device; pydensecrf: each image in the CPU `pool`)."""
     if not cfg.crf:
         for batch, probs in predictions:
             yield from zip(batch, probs.argmax(1).to(torch.uint8).cpu().numpy())  # one transfer per batch
         return
     params = PRESETS[cfg.preset]
+    if backend == "torch":
+        for batch, probs in predictions:
+            present = [torch.unique(w) for w in probs.argmax(1)]
+            chosen = [(p[labels].clamp_min(0) + 1e-5) for p, labels in zip(probs, present)]  # as crf_refine
+            marginals = dense_crf_batch(
+                [torch.from_numpy(item.image) for item in batch],
+                [c / c.sum(0, keepdim=True) for c in chosen],
+                params,
+                probs.device,
+            )
+            for item, labels, m in zip(batch, present, marginals):
+                yield item, labels.to(torch.uint8)[m.argmax(0)].cpu().numpy()
+        return
 
     def jobs():
         for batch, probs in predictions:
@@ -202,4 +235,4 @@ def _labels(
                 present = torch.unique(w)
                 yield item, (item.image, p[present].cpu().numpy(), present.cpu().numpy(), params)
 
-    yield from map_ordered(pool, crf_refine, jobs(), ahead=2 * max(1, cfg.workers))
+    yield from map_ordered(pool, crf_refine, jobs(), ahead=2 * max(1, workers))

@@ -23,14 +23,15 @@ from igcam_cli.core.cam import normalize_cams, strided_cams
 from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
 from igcam_cli.core.random_walk import random_walk, walk_to_maps
-from igcam_cli.data.base import Dataset
+from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.transforms import normalize_on_device
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.boundary_net import BoundaryNet, load_boundary_net
 from igcam_cli.models.classifier import CamClassifier, load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
-from igcam_cli.runtime.devices import autocast, place_model, resolve_device
+from igcam_cli.runtime.devices import autocast, describe, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
+from igcam_cli.runtime.pool import worker_count
 from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace, input_key
@@ -49,17 +50,19 @@ class RefineItem:
 class _Guided(TorchDataset):
     """Loads an image and its CAMs and applies instance guidance (in a worker process)."""
 
-    def __init__(self, dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig):
-        self.dataset, self.cams, self.ids, self.cfg = dataset, cams, ids, cfg
+    def __init__(self, dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, skip_bad: bool = False):
+        self.dataset, self.cams, self.ids, self.cfg, self.skip_bad = dataset, cams, ids, cfg, skip_bad
         self.params = guidance_params(cfg)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> RefineItem:
+    def __getitem__(self, index: int) -> RefineItem | Unreadable:
         image_id = self.ids[index]
         record = self.cams.read(image_id)
-        sample = self.dataset.load(image_id, with_mask=self.cfg.guidance == "gt")
+        sample = load_or_skip(self.dataset, image_id, self.skip_bad, with_mask=self.cfg.guidance == "gt")
+        if isinstance(sample, Unreadable):
+            return sample
         if sample.image.shape[:2] != record.maps.shape[1:]:
             raise BadData(
                 f"cams of '{image_id}' are {record.maps.shape[2]}x{record.maps.shape[1]} but the image is "
@@ -135,8 +138,21 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
         walker.to(device).eval()
         strided = _strided_cams(ws, cams_record or {}, device) if cfg.method == "irn" else None
     igcam = cfg.method != "irn"
-    job = map_stage.prepare(ws, "refine", recorded, store, cfg.split, split_ids, shard, force, inputs, log)
-    record = job.start(oracle=oracle)
+    job = map_stage.prepare(
+        ws,
+        "refine",
+        recorded,
+        store,
+        cfg.split,
+        split_ids,
+        shard,
+        force,
+        inputs,
+        log,
+        skip_bad=opts.skip_bad,
+        upstream=cams,
+    )
+    record = job.start(describe(device), oracle=oracle, workers=worker_count(cfg.workers))
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
@@ -149,7 +165,8 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     with record:
         with store.writer(rank=shard.index, source="refine", attrs=attrs) as writer:
             todo = job.todo
-            batches = same_size_batches(_loader(dataset, cams, todo, cfg, device), cfg.batch_size, _image_size)
+            items = job.readable(_loader(dataset, cams, todo, cfg, device, opts.skip_bad))
+            batches = same_size_batches(items, cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 refined = boundary_batch(batch, cfg.boundary, params, device)
                 if walker is not None:
@@ -250,8 +267,10 @@ def boundary_batch(
     return [out[b, : len(item.classes)] for b, item in enumerate(batch)]
 
 
-def _loader(dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, device: torch.device) -> DataLoader:
-    return image_loader(_Guided(dataset, cams, ids, cfg), cfg.batch_size, cfg.workers, device)
+def _loader(
+    dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, device: torch.device, skip_bad: bool
+) -> DataLoader:
+    return image_loader(_Guided(dataset, cams, ids, cfg, skip_bad), cfg.batch_size, worker_count(cfg.workers), device)
 
 
 def _image_size(item: RefineItem) -> tuple[int, ...]:

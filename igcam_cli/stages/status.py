@@ -53,10 +53,12 @@ def _row(ws: Workspace, dataset, stage: str, split: str | None, shard: str | Non
         state, detail = "killed", f"process {record['pid']} is gone"
     elif state == "failed":
         detail = record.get("error", "")
-    elif state == "done" and covered is not None and covered[0] < covered[1]:
+    elif state == "done" and covered is not None and covered[0] + covered[1] < covered[2]:
         state = "partial"
     if covered is not None and state != "stale":
-        detail = "; ".join(part for part in (f"{covered[0]} of {covered[1]} images", detail) if part)
+        done, skipped, total = covered
+        images = f"{done} of {total} images" + (f", {skipped} skipped as unreadable" if skipped else "")
+        detail = "; ".join(part for part in (images, detail) if part)
     if not detail:
         detail = ", ".join(f"{k} {_fmt(v)}" for k, v in record.get("metrics", {}).items())
     return {
@@ -70,12 +72,14 @@ def _row(ws: Workspace, dataset, stage: str, split: str | None, shard: str | Non
     }
 
 
-def _coverage(ws: Workspace, dataset, stage: str, split: str | None) -> tuple[int, int] | None:
-    """(images done, images of the split) of a map stage's output, now; None where the split is not the dataset's."""
+def _coverage(ws: Workspace, dataset, stage: str, split: str | None) -> tuple[int, int, int] | None:
+    """(images done, images skipped as unreadable, images of the split) of a map stage's output, now; None where
+    the split is not the dataset's."""
     if split is None or split not in dataset.splits():
         return None
     ids = set(dataset.ids(split))
-    return len(ws.outputs(BY_NAME[stage].writes or "", split).ids() & ids), len(ids)
+    store = ws.outputs(BY_NAME[stage].writes or "", split)
+    return len(store.ids() & ids), len(set(store.skipped()) & ids), len(ids)
 
 
 def _next_command(ws: Workspace, stage: str, split: str | None, shard: str | None, state: str, record: dict) -> str:

@@ -96,6 +96,10 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     val_ids = dataset.ids(cfg.val_split) if cfg.val_split in dataset.splits() else []
     if cfg.val_split and not val_ids:
         log(f"train-cls: no validation: the dataset has no split '{cfg.val_split}' ({', '.join(dataset.splits())})")
+    ids, skipped = training.without_unreadable(dataset, ids, opts.skip_bad, log)
+    val_ids, val_skipped = training.without_unreadable(dataset, val_ids, opts.skip_bad, log)
+    if not ids:
+        raise BadData(f"split '{cfg.split}': no image can be read")
 
     weights, relabelled, influence_record = _sample_weights(cfg, ws, ids, log)
     schedule = _schedule(cfg)
@@ -186,6 +190,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
             round=cfg.round,
             classifier={"round": cfg.round, "path": str(model_path.relative_to(ws.root))},
             inputs=inputs,
+            **training.skipped_field(skipped | val_skipped),
         )
         if ddp.is_main()
         else None

@@ -23,7 +23,7 @@ from igcam_cli import map_stage
 from igcam_cli.config import RunOptions, TrainIrnConfig, result_settings, to_dict
 from igcam_cli.core.densecrf import ir_labels
 from igcam_cli.core.random_walk import affinity_pair_labels, downsample_ir_labels, path_offsets
-from igcam_cli.data.base import Dataset
+from igcam_cli.data.base import Dataset, Unreadable
 from igcam_cli.data.transforms import seg_train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.boundary_net import BoundaryNet, boundary_net_loss
@@ -70,6 +70,8 @@ def run(cfg: TrainIrnConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         raise BadData(f"dataset has no split '{cfg.split}' (splits: {', '.join(dataset.splits())})")
     ids = dataset.ids(cfg.split)
     cams = ws.complete_maps("cams", cfg.split, ids)
+    skipped = cams.skipped()  # images a make-cams --skip-bad run could not read
+    ids = [i for i in ids if i not in skipped]
     cams_record = ws.require_done("make-cams", cfg.split, what=f"cams for split '{cfg.split}'")
     training.refuse_replacing(ws.model_path("irn"), train.resume, train.force)
     labels = _ir_labels(ws, cfg, dataset, cams, ids, cams_record["id"], log)
@@ -199,5 +201,7 @@ def _ir_labels(
 
 
 def _ir_jobs(dataset: Dataset, cams: MapStore, ids: list[str], cfg: TrainIrnConfig) -> Iterator[tuple]:
-    for image_id, image, record in map_stage.images_with_maps(dataset, cams, ids, "cams"):
+    for item in map_stage.images_with_maps(dataset, cams, ids, "cams"):
+        assert not isinstance(item, Unreadable)  # only a skip_bad reader yields them
+        image_id, image, record = item
         yield image_id, (image, record.maps, record.classes, cfg.fg_threshold, cfg.bg_threshold)

@@ -95,7 +95,14 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if not ids:
         raise BadData(f"split '{cfg.split}' has no images")
     labels, crf_record = _label_source(cfg, ws, dataset, ids)
-    val_ids = _val_ids(cfg, dataset, log)
+    skipped = labels.skipped() if labels is not None else {}
+    if skipped:  # crf --skip-bad left them out: they have no pseudo-label
+        ids = [i for i in ids if i not in skipped]
+        log(f"train-seg: {len(skipped)} images of '{cfg.split}' were skipped as unreadable by crf; trains without them")
+    ids, unreadable = training.without_unreadable(dataset, ids, opts.skip_bad, log)
+    val_ids, val_unreadable = training.without_unreadable(dataset, _val_ids(cfg, dataset, log), opts.skip_bad, log)
+    if not ids:
+        raise BadData(f"split '{cfg.split}': no image can be read")
 
     device = ddp.device(resolve_device(opts.device))
     seed_everything(opts.seed)
@@ -159,7 +166,15 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
 
     lock = training.lock_model(model_path)  # before the record: a refused run leaves none
     record = (
-        ws.start("train-seg", to_dict(cfg), seed=opts.seed, device=str(device), inputs=inputs, **provenance)
+        ws.start(
+            "train-seg",
+            to_dict(cfg),
+            seed=opts.seed,
+            device=str(device),
+            inputs=inputs,
+            **provenance,
+            **training.skipped_field(unreadable | val_unreadable),
+        )
         if ddp.is_main()
         else None
     )
@@ -241,7 +256,7 @@ def _label_source(
             raise BadData(f"--labels gt: split '{cfg.split}' lacks ground-truth masks ({dataset.gt_source})")
         return None, None
     store = ws.pseudo(cfg.split)
-    have = store.ids()
+    have = store.ids() | set(store.skipped())
     missing = [i for i in ids if i not in have]
     if missing:
         state = "missing" if len(missing) == len(ids) else f"missing for {len(missing)} of {len(ids)} images"

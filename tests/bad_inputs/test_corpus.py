@@ -1,5 +1,6 @@
-"""The bad-input corpus, for the voc and folder adapters (coco's cases are in tests/test_coco.py): every kind of
-image file a user may have, each either read correctly or refused in one line naming the file.
+"""The bad-input corpus, for the voc, folder and coco adapters (coco's annotation files: tests/test_coco.py; image
+sizes from 1 x 1 to a large photo: test_image_sizes.py): every kind of image file a user may have, each either
+read correctly or refused in one line naming the file.
 
 Documented behaviour: CMYK, greyscale, greyscale + alpha, RGBA, palette and 1-bit images are read as RGB (alpha is
 dropped, not composited); 16-bit greyscale keeps its grey levels; truncated, empty and non-image files are BadData
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import assert_error, build_voc, igcam, write_palette_png
+from igcam_cli.data.coco import CocoDataset
 from igcam_cli.data.folder import FolderDataset
 from igcam_cli.data.voc import VocDataset
 from igcam_cli.errors import BadData
@@ -48,11 +50,29 @@ def _folder(tmp_path: Path, files: dict[str, bytes], labels: bytes | None = None
     return root
 
 
+def _coco(tmp_path: Path, name: str, data: bytes) -> tuple[CocoDataset, Path]:
+    """A COCO 2014 layout whose one train image is `name` holding `data` (6 x 5 in the JSON)."""
+    from test_coco import write_instances
+
+    root = tmp_path / "coco"
+    entry = {"id": 1, "file_name": name, "height": 5, "width": 6}
+    box = {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]], "iscrowd": 0}
+    write_instances(root, "train", {"images": [entry], "annotations": [box], "categories": [{"id": 1, "name": "cat"}]})
+    (root / "train2014").mkdir(parents=True)
+    (root / "train2014" / name).write_bytes(data)
+    return CocoDataset(root), root / "train2014" / name
+
+
 @pytest.mark.parametrize("mode", ["CMYK", "L", "LA", "RGBA", "P", "1"])
-def test_every_image_mode_is_read_as_rgb(tmp_path, mode):
+@pytest.mark.parametrize("adapter", ["folder", "coco"])
+def test_every_image_mode_is_read_as_rgb(tmp_path, mode, adapter):
     suffix = ".jpg" if mode == "CMYK" else ".png"
-    dataset = FolderDataset(_folder(tmp_path, {f"a{suffix}": _image_bytes(mode)}), ["cat"])
-    image = dataset.load("a", with_mask=False).image
+    if adapter == "folder":
+        dataset, image_id = FolderDataset(_folder(tmp_path, {f"a{suffix}": _image_bytes(mode)}), ["cat"]), "a"
+    else:
+        dataset, _ = _coco(tmp_path, f"COCO_train2014_000000000001{suffix}", _image_bytes(mode))
+        image_id = dataset.ids("train")[0]
+    image = dataset.load(image_id, with_mask=False).image
     assert image.shape == (5, 6, 3) and image.dtype == np.uint8
     expected = np.asarray(Image.new("RGB", (6, 5), RED).convert(mode).convert("RGB"), dtype=np.int32)
     if mode == "P":  # an adaptive palette keeps the colour itself
@@ -69,9 +89,12 @@ def test_every_image_mode_is_read_as_rgb(tmp_path, mode):
         (b"id,labels\nthis is text, not an image\n", "text"),
     ],
 )
-@pytest.mark.parametrize("adapter", ["folder", "voc"])
+@pytest.mark.parametrize("adapter", ["folder", "voc", "coco"])
 def test_a_broken_image_file_is_bad_data_naming_it(tmp_path, content, why, adapter):
-    if adapter == "folder":
+    if adapter == "coco":
+        dataset, path = _coco(tmp_path, "COCO_train2014_000000000001.jpg", content)
+        image_id = dataset.ids("train")[0]
+    elif adapter == "folder":
         root = _folder(tmp_path, {"good.png": _image_bytes("RGB"), "bad.jpg": content})
         dataset, path = FolderDataset(root, ["cat"]), root / "images" / "bad.jpg"
         image_id = "bad"
