@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-import torch
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
-
-from igcam_cli.core.torch_crf import dense_crf_batch
 
 __all__ = [
     "BACKENDS",
@@ -105,7 +102,11 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams, backend: 
     n_labels, height, width = probs.shape
     if n_labels == 1:
         return np.ones(probs.shape, dtype=np.float32)
-    if backend == "torch":
+    if backend == "torch":  # imported here: the CPU pool's workers need only pydensecrf, and start faster without torch
+        import torch
+
+        from igcam_cli.core.torch_crf import dense_crf_batch
+
         return dense_crf_batch([torch.from_numpy(image)], [torch.from_numpy(probs)], params)[0].numpy()
     if backend != "pydensecrf":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -50,6 +50,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def process_batch(batch_size: int, smallest: int = 1) -> int:
+    """Each process's share of the configured batch, so that the effective batch under torchrun is the
+    configured one (gradients are averaged across processes). UsageError where it does not divide."""
+    world = world_size()
+    if batch_size % world or batch_size // world < smallest:
+        raise UsageError(
+            f"--batch-size {batch_size} cannot be shared by {world} processes "
+            f"(each needs {smallest} or more images and the same number): use a multiple of {world}"
+        )
+    return batch_size // world
+
+
 def local_device(default):
     """Under torchrun with CUDA, the GPU of this process's LOCAL_RANK; `default` otherwise."""
     import torch

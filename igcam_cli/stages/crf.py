@@ -72,7 +72,8 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
                 labels.write(image_id, label)
         else:
             with process_pool(workers) as pool:  # images are read here, a few ahead of the workers
-                results = map_ordered(pool, _crf_job, _jobs(images, params, cfg, alpha), ahead=2 * max(1, workers))
+                # crf_labels itself goes to the workers: they import core/densecrf.py alone, not torch
+                results = map_ordered(pool, crf_labels, _jobs(images, params, cfg, alpha), ahead=2 * max(1, workers))
                 for image_id, label in log.track(results, len(job.todo), "crf"):
                     labels.write(image_id, label)
         return job.finish()
@@ -115,19 +116,15 @@ def _jobs(images: Iterable[tuple], params: CrfParams, cfg: CrfConfig, alpha: flo
         uncertain = tuple(cfg.ignore_between) if cfg.ignore_between else None
         yield (
             image_id,
-            (image, record.maps, record.classes, params, cfg.bg_mode, cfg.bg_tau, alpha, cfg.confidence, uncertain),
+            (
+                image,
+                record.maps,
+                record.classes,
+                params,
+                cfg.bg_mode,
+                cfg.bg_tau,
+                alpha,
+                cfg.confidence or None,
+                uncertain,
+            ),
         )
-
-
-def _crf_job(image, maps, classes, params, bg_mode, bg_tau, bg_alpha, confidence, uncertain) -> np.ndarray:
-    return crf_labels(
-        image,
-        maps,
-        classes,
-        params,
-        bg_mode=bg_mode,
-        bg_tau=bg_tau,
-        bg_alpha=bg_alpha,
-        confidence=confidence or None,
-        uncertain=uncertain,
-    )

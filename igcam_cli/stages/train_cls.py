@@ -159,7 +159,8 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         relabelled={r.id: influence_io.class_list(r.suggested, dataset.num_classes) for r in relabelled or []},
     )
     prior = class_prior_loss(torch.stack([train_data.target(i) for i in range(len(ids))]).numpy(), weights)
-    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
+    batch = ddp.process_batch(cfg.batch_size)
+    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // batch)
     check_at = {schedule.epochs, max(LEARNED_CHECK_EPOCHS, -(-LEARNED_CHECK_STEPS // steps_per_epoch))}
     total_steps = max(1, steps_per_epoch * schedule.epochs)
     # at most a quarter of the run: a short run (a test's single epoch) would otherwise never reach its lr
@@ -167,7 +168,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     how = "" if cfg.round == 1 else f", fine-tuning round {cfg.round - 1}'s model at lr {schedule.lr:g}"
     log(
         f"train-cls: {cfg.backbone} ({cfg.pretrained}), {len(ids)} images of '{cfg.split}', "
-        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
+        f"{schedule.epochs} epochs{how}, batch {cfg.batch_size} ({batch} x {ddp.world_size()} process(es)), "
         f"crop {_crop_said(cfg)}, device {device}"
     )
 
@@ -201,7 +202,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, schedule.epochs):
                 batches = training.epoch_batches(
-                    train_data, epoch, schedule.epochs, opts.seed, cfg.batch_size, cfg.workers, device, log
+                    train_data, epoch, schedule.epochs, opts.seed, batch, cfg.workers, device, log
                 )
                 net.train()
                 loss, step = training.fit_epoch(

@@ -122,7 +122,8 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         "upper_bound": cfg.labels == "gt",
         "oracle": bool((crf_record or {}).get("oracle", False)),
     }
-    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // cfg.batch_size)
+    batch = ddp.process_batch(cfg.batch_size, smallest=2)  # BatchNorm cannot train on one image
+    steps_per_epoch = -(-len(ddp.shard_indices(len(ids))) // batch)
     epochs = run_epochs(cfg, steps_per_epoch)
     ws.seg_dir.mkdir(parents=True, exist_ok=True)
     last_path, model_path = ws.seg_dir / "last.pt", ws.seg_dir / "model.pt"
@@ -153,7 +154,8 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         log("ORACLE: these pseudo-labels come from GT-guided maps (refine --guidance gt); not weakly supervised")
     log(
         f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
-        f"{_epochs_said(cfg, epochs, steps_per_epoch)}, batch {cfg.batch_size} x {ddp.world_size()} process(es), "
+        f"{_epochs_said(cfg, epochs, steps_per_epoch)}, "
+        f"batch {cfg.batch_size} ({batch} x {ddp.world_size()} process(es)), "
         f"crop {cfg.crop}, device {device}"
         + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else "")
     )
@@ -183,9 +185,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, epochs):
                 torch.manual_seed(_epoch_seed(opts.seed, epoch))  # dropout in the ASPP head, loader seeds
-                batches = training.epoch_batches(
-                    train_data, epoch, epochs, opts.seed, cfg.batch_size, cfg.workers, device, log
-                )
+                batches = training.epoch_batches(train_data, epoch, epochs, opts.seed, batch, cfg.workers, device, log)
                 net.train()
                 loss, step = training.fit_epoch(batches, optimizer, base_lrs, step, total_steps, loss_of)
                 metrics = {"epoch": epoch + 1, "train_loss": loss}

@@ -1,0 +1,55 @@
+"""torchrun on the CPU: train-cls with DDP over 2 gloo processes (the configured batch shared between them), then
+make-cams sharded by rank, whose maps equal a single process's."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cli_helpers import CAMS, TRAIN, init_synthetic, ok, with_option
+from igcam_cli.store import MapStore
+from igcam_cli.workspace import Workspace
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def torchrun(*args, cwd) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "igcam_cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_train_cls_and_make_cams_under_torchrun(tmp_path):
+    ws = init_synthetic(tmp_path / "ws")
+    trained = torchrun("train-cls", "-w", ws, *TRAIN, "--quiet", cwd=tmp_path)
+    assert (ws / "cls" / "model.pt").is_file()
+    log = (ws / "logs" / "train-cls.log").read_text()
+    assert "batch 4 (2 x 2 process(es))" in log, trained.stdout
+    assert [r["status"] for r in Workspace.open(ws).records()] == ["done"]  # one record, from rank 0
+
+    torchrun("make-cams", "-w", ws, "--split", "train", *CAMS, cwd=tmp_path)
+    cams = MapStore(ws / "cams" / "train")
+    assert {p.name for p in cams.parts()} == {"part-r0-00000.h5", "part-r1-00000.h5"}
+    single = shutil.copytree(ws, tmp_path / "single")
+    ok("make-cams", "-w", single, "--split", "train", *CAMS, "--force", "--quiet")
+    alone = MapStore(single / "cams" / "train")
+    assert cams.ids() == alone.ids() == set(Workspace.open(ws).dataset().ids("train"))
+    for image_id in cams.ids():
+        np.testing.assert_allclose(cams.read(image_id).maps, alone.read(image_id).maps, atol=2e-3, rtol=0)
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
+    ws = init_synthetic(tmp_path / "ws")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "igcam_cli", "train-cls", "-w", str(ws), *with_option(TRAIN, "--batch-size", "3")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode != 0
+    assert "igcam: error: --batch-size 3 cannot be shared by 2 processes" in result.stderr  # one line per rank
