@@ -12,11 +12,11 @@ of pixels whose label the torch CRF gives as pydensecrf does.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import timed_call  # benchmarks/, on the path when run as a script
 
 from igcam_cli.core.densecrf import PRESETS, dense_crf
 from igcam_cli.core.torch_crf import dense_crf_batch
@@ -36,16 +36,6 @@ def scene(seed: int, height: int, width: int, n_labels: int) -> tuple[np.ndarray
     return image, probs
 
 
-def timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -61,14 +51,14 @@ def main() -> None:
     scenes = [scene(i, height, width, args.labels) for i in range(args.images)]
     cores = available_cpus()
 
-    one_core, reference = timed(lambda: [dense_crf(image, probs, params) for image, probs in scenes], device)
+    one_core, reference = timed_call(lambda: [dense_crf(image, probs, params) for image, probs in scenes], device)
 
     def pool_run():
         with process_pool(cores) as pool:
             jobs = ((i, (image, probs, params)) for i, (image, probs) in enumerate(scenes))
             return [m for _, m in map_ordered(pool, dense_crf, jobs, ahead=2 * cores)]
 
-    all_cores, _ = timed(pool_run, device)
+    all_cores, _ = timed_call(pool_run, device)
 
     def torch_run():
         out = []
@@ -79,8 +69,8 @@ def main() -> None:
             out += [m.cpu().numpy() for m in dense_crf_batch(images, probs, params, device)]
         return out
 
-    timed(lambda: torch_run() if device.type == "cuda" else None, device)  # warm-up (CUDA kernels)
-    on_device, marginals = timed(torch_run, device)
+    timed_call(lambda: torch_run() if device.type == "cuda" else None, device)  # warm-up (CUDA kernels)
+    on_device, marginals = timed_call(torch_run, device)
     agree = np.mean([(m.argmax(0) == r.argmax(0)).mean() for m, r in zip(marginals, reference)])
 
     n = len(scenes)

@@ -10,10 +10,10 @@ time. On a GPU igcam also uses bf16 autocast and channels_last.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import timed  # benchmarks/, on the path when run as a script
 
 from igcam_cli.core.cam import multiscale_cams
 from igcam_cli.models.classifier import CamClassifier
@@ -44,16 +44,6 @@ def igcam(model, images: torch.Tensor, batch: int, device) -> torch.Tensor:
         with autocast(device):
             out.append(multiscale_cams(model.cams, x, SCALES, flip=True))
     return torch.cat(out)
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timing import timed  # benchmarks/, on the path when run as a script
 
 from igcam_cli.config import RunOptions, to_dict
 from igcam_cli.core.cam import normalize_cams, pyramid_size
@@ -57,16 +57,6 @@ def write_dataset(root: Path, n: int, width: int, height: int) -> None:
         Image.fromarray(image).save(root / "images" / f"img{i:05d}.jpg", quality=90)
         rows.append(f"img{i:05d},{' '.join(present)}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def classic_cams(ws, model: CamClassifier, device: torch.device) -> None:
