@@ -160,7 +160,7 @@ def _per_image(ws: Workspace, opts: RunOptions, stage: str, cfg: Any, split: str
         stage,
         split,
         cfg,
-        lambda: _covers(_accounted(ws.outputs(artifact, split)), ids),
+        lambda: _covers(_accounted(ws.outputs(artifact, split), opts.skip_bad), ids),
         lambda force: run(cfg, ws, opts, force=force),
     )
 
@@ -240,9 +240,10 @@ def _value(record: dict, key: str, config: Any) -> Any:
     return record["config"].get(key, getattr(type(config)(), key))
 
 
-def _accounted(store) -> set[str]:
-    """The images an output holds or a --skip-bad run left out of it."""
-    return store.ids() | set(store.skipped())
+def _accounted(store, skip_bad: bool) -> set[str]:
+    """The images an output holds, and with --skip-bad those a --skip-bad run left out of it (without the flag
+    they count as missing: the stage resumes, tries them again and stops at one still unreadable)."""
+    return store.ids() | set(store.skipped()) if skip_bad else store.ids()
 
 
 def _covers(have: set[str], ids: list[str]) -> bool:

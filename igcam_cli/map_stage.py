@@ -56,17 +56,26 @@ class MapStage:
 
     def start(self, compute: str | None = None, **extra: Any) -> StageRun:
         """The manifest record of this run (use it as a context manager around the work; leaving it
-        releases the output's lock). `compute` (runtime/devices.py describe) is recorded; a resume
-        computed otherwise than the run it continues says so in a note and in the record."""
+        releases the output's lock). `compute` (what computes the numbers: runtime/devices.py describe) is
+        recorded; a run that adds to images made on something else records every one (`computed_on`) and
+        says so in a note."""
         if compute is not None:
             extra["compute"] = compute
-            resumed = (self.ws.latest(self.stage, self.name) or {}).get("compute")
-            if resumed not in (None, compute) and len(self.todo) < len(self.mine) - len(self.skipped):
-                extra["resumed_from_compute"] = resumed
-                self.log(
-                    f"note: {self.what} was begun on {resumed} and goes on on {compute}; the maps of the two "
-                    "may differ in their last bits (--force redoes them all on this one)"
-                )
+            previous = [
+                r
+                for r in self.ws.records()
+                if r["stage"] == self.stage and r.get("split") == self.name and r.get("shard") == str(self.shard)
+            ]
+            adds_to_earlier = self.todo and len(self.todo) < len(self.mine) - len(self.skipped)
+            if previous and adds_to_earlier:
+                before = previous[-1].get("computed_on") or [previous[-1].get("compute")]
+                computed_on = sorted({c for c in before if c} | {compute})
+                if len(computed_on) > 1:
+                    extra["computed_on"] = computed_on
+                    self.log(
+                        f"note: {self.what} holds images computed on {' and on '.join(computed_on)}; their numbers "
+                        "may differ in the last bits (--force redoes them all on this one)"
+                    )
         self.record = self.ws.start(
             self.stage,
             to_dict(self.cfg),

@@ -53,3 +53,17 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert result.returncode != 0
     assert "igcam: error: --batch-size 3 cannot be shared by 2 processes" in result.stderr  # one line per rank
+
+
+def test_every_process_gets_the_same_number_of_images(monkeypatch):
+    from igcam_cli.runtime import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        shares.append(distributed.shard_indices(9))
+    assert shares == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]  # padded with the order's first item
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.shard_indices(3) == [0, 1, 2]

@@ -67,6 +67,22 @@ def test_a_batch_equals_one_image_at_a_time():
         np.testing.assert_allclose(together.numpy(), alone, atol=1e-6, rtol=0)
 
 
+def test_an_image_with_one_label_keeps_marginals_of_ones_and_chunks_equal_one_batch(monkeypatch):
+    from igcam_cli.core import torch_crf
+
+    scenes = [_scene(6, 30, 40, 3), _scene(7, 20, 20, 1), _scene(8, 50, 30, 2)]
+    images, probs = [torch.from_numpy(i) for i, _ in scenes], [torch.from_numpy(p) for _, p in scenes]
+    params = PRESETS["irn"]  # labels unaries: one label would divide by zero
+    whole = dense_crf_batch(images, probs, params)
+    assert torch.equal(whole[1], torch.ones(1, 20, 20))
+    monkeypatch.setattr(torch_crf, "MAX_PIXELS", 1300)  # 1200 + 400 pixels do not fit together; 1500 > the budget
+    chunked = torch_crf.dense_crf_chunked(images, probs, params)
+    for a, b in zip(whole, chunked):
+        assert a.shape == b.shape and (a.argmax(0) == b.argmax(0)).float().mean() >= 0.995
+    np.testing.assert_allclose(chunked[0].numpy(), whole[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(chunked[2].numpy(), dense_crf(scenes[2][0], scenes[2][1], params), atol=1e-6)
+
+
 def test_crf_labels_with_the_torch_backend_equal_pydensecrfs():
     image, probs = _scene(5, 60, 80, 3)
     maps = probs[1:] / probs[1:].max()

@@ -24,9 +24,12 @@ import torch
 
 from igcam_cli.core.permutohedral import Lattice
 
-__all__ = ["dense_crf_batch", "unaries"]
+__all__ = ["MAX_PIXELS", "dense_crf_batch", "dense_crf_chunked", "unaries"]
 
 _CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's default clip
+# Pixels in one pass: building the lattices peaks at about 3.4 KB a pixel (measured on the CPU, 21 labels), so
+# 2 M pixels (about 11 VOC images) stay under 7 GB
+MAX_PIXELS = 2_000_000
 
 
 def unaries(probs: torch.Tensor, mode: str, gt_prob: float) -> torch.Tensor:
@@ -44,8 +47,17 @@ def dense_crf_batch(
     images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], params, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:
     """Marginals (L_b x H_b x W_b float32) of each image (H_b x W_b x 3 uint8) and its probabilities
-    (L_b x H_b x W_b, summing to 1 over L_b); `params` a densecrf.CrfParams."""
+    (L_b x H_b x W_b, summing to 1 over L_b); `params` a densecrf.CrfParams. An image with one label keeps
+    marginals of ones, as pydensecrf's wrapper (core/densecrf.py dense_crf) gives."""
     device = torch.device(device)
+    single = [i for i, p in enumerate(probs) if p.shape[0] == 1]
+    if single:
+        several = [i for i in range(len(probs)) if i not in single]
+        out = dense_crf_batch([images[i] for i in several], [probs[i] for i in several], params, device)
+        found = dict(zip(several, out))
+        return [found[i] if i in found else torch.ones(tuple(probs[i].shape), device=device) for i in range(len(probs))]
+    if not probs:
+        return []
     sizes = [tuple(p.shape) for p in probs]
     for image, size in zip(images, sizes):
         if tuple(image.shape) != (size[1], size[2], 3):
@@ -83,6 +95,34 @@ def dense_crf_batch(
         out.append(q[start : start + n, :n_labels].T.reshape(n_labels, height, wide).contiguous())
         start += n
     return out
+
+
+def dense_crf_chunked(
+    images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], params, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """`dense_crf_batch` in passes of at most MAX_PIXELS pixels; an image larger than that alone goes to
+    pydensecrf (whose memory grows far more slowly), its marginals brought to `device`."""
+    out: list[torch.Tensor | None] = [None] * len(probs)
+    chunk: list[int] = []
+
+    def flush() -> None:
+        for i, m in zip(chunk, dense_crf_batch([images[i] for i in chunk], [probs[i] for i in chunk], params, device)):
+            out[i] = m
+        chunk.clear()
+
+    for i, p in enumerate(probs):
+        pixels = p.shape[1] * p.shape[2]
+        if pixels > MAX_PIXELS:
+            from igcam_cli.core.densecrf import dense_crf
+
+            marginals = dense_crf(images[i].cpu().numpy(), p.float().cpu().numpy(), params)
+            out[i] = torch.from_numpy(marginals).to(device)
+            continue
+        if chunk and sum(probs[j].shape[1] * probs[j].shape[2] for j in chunk) + pixels > MAX_PIXELS:
+            flush()
+        chunk.append(i)
+    flush()
+    return [m for m in out if m is not None]
 
 
 def _softmax(logits: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:

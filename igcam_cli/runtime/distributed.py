@@ -93,9 +93,14 @@ def wrap(model, device):
 
 
 def shard_indices(order) -> list:
-    """This process's share of an epoch's order (every world_size-th item)."""
+    """This process's share of an epoch's order (every world_size-th item). The order is first padded with
+    its own first items to a multiple of the world size, as torch's DistributedSampler does: every process
+    then takes the same number of steps (one with a step fewer would leave the others waiting forever in
+    the gradient all-reduce)."""
     order = list(range(order)) if isinstance(order, int) else list(order)
-    return order[rank() :: world_size()]
+    world = world_size()
+    order += order[: -len(order) % world] if order else []
+    return order[rank() :: world]
 
 
 def barrier() -> None:

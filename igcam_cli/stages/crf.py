@@ -12,9 +12,9 @@ import torch
 from igcam_cli import map_stage
 from igcam_cli.config import CrfConfig, RunOptions
 from igcam_cli.core.densecrf import PRESETS, CrfParams, crf_labels, crf_probabilities, labels_from_marginals
-from igcam_cli.core.torch_crf import dense_crf_batch
+from igcam_cli.core.torch_crf import dense_crf_chunked
 from igcam_cli.registry import PRODUCER
-from igcam_cli.runtime.devices import crf_backend, resolve_device
+from igcam_cli.runtime.devices import crf_backend, describe, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
 from igcam_cli.runtime.pool import map_ordered, process_pool, worker_count
 from igcam_cli.runtime.progress import StageLog
@@ -56,7 +56,8 @@ def run(cfg: CrfConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard(),
     oracle = bool(maps.attrs.get("oracle", False) or (source_record or {}).get("oracle", False))
     alpha = cfg.bg_alpha if cfg.bg_alpha is not None else FILLED_ALPHA if maps.attrs.get("guided") else PEAKED_ALPHA
     alpha_field: dict[str, Any] = {"bg_alpha": alpha} if cfg.bg_mode == "power" else {}
-    record = job.start(oracle=oracle, workers=workers, backend=backend, **alpha_field)
+    compute = f"torch CRF, {describe(device)}" if backend == "torch" else "pydensecrf CRF"
+    record = job.start(compute, oracle=oracle, workers=workers, backend=backend, **alpha_field)
     params = PRESETS[cfg.preset]
     background = f"(1 - max)^{alpha}" if cfg.bg_mode == "power" else f"constant {cfg.bg_tau}"
     where = f"torch on {device}" if backend == "torch" else f"pydensecrf, {workers} worker(s)"
@@ -90,7 +91,7 @@ def _torch_batches(
         probs = [
             crf_probabilities(record.maps, record.classes, cfg.bg_mode, cfg.bg_tau, alpha) for _, _, record in batch
         ]
-        marginals = dense_crf_batch(
+        marginals = dense_crf_chunked(
             [torch.from_numpy(image) for _, image, _ in batch], [torch.from_numpy(p) for p in probs], params, device
         )
         for (image_id, _, record), m in zip(batch, marginals):

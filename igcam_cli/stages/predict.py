@@ -23,7 +23,7 @@ from igcam_cli import map_stage, report
 from igcam_cli.config import PredictConfig, RunOptions
 from igcam_cli.core.cam import capped_size, multiscale_cams
 from igcam_cli.core.densecrf import PRESETS, crf_refine
-from igcam_cli.core.torch_crf import dense_crf_batch
+from igcam_cli.core.torch_crf import dense_crf_chunked
 from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.folder import IMAGE_SUFFIXES, index_files
 from igcam_cli.data.imageio import read_image
@@ -116,10 +116,11 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
 
     provenance = {key: bool(meta.get(key) or (seg_record or {}).get(key)) for key in ("oracle", "upper_bound")}
     provenance["labels"] = meta.get("labels", "pseudo")
-    record = job.start(describe(device), workers=worker_count(cfg.workers), **provenance)
+    workers, backend = worker_count(cfg.workers), crf_backend(cfg.crf_backend, device)
+    compute = describe(device) + (f"; {backend} CRF" if cfg.crf else "")
+    record = job.start(compute, workers=workers, **provenance)
     place_model(model, device).eval()
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
-    workers, backend = worker_count(cfg.workers), crf_backend(cfg.crf_backend, device)
     where = f"torch on {device}" if backend == "torch" else f"pydensecrf, {workers} worker(s)"
     crf = f"CRF ({cfg.preset}, {where})" if cfg.crf else "no CRF"
     log(
@@ -197,7 +198,7 @@ def _probabilities(
         size = (x.shape[-2], x.shape[-1])
         drawn = capped_size(size, cfg.max_side)  # a large photo is predicted smaller, then upsampled
         if drawn is not None:
-            x = F.interpolate(x, size=drawn, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=drawn, mode="bilinear", align_corners=False, antialias=True)
         probs = multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
         if drawn is not None:
             probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
@@ -218,7 +219,7 @@ def _labels(
         for batch, probs in predictions:
             present = [torch.unique(w) for w in probs.argmax(1)]
             chosen = [(p[labels].clamp_min(0) + 1e-5) for p, labels in zip(probs, present)]  # as crf_refine
-            marginals = dense_crf_batch(
+            marginals = dense_crf_chunked(
                 [torch.from_numpy(item.image) for item in batch],
                 [c / c.sum(0, keepdim=True) for c in chosen],
                 params,

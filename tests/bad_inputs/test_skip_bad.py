@@ -100,6 +100,8 @@ def test_run_skip_bad_finishes_the_chain_around_an_unreadable_image(voc_ws):
     # a second run finds every stage complete: the skipped image is accounted for
     again = chain.run(workspace, RunOptions(device="cpu", quiet=True, skip_bad=True), until="crf")
     assert {step["action"] for step in again["steps"]} == {"skipped"}
+    # without the flag the chain tries the skipped image again, and stops at it
+    assert_error(igcam("run", "-w", ws, "--until", "crf"), 4, f"{bad}.jpg")
     # the training stages decode every image once first, and leave the unreadable ones out
     assert_error(igcam("train-cls", "-w", ws, *TRAIN, "--force"), 4, f"{bad}.jpg")
     ok("train-cls", "-w", ws, *TRAIN, "--force", "--skip-bad")
