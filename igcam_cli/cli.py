@@ -50,6 +50,9 @@ SkipBadOpt = Annotated[
 ]
 TrainForceOpt = Annotated[bool, typer.Option("--force", help="Train a new model over a finished model.pt")]
 WorkersOpt = Annotated[int | None, typer.Option(help="Worker processes")]
+CpuWorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Worker processes; none given: every CPU this process may use")
+]
 
 
 class DatasetFormat(str, Enum):
@@ -586,7 +589,7 @@ def refine(
     max_area: Annotated[float | None, typer.Option(help="Guidance: largest region, fraction of the image")] = None,
     proposal_scale: Annotated[float | None, typer.Option(help="Proposals: graph-segmentation scale")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
-    workers: WorkersOpt = None,
+    workers: CpuWorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     skip_bad: SkipBadOpt = False,
@@ -644,7 +647,7 @@ def crf(
         typer.Option(help="pydensecrf (CPU processes), torch (batched on the device), auto (torch on a GPU)"),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per torch CRF pass")] = None,
-    workers: WorkersOpt = None,
+    workers: CpuWorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     skip_bad: SkipBadOpt = False,
@@ -755,7 +758,7 @@ def predict(
     crf_backend: Annotated[
         str | None, typer.Option(help="The CRF's backend: pydensecrf, torch or auto (torch on a GPU)")
     ] = None,
-    workers: WorkersOpt = None,
+    workers: CpuWorkersOpt = None,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     skip_bad: SkipBadOpt = False,
