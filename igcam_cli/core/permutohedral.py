@@ -16,6 +16,7 @@ vertex, so one lattice filters a batch of images as if each were alone.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -40,6 +41,12 @@ class Lattice:
         unique, inverse = torch.unique(codes.flatten(), return_inverse=True)
         self.size = len(unique)  # M lattice vertices; index M is a zero row (a missing neighbour)
         self.offsets = inverse.view(n, d + 1)
+        # splatting and slicing as sparse products (M x N and N x M, d+1 weights a point): no N x (d+1) x V
+        # temporary, and a multithreaded (CPU) or cuSPARSE (CUDA) kernel
+        points = torch.arange(n, device=device).repeat_interleave(d + 1)
+        vertices, weights_flat = self.offsets.flatten(), self.weights.flatten()
+        self.splat = _csr(vertices, points, weights_flat, (self.size, n))
+        self.slice = _csr(points, vertices, weights_flat, (n, self.size))
         vertex_keys, vertex_groups = codec.decode(unique)
         self.neighbours = [
             (
@@ -51,16 +58,24 @@ class Lattice:
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """Splat, blur, slice: N x V -> N x V (float32)."""
-        n, v = values.shape
-        m, d = self.size, self.d
-        lattice = values.new_zeros(m + 1, v, dtype=torch.float32)
-        splat = self.weights[:, :, None] * values.float()[:, None, :]
-        lattice.index_add_(0, self.offsets.flatten(), splat.reshape(-1, v))
-        zero = lattice[m:]
+        d = self.d
+        lattice = torch.sparse.mm(self.splat, values.float())
+        zero = lattice.new_zeros(1, lattice.shape[1])
         for n1, n2 in self.neighbours:
-            lattice = torch.cat([lattice[:m] + 0.5 * (lattice[n1] + lattice[n2]), zero])
+            padded = torch.cat([lattice, zero])
+            lattice = lattice + 0.5 * (padded[n1] + padded[n2])
         alpha = 1.0 / (1.0 + 2.0 ** (-d))
-        return (self.weights[:, :, None] * lattice[self.offsets]).sum(1) * alpha
+        return torch.sparse.mm(self.slice, lattice) * alpha
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR matrix (entries of one (row, col) summed; its indices are valid by construction). CSR, not
+    COO: its products were 1.8x faster on the CPU (500 x 375, 21 labels). torch calls CSR support beta and
+    says so once a process; the warning is silenced, as the agreement tests check the results."""
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False).coalesce()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr()
 
 
 def _simplices(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
