@@ -27,7 +27,7 @@ from igcam_cli.core.permutohedral import Lattice
 __all__ = ["MAX_PIXELS", "dense_crf_batch", "dense_crf_chunked", "unaries"]
 
 _CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's default clip
-# Pixels in one pass: building the lattices peaks at about 3.4 KB a pixel (measured on the CPU, 21 labels), so
+# Pixels in one pass: building the lattices peaks at 2-3 KB a pixel (measured on the CPU, 21 labels, 1-4 VOC images), so
 # 2 M pixels (about 11 VOC images) stay under 7 GB
 MAX_PIXELS = 2_000_000
 
