@@ -29,16 +29,24 @@ def _scene(seed: int, height: int, width: int, n_labels: int) -> tuple[np.ndarra
     return image, probs
 
 
-def _torch(image: np.ndarray, probs: np.ndarray, params) -> np.ndarray:
-    return dense_crf_batch([torch.from_numpy(image)], [torch.from_numpy(probs)], params)[0].numpy()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
 
 
+def _torch(image: np.ndarray, probs: np.ndarray, params, device: str = "cpu") -> np.ndarray:
+    images, probs_ = [torch.from_numpy(image).to(device)], [torch.from_numpy(probs).to(device)]
+    return dense_crf_batch(images, probs_, params, device)[0].cpu().numpy()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize(("seed", "height", "width", "n_labels"), [(0, 75, 100, 3), (1, 96, 64, 6)])
-def test_labels_and_marginals_agree_with_pydensecrf(preset, seed, height, width, n_labels):
+def test_labels_and_marginals_agree_with_pydensecrf(preset, seed, height, width, n_labels, device):
     image, probs = _scene(seed, height, width, n_labels)
     params = PRESETS[preset]
-    want, got = dense_crf(image, probs, params), _torch(image, probs, params)
+    want, got = dense_crf(image, probs, params), _torch(image, probs, params, device)
     assert got.shape == want.shape and got.dtype == np.float32
     assert (got.argmax(0) == want.argmax(0)).mean() >= 0.995
     # equal to float rounding, but for a few pixels whose lattice point lies on a rounding tie (deeplab's sxy 1:
