@@ -117,7 +117,8 @@ class MakeCamsConfig:
     round: Count | None = None  # classifier round (cls/model.pt = 1, cls/round<k>/model.pt); None = the latest
     # Images longer than this (px) are drawn at this longer side and their maps upsampled (0 = no cap):
     # a 4000 x 3000 photo at scale 2.0 needs more memory than most machines have, and the classifier never
-    # saw objects that large. VOC (500 px) and COCO (640 px) images are below it.
+    # saw objects that large. VOC (500 px) and COCO (640 px) images are below it, and so are all the synthetic
+    # styles (128-160 px): the quality table's numbers do not depend on it.
     max_side: NonNegative = MAX_SIDE
 
 

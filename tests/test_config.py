@@ -70,6 +70,8 @@ def test_rules_over_two_fields():
         build(BY_NAME["refine"].config, {"scales": [1.0, 0.5]}, {})
     with pytest.raises(UsageError, match="need relabel_drop_below <= 1 - relabel_confidence"):
         build(BY_NAME["compute-influence"].config, {"relabel_confidence": 0.8, "relabel_drop_below": 0.3}, {})
+    with pytest.raises(UsageError, match="BatchNorm cannot train on one image"):
+        build(TrainSegConfig, {}, {"batch_size": 1})
 
 
 def test_types_are_exact():

@@ -55,3 +55,14 @@ def test_fixed_threshold_off_the_sweep_grid(tmp_path):
     assert off_grid["miou"] == pytest.approx(1.0)
     assert "0.333" not in {f"{t:.3f}" for t in off_grid["threshold_curve"]["tau"]}
     assert "at fixed τ 0.33" in evaluate.summary(off_grid)
+
+
+def test_an_artifact_whose_every_image_was_skipped_is_one_line_not_a_nan():
+    from igcam_cli.config import EvaluateConfig
+    from igcam_cli.errors import BadData
+    from igcam_cli.stages.evaluate import _scored
+
+    cfg = EvaluateConfig(split="train")
+    assert _scored(["a", "b", "c"], {"b": "cannot read image b.jpg"}, cfg) == (["a", "c"], ["b"])
+    with pytest.raises(BadData, match="every image of split 'train' was skipped as unreadable"):
+        _scored(["a"], {"a": "cannot read image a.jpg"}, cfg)

@@ -29,3 +29,11 @@ def test_the_last_line_gives_the_real_count_when_the_total_was_an_estimate(tmp_p
     assert len(list(log.track(iter(range(15)), total=10, description="pass", min_interval=0.0))) == 15
     lines = [line.split(" ", 2)[2].split(" (")[0] for line in (tmp_path / "stage.log").read_text().splitlines()]
     assert lines == [f"pass: {k}/10" for k in range(1, 10)] + ["pass: 15/15"]
+
+
+def test_a_file_name_that_is_not_utf8_is_logged_as_its_bytes(tmp_path):
+    import os
+
+    name = os.fsdecode(b"caf\xe9.jpg")  # a file name's bytes as Python decodes them (a lone surrogate)
+    StageLog(tmp_path / "stage.log", quiet=True)(f"skipped {name}")
+    assert (tmp_path / "stage.log").read_bytes().endswith(b"skipped caf\xe9.jpg\n")

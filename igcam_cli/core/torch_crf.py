@@ -104,11 +104,14 @@ def dense_crf_chunked(
     pydensecrf (whose memory grows far more slowly), its marginals brought to `device`."""
     out: list[torch.Tensor | None] = [None] * len(probs)
     chunk: list[int] = []
+    in_chunk = 0  # pixels
 
     def flush() -> None:
+        nonlocal in_chunk
         for i, m in zip(chunk, dense_crf_batch([images[i] for i in chunk], [probs[i] for i in chunk], params, device)):
             out[i] = m
         chunk.clear()
+        in_chunk = 0
 
     for i, p in enumerate(probs):
         pixels = p.shape[1] * p.shape[2]
@@ -118,9 +121,10 @@ def dense_crf_chunked(
             marginals = dense_crf(images[i].cpu().numpy(), p.float().cpu().numpy(), params)
             out[i] = torch.from_numpy(marginals).to(device)
             continue
-        if chunk and sum(probs[j].shape[1] * probs[j].shape[2] for j in chunk) + pixels > MAX_PIXELS:
+        if chunk and in_chunk + pixels > MAX_PIXELS:
             flush()
         chunk.append(i)
+        in_chunk += pixels
     flush()
     return [m for m in out if m is not None]
 

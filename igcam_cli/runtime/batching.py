@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
+
+from igcam_cli.runtime.pool import available_cpus
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ def same_size_batches(items: Iterable[T], batch_size: int, size: Callable[[T], H
 def image_loader(images: TorchDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """Items one at a time from `workers` processes (at most one per core), two batches ahead;
     `same_size_batches` groups them. Pinned memory when feeding a GPU."""
-    workers = min(workers, os.cpu_count() or 1)
+    workers = min(workers, available_cpus())
     return DataLoader(
         images,
         batch_size=None,

@@ -17,6 +17,7 @@ from igcam_cli.data.base import Unreadable, load_or_skip
 from igcam_cli.errors import BadData, StorageError, UsageError
 from igcam_cli.runtime import distributed as ddp
 from igcam_cli.runtime.locks import OutputLock
+from igcam_cli.runtime.pool import available_cpus
 
 POLY_POWER = 0.9
 
@@ -54,7 +55,7 @@ def train_loader(
     data: TorchDataset, indices: list[int], batch_size: int, workers: int, device: torch.device
 ) -> DataLoader:
     """Batches of `data[indices]` in that order (the epoch's seeded permutation, already sharded)."""
-    workers = min(workers, os.cpu_count() or 1)
+    workers = min(workers, available_cpus())
     return DataLoader(
         torch.utils.data.Subset(data, indices),
         batch_size=batch_size,
@@ -85,7 +86,7 @@ def without_unreadable(dataset, ids: list[str], skip_bad: bool, log) -> tuple[li
     decoded once before training, on threads, so each epoch and a resumed run see the same images."""
     if not skip_bad:
         return ids, {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as threads:
+    with ThreadPoolExecutor(max_workers=available_cpus()) as threads:
         loaded = threads.map(lambda i: load_or_skip(dataset, i, True), ids)
         skipped = {s.id: s.reason for s in loaded if isinstance(s, Unreadable)}
     for image_id, reason in skipped.items():
