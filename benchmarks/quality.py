@@ -30,7 +30,7 @@ from style_args import add_style_options, chosen_styles  # benchmarks/, on the p
 
 from igcam_cli import ablation, chain
 from igcam_cli.config import EvaluateConfig, MakeCamsConfig, RunOptions, build
-from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, CamClassifier
+from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, STAGE4_LAYOUT, CamClassifier
 from igcam_cli.stages import evaluate, init, make_cams
 from igcam_cli.workspace import Workspace
 
@@ -73,6 +73,7 @@ def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int
     torch.save(
         {
             "backbone": "resnet18",
+            "stage4": STAGE4_LAYOUT,
             "num_classes": dataset.num_classes,
             "classes": dataset.classes,
             "config": {"recipe": "plain baseline"},

@@ -18,11 +18,16 @@ from igcam_cli.workspace import Workspace
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
+def torchrun_env(tmp_path) -> dict[str, str]:
+    """torchrun leaves a torchelastic_* folder in TMPDIR: keep it in the test's own folder, not /tmp."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
+
+
 def torchrun(*args, cwd) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "igcam_cli", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=cwd, env=torchrun_env(cwd), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -50,7 +55,7 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
     ws = init_synthetic(tmp_path / "ws")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "igcam_cli", "train-cls", "-w", str(ws), *with_option(TRAIN, "--batch-size", "3")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
     assert result.returncode != 0
     assert "igcam: error: --batch-size 3 cannot be shared by 2 processes" in result.stderr  # one line per rank
 
