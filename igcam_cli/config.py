@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
 
+from igcam_cli.atomic import write_text_atomically
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.validation import (
     Count,
@@ -532,9 +533,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(_drop_none(data)))
-    tmp.replace(path)
+    write_text_atomically(path, tomli_w.dumps(_drop_none(data)))
 
 
 def _drop_none(value):

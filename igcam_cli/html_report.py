@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from igcam_cli import __version__, report
+from igcam_cli.atomic import write_text_atomically
 from igcam_cli.errors import IgcamError
 from igcam_cli.stages import evaluate
 from igcam_cli.stages.influence_report import fit_line
@@ -64,11 +64,7 @@ def write_report(ws: Workspace, out: Path | None = None, sample: int = 8, seed: 
     if out.is_dir():
         out = out / "index.html"
     page = render(ws, sample=sample, seed=seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text_atomically(out, page)
 
 
 def render(ws: Workspace, sample: int = 8, seed: int = 0) -> str:

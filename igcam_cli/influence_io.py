@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from igcam_cli.atomic import write_atomically, write_text_atomically
 from igcam_cli.errors import BadData, MissingArtifact
 from igcam_cli.store import MapStore
 
@@ -55,10 +55,7 @@ def stats_path(directory: Path, phase: str, rank: int, count: int) -> Path:
 
 def save_state(path: Path, key: str, state: dict) -> None:
     """torch.save({"key": key, **state}) under a temporary name, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"key": key, **state}, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save({"key": key, **state}, tmp))
 
 
 def load_state(path: Path, key: str) -> dict | None:
@@ -128,25 +125,19 @@ class ImageScore:
 
 
 def write_scores(directory: Path, rows: list[ImageScore]) -> Path:
-    path = Path(directory) / SCORES_NAME
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(SCORE_COLUMNS)
-        for r in rows:
-            writer.writerow(
-                (
-                    r.id,
-                    r.labels,
-                    repr(r.loss),
-                    repr(r.self_influence),
-                    repr(r.atypicality),
-                    repr(r.weight),
-                    r.suggested or r.labels,
-                )
-            )
-    os.replace(tmp, path)
-    return path
+    table = [
+        (
+            r.id,
+            r.labels,
+            repr(r.loss),
+            repr(r.self_influence),
+            repr(r.atypicality),
+            repr(r.weight),
+            r.suggested or r.labels,
+        )
+        for r in rows
+    ]
+    return _write_csv(Path(directory) / SCORES_NAME, SCORE_COLUMNS, table)
 
 
 def read_scores(directory: Path, ids: list[str], command: str, num_classes: int) -> dict[str, ImageScore]:
@@ -215,13 +206,17 @@ def class_list(text: str, num_classes: int, where: str = "") -> np.ndarray:
 
 def write_relabelled(path: Path, rows: list[ImageScore]) -> Path:
     """The images a classifier round trained on suggested labels: id, labels (as given), trained_labels."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(("id", "labels", "trained_labels"))
-        writer.writerows((r.id, r.labels, r.suggested) for r in rows)
-    os.replace(tmp, path)
-    return path
+    return _write_csv(path, ("id", "labels", "trained_labels"), [(r.id, r.labels, r.suggested) for r in rows])
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    return write_atomically(path, write)
 
 
 def read_relabelled(path: Path, num_classes: int) -> dict[str, np.ndarray]:
@@ -233,11 +228,7 @@ def read_relabelled(path: Path, num_classes: int) -> dict[str, np.ndarray]:
 
 
 def write_fit(directory: Path, fit: dict) -> Path:
-    path = Path(directory) / FIT_NAME
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(fit, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(Path(directory) / FIT_NAME, json.dumps(fit, indent=1))
 
 
 def read_fit(directory: Path) -> dict | None:

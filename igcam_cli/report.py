@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from igcam_cli.atomic import write_atomically
 from igcam_cli.store import voc_palette
 
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
@@ -55,17 +56,9 @@ def contact_sheet(rows: list[list[np.ndarray]], titles: list[str], path: Path, c
 
 def write_overlay(path: Path, image: np.ndarray, label: np.ndarray, quality: int = 90) -> Path:
     """`overlay(image, label)` as a JPEG, written under a temporary name and renamed."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(overlay(image, label)).save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(
+        path, lambda tmp: Image.fromarray(overlay(image, label)).save(tmp, format="JPEG", quality=quality)
+    )
 
 
 def caption(image: np.ndarray, text: str, cell: int = 128) -> np.ndarray:

@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from igcam_cli.atomic import write_atomically, write_text_atomically
 from igcam_cli.errors import BadData, StorageError
 
 PART_RE = re.compile(r"^part-r(\d+)-(\d+)\.h5$")
@@ -108,16 +109,8 @@ def write_skipped(directory: Path, rank: int, entries: dict[str, str]) -> None:
     if not entries:
         path.unlink(missing_ok=True)
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.tmp"
-    try:
-        tmp.write_text(
-            json.dumps(dict(sorted(entries.items())), indent=1), encoding="utf-8"
-        )  # ASCII: ids may hold undecodable bytes
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # json.dumps writes ASCII (\u escapes): ids may hold undecodable bytes
+    write_text_atomically(path, json.dumps(dict(sorted(entries.items())), indent=1))
 
 
 def clear_skipped(directory: Path, rank: int | None = None) -> None:
@@ -498,14 +491,7 @@ class LabelStore:
         h, w = label.shape
         image = Image.frombytes("P", (w, h), np.ascontiguousarray(label).tobytes())
         image.putpalette(voc_palette())
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{final.name}.tmp"
-        try:
-            image.save(tmp, format="PNG")
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(final, lambda tmp: image.save(tmp, format="PNG"))
 
     def read(self, image_id: str) -> np.ndarray:
         """uint8 H x W class indices; KeyError if absent, BadData if the file is unreadable."""
@@ -527,6 +513,7 @@ class LabelStore:
             return
         clear_skipped(self.directory)
         for path in self.directory.iterdir():
-            is_label = path.name.endswith(".png") or path.name.endswith(".png.tmp")
+            name = path.name
+            is_label = name.endswith(".png") or (name.startswith(".") and ".png." in name and name.endswith(".tmp"))
             if is_label and path.is_file():
                 path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from igcam_cli import __version__
+from igcam_cli.atomic import write_text_atomically
 from igcam_cli.config import TOML_NAME, changed_settings, read_toml, write_toml
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
 from igcam_cli.registry import BY_NAME, MAP_KINDS, PRODUCER, TRAINED_MODELS
@@ -344,9 +345,7 @@ class Workspace:
         with self._manifest_lock():
             runs = self.records()
             runs = [r for r in runs if r["id"] != record["id"]] + [record]
-            tmp = self.manifest_path.with_name(f".manifest.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"runs": runs}, indent=1, default=str))
-            os.replace(tmp, self.manifest_path)
+            write_text_atomically(self.manifest_path, json.dumps({"runs": runs}, indent=1, default=str))
 
     @contextmanager
     def _manifest_lock(self) -> Iterator[None]:

@@ -278,6 +278,7 @@ def test_label_store_round_trip_and_clear(tmp_path):
     with pytest.raises(ValueError):
         store.write("a/b", label)
     (store.directory / ".x.png.tmp").write_bytes(b"partial")
+    (store.directory / ".y.png.4242.tmp").write_bytes(b"partial")  # atomic.py's name, a process id in it
     assert store.ids() == {"2007_000032", "other"}  # temporaries are not labels
     store.clear()
     assert store.ids() == set() and list(store.directory.iterdir()) == []
