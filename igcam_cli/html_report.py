@@ -27,7 +27,8 @@ from igcam_cli.atomic import write_text_atomically
 from igcam_cli.errors import IgcamError
 from igcam_cli.stages import evaluate
 from igcam_cli.stages.influence_report import fit_line
-from igcam_cli.workspace import Workspace, process_gone
+from igcam_cli.stages.status import run_state
+from igcam_cli.workspace import Workspace
 
 CELL = 160  # px: the width of every picture in the contact sheets
 TOP_INFLUENCE = 10  # rows of the mislabel ranking shown
@@ -352,11 +353,7 @@ def _provenance(ws: Workspace, records: list[dict], manifest_error: str | None) 
 
 
 def _provenance_row(ws: Workspace, record: dict) -> str:
-    status = str(record.get("status", "?"))
-    if status == "done" and ws.is_stale(record):
-        status = "stale"
-    elif status == "running" and process_gone(record):
-        status = "killed"
+    status, why = run_state(ws, record)
     seed = record.get("seed", (record.get("config") or {}).get("seed"))
     versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items())
     split = record.get("split") or "-"
@@ -368,7 +365,7 @@ def _provenance_row(ws: Workspace, record: dict) -> str:
     cells = [
         escape(stage),
         escape(split),
-        f'<span class="status {escape(status)}">{escape(status)}</span>',
+        f'<span class="status {escape(status)}" title="{escape(why)}">{escape(status)}</span>',
         escape(_when(record.get("started"))),
         escape(_when(record.get("ended"))),
         escape(str(record.get("host", "-"))),
@@ -390,12 +387,15 @@ def _run_details(record: dict) -> str:
     ]
     if record.get("error"):
         flags.append(("error", str(record["error"])))
+    skipped = record.get("skipped") or {}  # a --skip-bad run's unreadable images: id -> why
     parts = [
         f"<summary>{len(settings)} settings, {len(inputs)} inputs</summary>",
         _key_values(flags),
         "<h4>settings</h4>" + (_key_values(settings) if settings else "<p>none</p>"),
         "<h4>inputs (run ids)</h4>" + (_key_values(inputs) if inputs else "<p>none</p>"),
     ]
+    if skipped:
+        parts.append(f"<h4>skipped as unreadable ({len(skipped)})</h4>" + _key_values(list(skipped.items())))
     return f"<details>{''.join(parts)}</details>"
 
 

@@ -156,7 +156,16 @@ def test_a_run_whose_process_is_gone_shows_as_killed(ws):
     manifest["runs"][-1]["pid"] = gone.pid
     ws.manifest_path.write_text(json.dumps(manifest))
     text = write_report(ws).read_text()
-    assert '<span class="status killed">killed</span>' in text
+    assert f'<span class="status killed" title="process {gone.pid} is gone">killed</span>' in text
+
+
+def test_a_run_lists_the_images_it_skipped_as_unreadable(ws):
+    ws.start("make-cams", {}, split="train").finish(
+        metrics={"images": 3, "skipped": 1}, skipped={"img_<7>": "cannot read image img_<7>.jpg: truncated"}
+    )
+    text = write_report(ws).read_text()
+    assert "skipped as unreadable (1)" in text
+    assert "<th>img_&lt;7&gt;</th><td>cannot read image img_&lt;7&gt;.jpg: truncated</td>" in text
 
 
 @pytest.mark.parametrize(

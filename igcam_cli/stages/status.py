@@ -41,19 +41,26 @@ def run(ws: Workspace) -> list[dict]:
     return rows
 
 
+def run_state(ws: Workspace, record: dict) -> tuple[str, str]:
+    """A run's state as status and the HTML report show it: done, stale, running, killed or failed, and the line
+    that explains it ("" for done and running)."""
+    state = record["status"]
+    if state == "done":
+        stale = ws.stale_reason(record)
+        return ("stale", stale) if stale is not None else ("done", "")
+    if state == "running" and process_gone(record):
+        return "killed", f"process {record['pid']} is gone"
+    if state == "failed":
+        return "failed", record.get("error", "")
+    return state, ""
+
+
 def _row(ws: Workspace, dataset, stage: str, split: str | None, shard: str | None, record: dict) -> dict:
     """The row of a stage's latest run: its state, what explains it, and the command to run next."""
-    state, detail = record["status"], ""
+    state, detail = run_state(ws, record)
     name = record["stage"]
-    stale = ws.stale_reason(record) if state == "done" else None
     covered = _coverage(ws, dataset, name, split) if name in BY_NAME and BY_NAME[name].per_image else None
-    if stale is not None:
-        state, detail = "stale", stale
-    elif state == "running" and process_gone(record):
-        state, detail = "killed", f"process {record['pid']} is gone"
-    elif state == "failed":
-        detail = record.get("error", "")
-    elif state == "done" and covered is not None and covered[0] + covered[1] < covered[2]:
+    if state == "done" and covered is not None and covered[0] + covered[1] < covered[2]:
         state = "partial"
     if covered is not None and state != "stale":
         done, skipped, total = covered
