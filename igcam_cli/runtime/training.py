@@ -81,13 +81,16 @@ def epoch_batches(
     return log.track(loader, len(loader), f"epoch {epoch + 1}/{epochs}", unit="batch")
 
 
-def without_unreadable(dataset, ids: list[str], skip_bad: bool, log) -> tuple[list[str], dict[str, str]]:
-    """With `--skip-bad`, `ids` less the images that cannot be read, and those (id -> why). Every image is
-    decoded once before training, on threads, so each epoch and a resumed run see the same images."""
+def without_unreadable(
+    dataset, ids: list[str], skip_bad: bool, log, with_mask: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    """With `--skip-bad`, `ids` less the images that cannot be read (`with_mask`: or whose GT mask cannot), and
+    those (id -> why). Every image is decoded once before training, on threads, so each epoch and a resumed run
+    see the same images."""
     if not skip_bad:
         return ids, {}
     with ThreadPoolExecutor(max_workers=available_cpus()) as threads:
-        loaded = threads.map(lambda i: load_or_skip(dataset, i, True), ids)
+        loaded = threads.map(lambda i: load_or_skip(dataset, i, True, with_mask=with_mask), ids)
         skipped = {s.id: s.reason for s in loaded if isinstance(s, Unreadable)}
     for image_id, reason in skipped.items():
         log(f"skipped '{image_id}': {reason}")

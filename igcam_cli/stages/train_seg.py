@@ -99,8 +99,11 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     if skipped:  # crf --skip-bad left them out: they have no pseudo-label
         ids = [i for i in ids if i not in skipped]
         log(f"train-seg: {len(skipped)} images of '{cfg.split}' were skipped as unreadable by crf; trains without them")
-    ids, unreadable = training.without_unreadable(dataset, ids, opts.skip_bad, log)
-    val_ids, val_unreadable = training.without_unreadable(dataset, _val_ids(cfg, dataset, log), opts.skip_bad, log)
+    # the GT masks are read where they are the labels, and for the per-epoch val mIoU
+    ids, unreadable = training.without_unreadable(dataset, ids, opts.skip_bad, log, with_mask=cfg.labels == "gt")
+    val_ids, val_unreadable = training.without_unreadable(
+        dataset, _val_ids(cfg, dataset, log), opts.skip_bad, log, with_mask=True
+    )
     if not ids:
         raise BadData(f"split '{cfg.split}': no image can be read")
 

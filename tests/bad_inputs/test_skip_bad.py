@@ -121,3 +121,17 @@ def test_the_skip_list_is_per_rank_and_forgets_images_written_since(tmp_path, ra
     with pytest.raises(Exception, match=f"skipped-r{rank + 1}.json"):
         read_skipped(directory, set())
     assert np.all([not p.name.endswith(".tmp") for p in directory.iterdir()])
+
+
+def test_train_seg_on_gt_masks_leaves_out_an_unreadable_mask(voc_ws):
+    """`--labels gt` reads the train masks, and the per-epoch val mIoU the val masks: with --skip-bad a damaged
+    one leaves its image out of training or validation, without it the run stops naming the file."""
+    root, ws = voc_ws
+    bad_train, bad_val = VOC_SPLITS["train"][0], VOC_SPLITS["val"][1]
+    for image_id in (bad_train, bad_val):
+        _break(root / "SegmentationClass" / f"{image_id}.png")
+    assert_error(igcam("train-seg", "-w", ws, *SEG, "--labels", "gt"), 4, f"{bad_train}.png")
+    trained = ok("train-seg", "-w", ws, *SEG[:-1], "--labels", "gt", "--skip-bad", "--force")
+    assert f"skipped '{bad_train}'" in trained.output and f"skipped '{bad_val}'" in trained.output
+    record = Workspace.open(ws).latest("train-seg")
+    assert record["status"] == "done" and {bad_train, bad_val} <= set(record["skipped"])
