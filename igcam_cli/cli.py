@@ -700,6 +700,10 @@ def train_seg(
     ] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     crop: Annotated[int | None, typer.Option()] = None,
+    input_scale: Annotated[
+        float | None,
+        typer.Option(help="Draw the images this much larger, in training, validation and predict (small images)"),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from seg/last.pt")] = False,
@@ -726,6 +730,7 @@ def train_seg(
         min_steps=min_steps,
         batch_size=batch_size,
         crop=crop,
+        input_scale=input_scale,
         lr=lr,
         workers=workers,
     )

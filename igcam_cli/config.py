@@ -344,8 +344,12 @@ class TrainSegConfig:
     min_steps: NonNegative = 0  # epochs rise until the run takes at least this many SGD steps (small datasets); 0: off
     batch_size: Count = 10
     crop: Crop = 512
-    scale_min: Positive = 0.5  # random rescale of the image by s in [scale_min, scale_max]
+    scale_min: Positive = 0.5  # random rescale of the image by s in [scale_min, scale_max] (times input_scale)
     scale_max: float = 2.0
+    # Images are drawn this much larger for the segmenter: in training (the rescale range is multiplied by it),
+    # in the per-epoch val mIoU, and in predict (its scales too; the checkpoint keeps it). For small images,
+    # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels.
+    input_scale: Positive = 1.0
     lr: Positive = 0.001  # backbone; the head gets lr * head_lr_mult
     head_lr_mult: NonNegativeFloat = 10.0
     momentum: Fraction = 0.9

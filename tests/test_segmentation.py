@@ -28,7 +28,8 @@ from cli_helpers import (
     with_option,
 )
 from igcam_cli.config import TrainSegConfig, build
-from igcam_cli.data.transforms import seg_train_view
+from igcam_cli.core.metrics import confusion_matrix, scores
+from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.segmenter import Segmenter, build_segmenter
 from igcam_cli.stages import train_seg
@@ -182,6 +183,54 @@ def test_training_on_pseudo_labels_reduces_the_loss_and_inherits_oracle(tmp_path
     ckpt = torch.load(ws.seg_dir / "model.pt", weights_only=True)
     assert (ckpt["arch"], ckpt["num_classes"], ckpt["oracle"]) == ("deeplabv3plus_resnet18", 6, True)
     assert "val mIoU" in ws.log_path("train-seg").read_text()
+
+
+def test_input_scale_draws_training_and_validation_images_larger(tmp_path, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=2)
+    write_pseudo(ws)
+    ranges = []
+    real_view = train_seg.seg_train_view
+
+    def view(image, label, crop, low, high, rng):
+        ranges.append((low, high))
+        return real_view(image, label, crop, low, high, rng)
+
+    monkeypatch.setattr(train_seg, "seg_train_view", view)
+    cfg = tiny_seg_config(ws, epochs=1, input_scale=2.0, scale_min=0.75, scale_max=1.25)
+    model = train_seg.run(cfg, ws, OPTS, train_seg.TrainOptions())
+    assert set(ranges) == {(1.5, 2.5)}
+    assert "images drawn x2" in ws.log_path("train-seg").read_text()
+    # the per-epoch val mIoU: each image drawn at twice its size, the logits scored at the mask's size
+    dataset = ws.dataset()
+    n = dataset.num_classes + 1
+    conf = np.zeros((n, n), dtype=np.int64)
+    model.eval()
+    with torch.no_grad():
+        for image_id in dataset.ids("val"):
+            sample = dataset.load(image_id)
+            x = normalize(sample.image)[None]
+            big = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            logits = F.interpolate(model(big), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            conf += confusion_matrix(sample.mask, logits.argmax(1)[0].numpy(), n)
+    assert train_seg.evaluate_miou(model, dataset, dataset.ids("val"), cfg, torch.device("cpu")) == pytest.approx(
+        scores(conf)["miou"]
+    )
+
+
+@pytest.mark.slow
+def test_predict_draws_at_the_segmenters_input_scale(seg_ws):
+    """A checkpoint trained with input_scale 2 predicts at scale 1 as one trained at 1 does at scale 2."""
+    args = ["--split", "val", "--workers", "0", "--no-crf", "--no-flip", "--no-overlays", "--quiet"]
+    ok("predict", "-w", seg_ws, *args, "--scales", "2.0", "--out", "twice")
+    path = seg_ws / "seg" / "model.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["input_scale"] = 2.0
+    torch.save(ckpt, path)
+    ok("predict", "-w", seg_ws, *args, "--scales", "1.0", "--out", "drawn")
+    assert "scales [1.0] x the segmenter's input scale 2" in (seg_ws / "logs" / "predict.log").read_text()
+    for image_id in Workspace.open(seg_ws).dataset().ids("val"):
+        twice, drawn = (np.asarray(Image.open(seg_ws / "pred" / out / f"{image_id}.png")) for out in ("twice", "drawn"))
+        np.testing.assert_array_equal(twice, drawn)
 
 
 @pytest.mark.slow

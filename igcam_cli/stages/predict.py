@@ -120,18 +120,23 @@ def run(cfg: PredictConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shar
     compute = describe(device) + (f"; {backend} CRF" if cfg.crf else "")
     record = job.start(compute, workers=workers, **provenance)
     place_model(model, device).eval()
+    # the segmenter saw its images drawn input_scale times larger (train-seg's input_scale)
+    input_scale = float((meta.get("config") or {}).get("input_scale", 1.0))
+    scales = [s * input_scale for s in cfg.scales]
     what = f"split '{cfg.split}'" if cfg.split else f"folder {cfg.images}"
     where = f"torch on {device}" if backend == "torch" else f"pydensecrf, {workers} worker(s)"
     crf = f"CRF ({cfg.preset}, {where})" if cfg.crf else "no CRF"
     log(
         f"predict {what} -> pred/{name} shard {shard}: {job.progress}; "
-        f"scales {cfg.scales}, flip {cfg.flip}, {crf}, device {device}"
+        f"scales {cfg.scales}"
+        + (f" x the segmenter's input scale {input_scale:g}" if input_scale != 1 else "")
+        + f", flip {cfg.flip}, {crf}, device {device}"
         + ("; model trained on GT masks (UPPER BOUND)" if provenance["upper_bound"] else "")
     )
     with record:
         loader = job.readable(image_loader(make_images(job.todo, opts.skip_bad), cfg.batch_size, workers, device))
         with process_pool(workers if cfg.crf and backend == "pydensecrf" else 0) as pool, torch.no_grad():
-            predictions = _probabilities(loader, model, cfg, device)
+            predictions = _probabilities(loader, model, cfg, scales, device)
             for item, label in log.track(_labels(predictions, cfg, pool, workers, backend), len(job.todo), "predict"):
                 if cfg.overlays:
                     report.write_overlay(_overlay_path(store, item.id), item.image, label)
@@ -183,10 +188,10 @@ def _overlay_path(store: LabelStore, image_id: str) -> Path:
 
 
 def _probabilities(
-    loader: Iterable[_Item], model: Segmenter, cfg: PredictConfig, device: torch.device
+    loader: Iterable[_Item], model: Segmenter, cfg: PredictConfig, scales: list[float], device: torch.device
 ) -> Iterator[tuple[list[_Item], torch.Tensor]]:
-    """(items, B x L x H x W probabilities averaged over scales and flips), batching images of one size."""
-    passes = len(cfg.scales) * (2 if cfg.flip else 1)
+    """(items, B x L x H x W probabilities averaged over `scales` and flips), batching images of one size."""
+    passes = len(scales) * (2 if cfg.flip else 1)
 
     def probs_fn(x: torch.Tensor) -> torch.Tensor:
         with autocast(device):
@@ -199,7 +204,7 @@ def _probabilities(
         drawn = capped_size(size, cfg.max_side)  # a large photo is predicted smaller, then upsampled
         if drawn is not None:
             x = F.interpolate(x, size=drawn, mode="bilinear", align_corners=False, antialias=True)
-        probs = multiscale_cams(probs_fn, x, cfg.scales, cfg.flip) / passes
+        probs = multiscale_cams(probs_fn, x, scales, cfg.flip) / passes
         if drawn is not None:
             probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         yield batch, probs

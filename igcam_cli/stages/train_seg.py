@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from igcam_cli.config import RunOptions, TrainSegConfig, changed_settings, result_settings, to_dict
+from igcam_cli.core.cam import multiscale_cams
 from igcam_cli.core.metrics import confusion_matrix, scores
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize, seg_train_view
@@ -83,7 +84,8 @@ class _SegImages(training.EpochDataset):
             )
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            return seg_train_view(image, label, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng)
+            low, high = self.cfg.scale_min * self.cfg.input_scale, self.cfg.scale_max * self.cfg.input_scale
+            return seg_train_view(image, label, self.cfg.crop, low, high, rng)
         return normalize(image), torch.from_numpy(label.astype(np.int64))
 
 
@@ -155,11 +157,12 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     source = "GT masks (UPPER BOUND, fully supervised)" if cfg.labels == "gt" else f"pseudo/{cfg.split}"
     if provenance["oracle"]:
         log("ORACLE: these pseudo-labels come from GT-guided maps (refine --guidance gt); not weakly supervised")
+    drawn = f", images drawn x{cfg.input_scale:g}" if cfg.input_scale != 1 else ""
     log(
         f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
         f"{_epochs_said(cfg, epochs, steps_per_epoch)}, "
         f"batch {cfg.batch_size} ({batch} x {ddp.world_size()} process(es)), "
-        f"crop {cfg.crop}, device {device}"
+        f"crop {cfg.crop}{drawn}, device {device}"
         + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else "")
     )
 
@@ -223,18 +226,24 @@ def _epochs_said(cfg: TrainSegConfig, epochs: int, steps_per_epoch: int) -> str:
 def evaluate_miou(
     model: Segmenter, dataset: Dataset, ids: list[str], cfg: TrainSegConfig, device: torch.device
 ) -> float:
-    """Single-scale mIoU against the GT masks of `ids` (the per-epoch validation score)."""
+    """Single-scale mIoU against the GT masks of `ids` (the per-epoch validation score), images drawn at
+    `input_scale`."""
     data = _SegImages(dataset, ids, None, cfg, seed=0, train=False)
     loader = image_loader(data, cfg.batch_size, cfg.workers, device)
     n = dataset.num_classes + 1
     conf = np.zeros((n, n), dtype=np.int64)
     was_training = model.training
     model.eval()
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return model(x)
+
     with torch.no_grad():
         for batch in same_size_batches(loader, cfg.batch_size, lambda item: tuple(item[0].shape)):
             x = torch.stack([item[0] for item in batch]).to(device, memory_format=memory_format(device))
-            with autocast(device):
-                pred = model(x).argmax(1).cpu().numpy()
+            # drawn at input_scale, scored at the mask's size
+            pred = multiscale_cams(logits_fn, x, [cfg.input_scale], flip=False).argmax(1).cpu().numpy()
             for (_, y), p in zip(batch, pred):
                 conf += confusion_matrix(y.numpy(), p, n)
     model.train(was_training)
