@@ -3,8 +3,9 @@ over it, so a killed or failing write never leaves half a file where a reader lo
 
 from __future__ import annotations
 
+import csv
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -25,3 +26,13 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
 
 def write_text_atomically(path: Path, text: str, encoding: str = "utf-8") -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+def write_csv_atomically(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    return write_atomically(path, write)

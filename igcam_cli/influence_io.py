@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igcam_cli.atomic import write_atomically, write_text_atomically
+from igcam_cli.atomic import write_atomically, write_csv_atomically, write_text_atomically
 from igcam_cli.errors import BadData, MissingArtifact
 from igcam_cli.store import MapStore
 
@@ -137,7 +137,7 @@ def write_scores(directory: Path, rows: list[ImageScore]) -> Path:
         )
         for r in rows
     ]
-    return _write_csv(Path(directory) / SCORES_NAME, SCORE_COLUMNS, table)
+    return write_csv_atomically(Path(directory) / SCORES_NAME, SCORE_COLUMNS, table)
 
 
 def read_scores(directory: Path, ids: list[str], command: str, num_classes: int) -> dict[str, ImageScore]:
@@ -206,17 +206,7 @@ def class_list(text: str, num_classes: int, where: str = "") -> np.ndarray:
 
 def write_relabelled(path: Path, rows: list[ImageScore]) -> Path:
     """The images a classifier round trained on suggested labels: id, labels (as given), trained_labels."""
-    return _write_csv(path, ("id", "labels", "trained_labels"), [(r.id, r.labels, r.suggested) for r in rows])
-
-
-def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-
-    return write_atomically(path, write)
+    return write_csv_atomically(path, ("id", "labels", "trained_labels"), [(r.id, r.labels, r.suggested) for r in rows])
 
 
 def read_relabelled(path: Path, num_classes: int) -> dict[str, np.ndarray]:

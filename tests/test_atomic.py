@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from igcam_cli.atomic import write_atomically, write_text_atomically
+from igcam_cli.atomic import write_atomically, write_csv_atomically, write_text_atomically
 
 
 def test_a_whole_write_replaces_the_file(tmp_path):
@@ -27,3 +27,8 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
         write_atomically(path, half_then_fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
+
+
+def test_a_csv_is_written_whole_with_its_header(tmp_path):
+    path = write_csv_atomically(tmp_path / "labels.csv", ("id", "labels"), [("a", "cat dog"), ("b", "")])
+    assert path.read_text().splitlines() == ["id,labels", "a,cat dog", "b,"]

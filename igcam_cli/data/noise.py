@@ -8,12 +8,11 @@ labels can still be scored against the real objects.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from igcam_cli.atomic import write_atomically
+from igcam_cli.atomic import write_csv_atomically
 from igcam_cli.data.folder import read_labels_csv
 from igcam_cli.errors import BadData, UsageError
 
@@ -89,18 +88,10 @@ def write_noisy_labels(
     rows = read_labels_csv(path)
     noisy = corrupt_labels(labels, len(classes), fraction, seed, kind)
     names = lambda ks: " ".join(classes[k - 1] for k in ks)  # noqa: E731
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(("id", "labels"))
-            writer.writerows((i, names(noisy[i]) if i in noisy else " ".join(row.names)) for i, row in rows.items())
-
-    write_atomically(path, write)
-    with open(Path(root) / CORRUPTED_NAME, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(("id", "true_labels", "noisy_labels"))
-        writer.writerows((i, names(labels[i]), names(noisy[i])) for i in sorted(noisy))
+    table = [(i, names(noisy[i]) if i in noisy else " ".join(row.names)) for i, row in rows.items()]
+    write_csv_atomically(path, ("id", "labels"), table)
+    truth = [(i, names(labels[i]), names(noisy[i])) for i in sorted(noisy)]
+    write_csv_atomically(Path(root) / CORRUPTED_NAME, ("id", "true_labels", "noisy_labels"), truth)
     return sorted(noisy)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from igcam_cli.atomic import write_atomically
 from igcam_cli.data.base import Unreadable, load_or_skip
 from igcam_cli.errors import BadData, StorageError, UsageError
 from igcam_cli.runtime import distributed as ddp
@@ -122,13 +122,10 @@ def lock_model(model_path: Path) -> OutputLock | None:
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save under a temporary name, then a rename: a killed run never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, RuntimeError) and "write" in str(exc):  # torch's stream writer on a full disk
+        write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as exc:
+        if "write" in str(exc):  # torch's stream writer on a full disk
             first = str(exc).strip().splitlines()[0]
             raise StorageError(
                 f"cannot write {path} ({first}): is the disk full? Free some space and rerun with --resume"
