@@ -1,8 +1,9 @@
 """torchrun on the CPU: train-cls with DDP over 2 gloo processes (the configured batch shared between them), then
-make-cams sharded by rank, whose maps equal a single process's."""
+make-cams and compute-influence sharded by rank, whose maps and scores equal a single process's."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -49,6 +50,27 @@ def test_train_cls_and_make_cams_under_torchrun(tmp_path):
     assert cams.ids() == alone.ids() == set(Workspace.open(ws).dataset().ids("train"))
     for image_id in cams.ids():
         np.testing.assert_allclose(cams.read(image_id).maps, alone.read(image_id).maps, atol=2e-3, rtol=0)
+
+    # compute-influence: each rank sums its share's curvature statistics, both fit the preconditioner from
+    # the total, and the scores equal those of one process over every image
+    influence = ["--split", "train", "--scope", "head", "--workers", "0", "--batch-size", "4", "--quiet"]
+    torchrun("compute-influence", "-w", ws, *influence, cwd=tmp_path)
+    directory = ws / "influence" / "train"
+    assert sorted(p.name for p in directory.glob("stats-factors-*.pt")) == [
+        "stats-factors-r0-of-2.pt",
+        "stats-factors-r1-of-2.pt",
+    ]
+    ok("compute-influence", "-w", single, *influence)
+    sharded, one = (_scores(w / "influence" / "train") for w in (ws, single))
+    assert sharded.keys() == one.keys() == set(Workspace.open(ws).dataset().ids("train"))
+    for image_id, row in one.items():
+        for column in ("loss", "self_influence", "atypicality", "weight"):
+            np.testing.assert_allclose(float(sharded[image_id][column]), float(row[column]), rtol=1e-3, atol=1e-6)
+
+
+def _scores(directory) -> dict[str, dict[str, str]]:
+    with open(directory / "scores.csv", newline="") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh)}
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
