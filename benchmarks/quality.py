@@ -29,12 +29,10 @@ import torch.nn.functional as F
 from style_args import add_style_options, chosen_styles  # benchmarks/, on the path when run as a script
 
 from igcam_cli import ablation, chain
-from igcam_cli.config import EvaluateConfig, MakeCamsConfig, RunOptions, build
+from igcam_cli.config import FIXED_TAU, EvaluateConfig, MakeCamsConfig, RunOptions, build
 from igcam_cli.models.classifier import IMAGENET_MEAN, IMAGENET_STD, STAGE4_LAYOUT, CamClassifier
 from igcam_cli.stages import evaluate, init, make_cams
 from igcam_cli.workspace import Workspace
-
-FIXED_TAU = {"cams": 0.15, "refined": 0.15}
 
 
 def plain_baseline(ws: Workspace, epochs: int = 15, lr: float = 0.05, batch: int = 16, seed: int = 0) -> Path:
@@ -132,7 +130,8 @@ def pct(value) -> str:
 def markdown(rows: list[dict], n_train: int, n_val: int) -> str:
     lines = [
         f"mIoU % against exact masks, {n_train} train / {n_val} val images of 128 px; maps and CRF on train, "
-        "segmentation on val; `fixed` = background threshold 0.15, `best` = best of the sweep, tuned on train; "
+        f"segmentation on val; `fixed` = background threshold {FIXED_TAU['cams']:g} for CAMs and "
+        f"{FIXED_TAU['refined']:g} for refined maps (evaluate's), `best` = best of the sweep, tuned on train; "
         "no oracle.",
         "",
         "| style | cls val mAP | plain CAM fixed / best | CAM fixed / best | refined fixed / best | refined / CAM "
