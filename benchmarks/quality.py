@@ -9,7 +9,8 @@ train-seg, predict, evaluate) and a CRF on the raw CAMs, then trains the **plain
 independent 30-line recipe (the same network, full images with random flips, SGD with a one-cycle
 learning rate, 15 epochs, no igcam training code) whose CAMs are made and scored by the same
 make-cams and evaluate. Every number is mIoU % against the exact synthetic masks, no oracle: maps
-on the train split at the fixed threshold (CAMs 0.15, IRN's convention) and at the best threshold
+on the train split at evaluate's fixed threshold (config.FIXED_TAU: CAMs 0.15, IRN's convention;
+refined maps 0.50) and at the best threshold
 of the sweep (tuned on the train split it scores), CRF pseudo-labels on train, the segmentation
 model on val. The table is printed as Markdown and written, with every number, to --out.
 """

@@ -3,7 +3,6 @@ make-cams and compute-influence sharded by rank, whose maps and scores equal a s
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import CAMS, TRAIN, init_synthetic, ok, with_option
+from igcam_cli.influence_io import read_scores
 from igcam_cli.store import MapStore
 from igcam_cli.workspace import Workspace
 
@@ -61,16 +61,16 @@ def test_train_cls_and_make_cams_under_torchrun(tmp_path):
         "stats-factors-r1-of-2.pt",
     ]
     ok("compute-influence", "-w", single, *influence)
-    sharded, one = (_scores(w / "influence" / "train") for w in (ws, single))
-    assert sharded.keys() == one.keys() == set(Workspace.open(ws).dataset().ids("train"))
-    for image_id, row in one.items():
+    dataset = Workspace.open(ws).dataset()
+    ids = dataset.ids("train")
+    sharded, one = (
+        read_scores(w / "influence" / "train", ids, "compute-influence", dataset.num_classes) for w in (ws, single)
+    )
+    assert sharded.keys() == one.keys() == set(ids)
+    for image_id, score in one.items():
         for column in ("loss", "self_influence", "atypicality", "weight"):
-            np.testing.assert_allclose(float(sharded[image_id][column]), float(row[column]), rtol=1e-3, atol=1e-6)
-
-
-def _scores(directory) -> dict[str, dict[str, str]]:
-    with open(directory / "scores.csv", newline="") as fh:
-        return {row["id"]: row for row in csv.DictReader(fh)}
+            got, want = getattr(sharded[image_id], column), getattr(score, column)
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
