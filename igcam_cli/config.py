@@ -348,9 +348,11 @@ class TrainSegConfig:
     scale_max: float = 2.0
     # Images are drawn this much larger for the segmenter: in training (the rescale range is multiplied by it),
     # in the per-epoch val mIoU, and in predict (its scales too; the checkpoint keeps it). For small images,
-    # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels. 2 was measured
-    # on three synthetic styles only (val mIoU textured 46.3 -> 50.8, scales 36.0 -> 39.5, clutter 49.4 -> 51.9; 1.5
-    # on textured 45.9), at 4x the compute: not yet on all six, so not the synthetic preset's default
+    # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels. The synthetic
+    # preset sets 2 (crop 256) for images under 256 px (stages/init.py segmenter_input_scale): val mIoU % with
+    # predict's CRF, x1 -> x2 on the same pseudo-labels, benchmarks/quality.py: heads 76.3 -> 79.2, textured
+    # 45.8 -> 50.9, clutter 48.9 -> 53.3, scales 37.0 -> 33.4 (one seed each; README); 1.5 on textured: no gain.
+    # It costs 4x train-seg's compute
     input_scale: Positive = 1.0
     lr: Positive = 0.001  # backbone; the head gets lr * head_lr_mult
     head_lr_mult: NonNegativeFloat = 10.0

@@ -352,6 +352,19 @@ def test_init_presets(tmp_path):
     assert bad.exit_code == 2 and "'tiny' is not one of" in bad.output and not (tmp_path / "bad").exists()
 
 
+class Sizes:
+    """A dataset that knows only its images' (height, width), all in one split."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def ids(self, split):
+        return list(self.sizes)
+
+    def image_size(self, image_id):
+        return self.sizes[image_id]
+
+
 def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_stride(tmp_path):
     from igcam_cli.stages import init as init_stage
     from igcam_cli.stages.init import whole_image_crop
@@ -369,18 +382,24 @@ def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_strid
     assert (table["crop"], table["crop_height"]) == (48, 32)  # 40 x 24 images: no padding beyond the stride
     assert whole_image_crop(Workspace.open(tmp_path / "ws").dataset(), "train", sample=2) == (48, 32)
 
-    class Sizes:  # one portrait image among landscape ones: a square canvas of the longest side
-        def __init__(self, sizes):
-            self.sizes = sizes
-
-        def ids(self, split):
-            return list(self.sizes)
-
-        def image_size(self, image_id):
-            return self.sizes[image_id]
-
+    # one portrait image among landscape ones: a square canvas of the longest side
     assert whole_image_crop(Sizes({"a": (120, 160), "b": (170, 100)}), "train") == (176, 176)
     assert whole_image_crop(Sizes({"a": (120, 160), "b": (100, 150)}), "train") == (160, 128)
+
+
+def test_synthetic_preset_draws_small_images_twice_as_large_for_the_segmenter(tmp_path):
+    from igcam_cli.stages import init as init_stage
+    from igcam_cli.stages.init import segmenter_input_scale
+
+    embedded = init_stage.run(tmp_path / "embedded", "synthetic", None, None, {"n_train": 4, "n_val": 2})
+    seg = embedded.stage_table("train-seg")
+    assert (seg["input_scale"], seg["crop"]) == (2.0, 256)  # 128 px images: crop 128 of the image, drawn x2
+    large = init_stage.run(tmp_path / "large", "synthetic", None, None, {"n_train": 4, "n_val": 2, "size": 256})
+    assert "input_scale" not in large.stage_table("train-seg") and large.stage_table("train-seg")["crop"] == 128
+
+    assert segmenter_input_scale(Sizes({"a": (128, 160), "b": (300, 400), "c": (120, 500)}), "train") == 2.0
+    assert segmenter_input_scale(Sizes({"a": (128, 160), "b": (300, 400), "c": (256, 500)}), "train") == 1.0
+    assert segmenter_input_scale(Sizes({}), "train") == 1.0
 
 
 def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):
