@@ -340,6 +340,7 @@ def test_init_presets(tmp_path):
     synthetic = {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
     synthetic["train-cls"]["crop"] = 32  # the classifier trains on whole images at their own size
     synthetic["train-irn"]["crop"] = 32  # and so does the boundary network
+    synthetic["train-seg"].update(input_scale=2.0, crop=256)  # and the segmenter draws small images twice as large
     auto, said = tables("auto", "--dataset", "folder", "--root", data)
     assert auto == synthetic and "synthetic settings" in said
     standard, said = tables("std", "--dataset", "folder", "--root", data, "--preset", "standard")
