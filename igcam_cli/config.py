@@ -351,7 +351,8 @@ class TrainSegConfig:
     # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels. The synthetic
     # preset sets 2 (crop 256) for images under 256 px (stages/init.py segmenter_input_scale): val mIoU % with
     # predict's CRF, x1 -> x2 on the same pseudo-labels, benchmarks/quality.py: heads 76.3 -> 79.2, textured
-    # 45.8 -> 50.9, clutter 48.9 -> 53.3, scales 37.0 -> 33.4 (one seed each; README); 1.5 on textured: no gain.
+    # 45.8 -> 50.9, clutter 48.9 -> 53.3, shapes 18.8 -> 19.4, scales 37.0 -> 33.4 (one seed each; README); 1.5 on
+    # textured: no gain.
     # It costs 4x train-seg's compute
     input_scale: Positive = 1.0
     lr: Positive = 0.001  # backbone; the head gets lr * head_lr_mult
