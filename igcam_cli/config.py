@@ -348,12 +348,9 @@ class TrainSegConfig:
     scale_max: float = 2.0
     # Images are drawn this much larger for the segmenter: in training (the rescale range is multiplied by it),
     # in the per-epoch val mIoU, and in predict (its scales too; the checkpoint keeps it). For small images,
-    # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels. The synthetic
-    # preset sets 2 (crop 256) for images under 256 px (stages/init.py segmenter_input_scale): val mIoU % with
-    # predict's CRF, x1 -> x2 on the same pseudo-labels, benchmarks/quality.py: heads 76.3 -> 79.2, textured
-    # 45.8 -> 50.9, clutter 48.9 -> 53.3, shapes 18.8 -> 19.4, scales 37.0 -> 33.4 (one seed each; README); 1.5 on
-    # textured: no gain.
-    # It costs 4x train-seg's compute
+    # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels. It costs
+    # 4x train-seg's compute. The synthetic preset sets 2 (crop 256) for images under 256 px: measured on all six
+    # styles, see stages/init.py segmenter_input_scale; 1.5 on textured gave no gain.
     input_scale: Positive = 1.0
     lr: Positive = 0.001  # backbone; the head gets lr * head_lr_mult
     head_lr_mult: NonNegativeFloat = 10.0

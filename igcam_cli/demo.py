@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from igcam_cli import chain, report
-from igcam_cli.config import RunOptions
+from igcam_cli.config import SYNTHETIC_DEFAULTS, RunOptions
 from igcam_cli.errors import UsageError
 from igcam_cli.registry import STAGES, stage_config
 from igcam_cli.stages import evaluate, influence_report, init, make_cams
@@ -46,7 +46,7 @@ def run(
     start = time.time()
     # A quick look: the segmenter sees the images at their own size, where the preset draws 128 px images twice as
     # large (four times the compute); on the demo's `heads` style it already scores above its pseudo-labels
-    ws.set_stage_options("train-seg", {"input_scale": 1.0, "crop": 128})
+    ws.set_stage_options("train-seg", {"input_scale": 1.0, "crop": SYNTHETIC_DEFAULTS["train-seg"]["crop"]})
     if epochs is not None:
         ws.set_stage_options("train-cls", {"epochs": epochs})
         ws.set_stage_options("train-seg", {"epochs": epochs, "min_steps": 0})

@@ -353,19 +353,6 @@ def test_init_presets(tmp_path):
     assert bad.exit_code == 2 and "'tiny' is not one of" in bad.output and not (tmp_path / "bad").exists()
 
 
-class Sizes:
-    """A dataset that knows only its images' (height, width), all in one split."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def ids(self, split):
-        return list(self.sizes)
-
-    def image_size(self, image_id):
-        return self.sizes[image_id]
-
-
 def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_stride(tmp_path):
     from igcam_cli.stages import init as init_stage
     from igcam_cli.stages.init import whole_image_crop
@@ -381,11 +368,10 @@ def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_strid
     ok("init", "-w", tmp_path / "ws", "--dataset", "folder", "--root", data)
     table = Workspace.open(tmp_path / "ws").stage_table("train-cls")
     assert (table["crop"], table["crop_height"]) == (48, 32)  # 40 x 24 images: no padding beyond the stride
-    assert whole_image_crop(Workspace.open(tmp_path / "ws").dataset(), "train", sample=2) == (48, 32)
 
     # one portrait image among landscape ones: a square canvas of the longest side
-    assert whole_image_crop(Sizes({"a": (120, 160), "b": (170, 100)}), "train") == (176, 176)
-    assert whole_image_crop(Sizes({"a": (120, 160), "b": (100, 150)}), "train") == (160, 128)
+    assert whole_image_crop([(120, 160), (170, 100)]) == (176, 176)
+    assert whole_image_crop([(120, 160), (100, 150)]) == (160, 128)
 
 
 def test_synthetic_preset_draws_small_images_twice_as_large_for_the_segmenter(tmp_path):
@@ -398,9 +384,8 @@ def test_synthetic_preset_draws_small_images_twice_as_large_for_the_segmenter(tm
     large = init_stage.run(tmp_path / "large", "synthetic", None, None, {"n_train": 4, "n_val": 2, "size": 256})
     assert "input_scale" not in large.stage_table("train-seg") and large.stage_table("train-seg")["crop"] == 128
 
-    assert segmenter_input_scale(Sizes({"a": (128, 160), "b": (300, 400), "c": (120, 500)}), "train") == 2.0
-    assert segmenter_input_scale(Sizes({"a": (128, 160), "b": (300, 400), "c": (256, 500)}), "train") == 1.0
-    assert segmenter_input_scale(Sizes({}), "train") == 1.0
+    assert segmenter_input_scale([(128, 160), (300, 400), (120, 500)]) == 2.0  # the median shorter side: 128
+    assert segmenter_input_scale([(128, 160), (300, 400), (256, 500)]) == 1.0  # 256
 
 
 def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):
