@@ -758,6 +758,12 @@ def predict(
         bool | None, typer.Option("--crf/--no-crf", help="Dense CRF over the predicted probabilities")
     ] = None,
     preset: Annotated[str | None, typer.Option(help="CRF parameters (with --crf)")] = None,
+    class_gate: Annotated[
+        float | None,
+        typer.Option(
+            help="Drop the classes the workspace's classifier scores below this probability in an image (0: off)"
+        ),
+    ] = None,
     overlays: Annotated[bool | None, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.jpg")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     crf_backend: Annotated[
@@ -786,6 +792,7 @@ def predict(
         flip=flip,
         crf=crf,
         preset=preset,
+        class_gate=class_gate,
         overlays=overlays,
         batch_size=batch_size,
         workers=workers,

@@ -375,6 +375,11 @@ class PredictConfig:
     workers: NonNegative | None = None  # None: every CPU this process may use (runtime/pool.py available_cpus)
     crf_backend: Literal["auto", "torch", "pydensecrf"] = "auto"  # as crf's backend
     max_side: NonNegative = MAX_SIDE  # as make-cams': larger images are predicted at this side, then upsampled
+    # Drop from each image's prediction the classes the workspace's classifier scores below this probability
+    # (None or 0: off). Only a classifier that learned early gates (stages/predict.py _gate_classifier). Off by
+    # default: at 0.5 it helped on the `lookalike` style (val mIoU 29.6 -> 36.3) and cost on `textured`,
+    # `scales` and `shapes` (50.9 -> 49.3, 33.4 -> 29.8, 19.4 -> 15.5; README, "Dropping the classes ...").
+    class_gate: Fraction | None = None
 
 
 @dataclass

@@ -80,7 +80,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("refine", RefineConfig, "refine", writes="refined", reads=("cams", "irn"), per_image=True),
     Stage("crf", CrfConfig, "crf", writes="crf", reads=("cams", "refined"), per_image=True),
     Stage("train-seg", TrainSegConfig, "train_seg", writes="seg", reads=("crf", "cls")),
-    Stage("predict", PredictConfig, "predict", writes="pred", reads=("seg",), per_image=True),
+    Stage("predict", PredictConfig, "predict", writes="pred", reads=("seg", "cls"), per_image=True),
     Stage("evaluate", EvaluateConfig, "evaluate", writes="eval", reads=("cams", "refined", "crf", "pred")),
 )
 

@@ -28,9 +28,11 @@ from cli_helpers import (
     with_option,
 )
 from igcam_cli.config import TrainSegConfig, build
+from igcam_cli.core.class_gate import gate_classes
 from igcam_cli.core.metrics import confusion_matrix, scores
 from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, UsageError
+from igcam_cli.models.classifier import STAGE4_LAYOUT, CamClassifier
 from igcam_cli.models.segmenter import Segmenter, build_segmenter
 from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
@@ -472,6 +474,96 @@ def test_evaluate_refuses_a_folder_prediction_named_like_the_split(seg_ws, tmp_p
         "pred/val holds predictions of",
         "--force",
     )
+
+
+def test_gate_classes_zeroes_the_low_classes_and_keeps_each_images_best():
+    probs = torch.rand(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    class_probs = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.3, 0.2]])
+    gated = gate_classes(probs, class_probs, 0.5)
+    keep = [[True, False, True], [False, True, False]]  # image 1 has no class above 0.5: its best one stays
+    for b, row in enumerate(keep):
+        torch.testing.assert_close(gated[b, 0], probs[b, 0])
+        for c, kept in enumerate(row):
+            torch.testing.assert_close(gated[b, c + 1], probs[b, c + 1] if kept else torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="not B x"):
+        gate_classes(probs, class_probs[:, :2], 0.5)
+
+
+def _save_classifier(ws_path: Path, favoured: int, metrics: dict) -> CamClassifier:
+    """A classifier that scores class `favoured` above 0.5 and every other class below it on any image (its head
+    weighs the non-negative pooled features by +1 for that class, -1 for the rest), and a train-cls record."""
+    ws = Workspace.open(ws_path)
+    dataset = ws.dataset()
+    model = CamClassifier("resnet18", dataset.num_classes).eval()
+    with torch.no_grad():
+        model.head.weight.fill_(-1.0)
+        model.head.weight[favoured - 1] = 1.0
+    path = ws.cls_dir / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"backbone": "resnet18", "stage4": STAGE4_LAYOUT, "num_classes": dataset.num_classes}
+    torch.save({**state, "classes": dataset.classes, "config": {}, "model": model.state_dict()}, path)
+    ws.start("train-cls", {"test": True}, round=1).finish(outputs=[str(path)], metrics=metrics)
+    return model
+
+
+def _predicted(ws: Path, out: str) -> dict[str, np.ndarray]:
+    ids = Workspace.open(ws).dataset().ids("val")
+    return {i: np.asarray(Image.open(ws / "pred" / out / f"{i}.png")) for i in ids}
+
+
+GATE_ARGS = ["--split", "val", "--workers", "0", "--scales", "1.0", "--no-flip", "--no-crf", "--no-overlays", "--quiet"]
+
+
+def _level_the_labels(ws: Path) -> None:
+    """Zero the segmenter's output biases: the template's one epoch leaves background winning every pixel."""
+    path = ws / "seg" / "model.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["classifier.classify.bias"].zero_()
+    torch.save(ckpt, path)
+
+
+@pytest.mark.slow
+def test_class_gate_drops_the_classes_the_classifier_scores_low(seg_ws):
+    _level_the_labels(seg_ws)
+    ok("predict", "-w", seg_ws, *GATE_ARGS, "--out", "open")
+    open_labels = _predicted(seg_ws, "open")
+    classes, counts = np.unique(np.concatenate([v.ravel() for v in open_labels.values()]), return_counts=True)
+    assert len(classes) >= 2, classes  # a class besides background: the gate has something to drop
+    dropped = int(classes[1:][counts[1:].argmax()])
+    favoured = 1 if dropped != 1 else 2
+    model = _save_classifier(seg_ws, favoured, {"learned": True, "learned_early": True})
+    image = Workspace.open(seg_ws).dataset().load(next(iter(open_labels)), with_mask=False).image
+    with torch.no_grad():
+        probs = torch.sigmoid(model(normalize(image)[None])[0])[0]
+    assert probs[favoured - 1] > 0.5 and (np.delete(probs.numpy(), favoured - 1) < 0.5).all(), probs
+
+    ok("predict", "-w", seg_ws, *GATE_ARGS, "--class-gate", "0.5")  # to pred/val/, as evaluate reads it
+    for image_id, gated in _predicted(seg_ws, "val").items():
+        before = open_labels[image_id]
+        kept = np.isin(before, (0, favoured))
+        np.testing.assert_array_equal(gated[kept], before[kept])  # the arg-max among the kept labels is unchanged
+        assert np.isin(gated[~kept], (0, favoured)).all()  # the dropped classes' pixels go to the kept ones
+    assert not any((labels == dropped).any() for labels in _predicted(seg_ws, "val").values())
+    record = Workspace.open(seg_ws).latest("predict", "val")
+    assert record["class_gate"]["applied"] is True and record["inputs"]["train-cls"] == record["class_gate"]["run"]
+    assert "scores below 0.5 dropped" in (seg_ws / "logs" / "predict.log").read_text()
+    out = ok("evaluate", "-w", seg_ws, "--artifact", "seg", "--split", "val")
+    assert json.loads((seg_ws / "eval" / "seg-val.json").read_text())["class_gate"] == 0.5
+    assert "classes the workspace classifier scored below 0.5 dropped (no GT)" in " ".join(out.output.split())
+
+
+@pytest.mark.slow
+def test_class_gate_is_off_with_a_classifier_that_learned_late(seg_ws):
+    """The guard: a classifier from scratch whose loss had not fallen clearly below the class-prior loss after its
+    first epochs memorised more than it learned, and does not gate."""
+    _save_classifier(seg_ws, 1, {"learned": True, "learned_early": False})
+    ok("predict", "-w", seg_ws, *GATE_ARGS, "--out", "open")
+    ok("predict", "-w", seg_ws, *GATE_ARGS, "--out", "gated", "--class-gate", "0.5")
+    open_labels, gated = _predicted(seg_ws, "open"), _predicted(seg_ws, "gated")
+    assert all(np.array_equal(open_labels[i], gated[i]) for i in open_labels)
+    record = Workspace.open(seg_ws).latest("predict", "gated")
+    assert record["class_gate"]["applied"] is False and "train-cls" not in record["inputs"]
+    assert "class gate off" in (seg_ws / "logs" / "predict.log").read_text()
 
 
 @pytest.mark.slow

@@ -157,6 +157,18 @@ def test_warns_when_the_loss_does_not_fall_below_the_class_prior(tmp_path):
     ) in warning and "has not learned" in warning
 
 
+@pytest.mark.slow
+def test_records_the_early_verdict_predict_gates_by(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cls, "LEARNED_CHECK_EPOCHS", 1)
+    monkeypatch.setattr(train_cls, "LEARNED_CHECK_STEPS", 1)
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=0)
+    train_cls.run(tiny_cls_config(ws, epochs=2, lr=1e-9), ws, OPTS, train_cls.TrainOptions())
+    metrics = ws.latest("train-cls")["metrics"]
+    assert metrics["learned_early"] is False and metrics["learned"] is False
+    warnings = [line for line in ws.log_path("train-cls").read_text().splitlines() if "warning:" in line]
+    assert ["after 1 epochs" in w for w in warnings] == [True, False]
+
+
 def _batchnorm_state(model: CamClassifier) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().clone()

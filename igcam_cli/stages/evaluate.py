@@ -182,6 +182,7 @@ def _result(
         "oracle": oracle,
         "upper_bound": bool((source_record or {}).get("upper_bound", False)),
         **({"labels": (source_record or {}).get("labels", "pseudo")} if cfg.artifact == "seg" else {}),
+        **({"class_gate": _class_gate(source_record)} if cfg.artifact == "seg" else {}),
         "ignore_index": 255,
         "miou_over": "classes present in GT or prediction",
         "source_run": (source_record or {}).get("id"),
@@ -206,6 +207,12 @@ def _cams_record(ws: Workspace, record: dict | None) -> dict | None:
         ]
         record = next((r for r in parents if r is not None), None)
     return None
+
+
+def _class_gate(source_record: dict | None) -> float | None:
+    """predict --class-gate's threshold where the classifier gated the predictions, else None."""
+    gate = (source_record or {}).get("class_gate") or {}
+    return gate.get("tau") if gate.get("applied") else None
 
 
 def _used_crf(artifact: str, source_record: dict | None) -> bool:
@@ -238,6 +245,8 @@ def describe(result: dict) -> str:
     extra = ""
     if result.get("classifier_round"):
         extra += f", CAMs of classifier round {result['classifier_round']}"
+    if result.get("class_gate"):
+        extra += f", classes the workspace classifier scored below {result['class_gate']:g} dropped (no GT)"
     if result.get("relabelled"):
         extra += f", {result['relabelled']} images with labels suggested by compute-influence"
     if result.get("skipped"):

@@ -198,6 +198,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     )
     metrics: dict[str, float] = {}
     learned: bool | None = None
+    learned_early: bool | None = None  # the verdict after the first few epochs, before the classifier memorises
     try:
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, schedule.epochs):
@@ -216,7 +217,10 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                     val = f", val mAP {metrics['val_map'] * 100:.1f}" if "val_map" in metrics else ""
                     log(f"epoch {epoch + 1}/{schedule.epochs}: loss {loss:.4f}{val}")
                     if epoch + 1 in check_at:
-                        learned = _check_learned(loss, prior, epoch + 1, epoch + 1 == schedule.epochs, log)
+                        last = epoch + 1 == schedule.epochs
+                        learned = _check_learned(loss, prior, epoch + 1, last, log)
+                        if not last:
+                            learned_early = learned
             if record is not None:  # the main rank
                 _save_final(model_path, cfg, model, dataset.classes)
                 _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
@@ -228,6 +232,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                         "epochs": schedule.epochs,
                         "prior_loss": prior,
                         **({"learned": learned} if learned is not None else {}),
+                        **({"learned_early": learned_early} if learned_early is not None else {}),
                         **({"relabelled": len(relabelled)} if relabelled is not None else {}),
                     },
                 )
