@@ -212,8 +212,10 @@ def _gate_classifier(cfg: PredictConfig, ws: Workspace, num_classes: int) -> tup
     first = ws.classifier_run(1) or {}  # later rounds start from round 1's weights: it says whether scratch learned
     metrics = {**first.get("metrics", {}), **record.get("metrics", {})}
     gate = {"tau": cfg.class_gate, "round": round_, "run": record.get("id")}
-    if first.get("metrics", {}).get("learned_early") is False or metrics.get("learned") is False:
-        said = "class gate off: the classifier had not learned after its first epochs (train-cls's warning)"
+    late = first.get("metrics", {}).get("learned_early") is False
+    if late or metrics.get("learned") is False:
+        when = "after its first epochs" if late else "by its last epoch"
+        said = f"class gate off: the classifier had not learned {when} (train-cls's warning)"
         return None, {**gate, "applied": False, "said": said}
     said = f"classes the classifier (round {round_}) scores below {cfg.class_gate:g} dropped"
     return model, {**gate, "applied": True, "said": said}
