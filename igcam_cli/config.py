@@ -377,8 +377,9 @@ class PredictConfig:
     max_side: NonNegative = MAX_SIDE  # as make-cams': larger images are predicted at this side, then upsampled
     # Drop from each image's prediction the classes the workspace's classifier scores below this probability
     # (None or 0: off). Only a classifier that learned early gates (stages/predict.py _gate_classifier). Off by
-    # default: at 0.5 it helped on the `lookalike` style (val mIoU 29.6 -> 36.3) and cost on `textured`,
-    # `scales` and `shapes` (50.9 -> 49.3, 33.4 -> 29.8, 19.4 -> 15.5; README, "Dropping the classes ...").
+    # default: at 0.5 it helped on the `lookalike` style (val mIoU 29.6 -> 36.3) and cost on the five others
+    # (textured 50.9 -> 49.3, scales 33.4 -> 29.8, heads 79.2 -> 77.9, clutter 53.3 -> 49.8, shapes 19.4 -> 15.5;
+    # README, "Dropping the classes the classifier rejects").
     class_gate: Fraction | None = None
 
 
