@@ -567,6 +567,20 @@ def test_class_gate_is_off_with_a_classifier_that_learned_late(seg_ws):
 
 
 @pytest.mark.slow
+def test_class_gate_without_a_fitting_classifier_names_the_file(seg_ws):
+    gated = ["predict", "-w", seg_ws, *GATE_ARGS, "--class-gate"]
+    assert_error(igcam(*gated, "0.5"), 3, "no trained classifier", "train-cls")
+    ws = Workspace.open(seg_ws)
+    path = ws.cls_dir / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrong = CamClassifier("resnet18", ws.dataset().num_classes + 2)
+    state = {"backbone": "resnet18", "stage4": STAGE4_LAYOUT, "num_classes": wrong.num_classes}
+    torch.save({**state, "classes": [], "config": {}, "model": wrong.state_dict()}, path)
+    assert_error(igcam(*gated, "0.5"), 4, str(path), "classes but")
+    assert_error(igcam(*gated, "1.5"), 2, "--class-gate: 1.5 is not allowed")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("crf", ["--no-crf", "--crf"])
 def test_predict_labels_do_not_depend_on_the_batch(seg_ws, crf):
     args = ["--split", "val", "--workers", "0", "--scales", "1.0,0.75", crf, "--no-overlays", "--quiet"]

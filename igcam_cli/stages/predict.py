@@ -198,23 +198,23 @@ def _overlay_path(store: LabelStore, image_id: str) -> Path:
 
 def _gate_classifier(cfg: PredictConfig, ws: Workspace, num_classes: int) -> tuple[CamClassifier | None, dict | None]:
     """(the classifier that gates classes, what the record says of the gate) for --class-gate: the workspace's
-    latest classifier round, unless training from random weights left it unlearned at the early check (its
-    loss not clearly below the class-prior loss after a few epochs, train-cls's warning). A classifier that
-    learned only late has memorised its images more than it generalises: on the `shapes` style (val mAP 35,
-    early check failed) gating at 0.5 took the segmenter from 19.4 to 15.5 % val mIoU."""
+    latest classifier round, unless training from random weights left it unlearned (train-cls's warning, which
+    only round 1 from scratch records), early or at the end. A classifier that learned only late has memorised
+    its images more than it generalises: on the `shapes` style (val mAP 35, early check failed) gating at 0.5
+    took the segmenter from 19.4 to 15.5 % val mIoU."""
     if not cfg.class_gate:  # None or 0: off
         return None, None
     path, round_ = ws.cls_model(None)
     model = load_checkpoint(path, ws.command("train-cls"))
     if model.num_classes != num_classes:
-        raise BadData(f"{path} has {model.num_classes} classes but the dataset has {num_classes}: retrain it")
-    record = ws.classifier_run(round_) or {}
-    first = ws.classifier_run(1) or {}  # later rounds start from round 1's weights: it says whether scratch learned
-    metrics = {**first.get("metrics", {}), **record.get("metrics", {})}
-    gate = {"tau": cfg.class_gate, "round": round_, "run": record.get("id")}
-    late = first.get("metrics", {}).get("learned_early") is False
-    if late or metrics.get("learned") is False:
-        when = "after its first epochs" if late else "by its last epoch"
+        raise BadData(
+            f"{path} has {model.num_classes} classes but the dataset has {num_classes}: "
+            f"retrain it with `{ws.command('train-cls')}`, or predict without --class-gate"
+        )
+    verdicts = (ws.classifier_run(1) or {}).get("metrics", {})  # later rounds start from round 1's weights
+    gate = {"tau": cfg.class_gate, "round": round_, "run": (ws.classifier_run(round_) or {}).get("id")}
+    if verdicts.get("learned_early") is False or verdicts.get("learned") is False:
+        when = "after its first epochs" if verdicts.get("learned_early") is False else "by its last epoch"
         said = f"class gate off: the classifier had not learned {when} (train-cls's warning)"
         return None, {**gate, "applied": False, "said": said}
     said = f"classes the classifier (round {round_}) scores below {cfg.class_gate:g} dropped"
