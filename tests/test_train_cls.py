@@ -46,8 +46,8 @@ def test_resume_gives_bit_identical_weights_and_manifest(tmp_path, monkeypatch):
     saves = []
     original_save = train_cls._save
 
-    def save_then_interrupt(path, cfg, model, optimizer, epoch, step):
-        original_save(path, cfg, model, optimizer, epoch, step)
+    def save_then_interrupt(path, cfg, model, optimizer, epoch, step, learned_early):
+        original_save(path, cfg, model, optimizer, epoch, step, learned_early)
         saves.append(epoch)
         raise _Interrupt("stopped after the first epoch")
 
@@ -167,6 +167,21 @@ def test_records_the_early_verdict_predict_gates_by(tmp_path, monkeypatch):
     assert metrics["learned_early"] is False and metrics["learned"] is False
     warnings = [line for line in ws.log_path("train-cls").read_text().splitlines() if "warning:" in line]
     assert ["after 1 epochs" in w for w in warnings] == [True, False]
+
+    # A run stopped after the early check and resumed records the verdict of the epoch it did not rerun.
+    resumed = make_workspace(tmp_path / "resumed", n_train=4, n_val=0)
+    original_save = train_cls._save
+
+    def save_then_interrupt(*args):
+        original_save(*args)
+        raise _Interrupt("stopped after the first epoch")
+
+    monkeypatch.setattr(train_cls, "_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_cls.run(tiny_cls_config(resumed, epochs=2, lr=1e-9), resumed, OPTS, train_cls.TrainOptions())
+    monkeypatch.setattr(train_cls, "_save", original_save)
+    train_cls.run(tiny_cls_config(resumed, epochs=2, lr=1e-9), resumed, OPTS, train_cls.TrainOptions(resume=True))
+    assert resumed.latest("train-cls")["metrics"]["learned_early"] is False
 
 
 def _batchnorm_state(model: CamClassifier) -> dict[str, torch.Tensor]:

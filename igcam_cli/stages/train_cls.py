@@ -124,9 +124,9 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     out_dir = ws.cls_round_dir(cfg.round)
     last_path, model_path = out_dir / "last.pt", out_dir / "model.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
-    start_epoch, step = 0, 0
+    start_epoch, step, learned_early = 0, 0, None  # learned_early: the verdict after the first few epochs
     if train.resume and last_path.is_file():
-        start_epoch, step = _restore(last_path, cfg, model, optimizer)
+        start_epoch, step, learned_early = _restore(last_path, cfg, model, optimizer)
         latest = ws.classifier_run(cfg.round, done=False)
         if (
             start_epoch >= schedule.epochs
@@ -198,7 +198,6 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
     )
     metrics: dict[str, float] = {}
     learned: bool | None = None
-    learned_early: bool | None = None  # the verdict after the first few epochs, before the classifier memorises
     try:
         with record or nullcontext():  # None on the other ranks
             for epoch in range(start_epoch, schedule.epochs):
@@ -213,7 +212,6 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                 if val_ids and ddp.is_main():
                     metrics["val_map"] = evaluate_map(model, dataset, val_ids, cfg, device)
                 if ddp.is_main():
-                    _save(last_path, cfg, model, optimizer, epoch + 1, step)
                     val = f", val mAP {metrics['val_map'] * 100:.1f}" if "val_map" in metrics else ""
                     log(f"epoch {epoch + 1}/{schedule.epochs}: loss {loss:.4f}{val}")
                     if epoch + 1 in check_at:
@@ -221,6 +219,7 @@ def run(cfg: TrainClsConfig, ws: Workspace, opts: RunOptions, train: TrainOption
                         learned = _check_learned(loss, prior, epoch + 1, last, log)
                         if not last:
                             learned_early = learned
+                    _save(last_path, cfg, model, optimizer, epoch + 1, step, learned_early)
             if record is not None:  # the main rank
                 _save_final(model_path, cfg, model, dataset.classes)
                 _save_relabelled(out_dir / influence_io.RELABELLED_NAME, relabelled)
@@ -350,13 +349,15 @@ def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None,
     return model
 
 
-def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int]:
+def _restore(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer) -> tuple[int, int, bool | None]:
     keys = [k for k in result_settings(cfg) if k != "round"]  # `round` picks the checkpoint itself
     ckpt = training.restore(path, cfg, keys, model, optimizer)
-    return ckpt["epoch"], ckpt["step"]
+    return ckpt["epoch"], ckpt["step"], ckpt.get("learned_early")  # older checkpoints lack the verdict
 
 
-def _save(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoch: int, step: int) -> None:
+def _save(
+    path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoch: int, step: int, learned_early: bool | None
+) -> None:
     training.atomic_save(
         {
             "config": to_dict(cfg),
@@ -364,6 +365,7 @@ def _save(path: Path, cfg: TrainClsConfig, model: CamClassifier, optimizer, epoc
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "step": step,
+            "learned_early": learned_early,  # a resumed run records the verdict of epochs it does not rerun
         },
         path,
     )
