@@ -299,6 +299,10 @@ def train_cls(
     batch_size: Annotated[int | None, typer.Option()] = None,
     crop: Annotated[int | None, typer.Option()] = None,
     crop_height: Annotated[int | None, typer.Option(help="Rows of the training canvas (0: --crop, a square)")] = None,
+    input_scale: Annotated[
+        float | None,
+        typer.Option(help="Draw the images this much larger, in training and in make-cams (small images)"),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[bool | None, typer.Option("--freeze-bn/--no-freeze-bn")] = None,
     frozen_stages: Annotated[
@@ -354,6 +358,7 @@ def train_cls(
         batch_size=batch_size,
         crop=crop,
         crop_height=crop_height,
+        input_scale=input_scale,
         lr=lr,
         freeze_bn=freeze_bn,
         frozen_stages=frozen_stages,

@@ -77,6 +77,13 @@ class TrainClsConfig:
     crop_height: NonNegative = 0
     scale_min: Positive = 0.625  # random rescale: the long side becomes s * crop, s in [scale_min, scale_max]
     scale_max: float = 1.25
+    # Images are drawn this much larger for the classifier: the training canvas (crop, crop_height) and its rescale
+    # are multiplied by it, and make-cams, compute-influence and predict's class gate draw images at it times their
+    # own scales (the checkpoint keeps it). For small images, where output stride 16 leaves the CAMs a coarse grid
+    # (8 x 8 at 128 px). It costs 4x train-cls's compute and 4x make-cams'. Not a default yet: at 2 the CAMs of 128 px
+    # images get much sharper (README, "Drawing the classifier's images larger"), and refine's guidance, chosen on
+    # the coarser CAMs, then fills the objects too little for the CRF.
+    input_scale: Positive = 1.0
     # The defaults are IRN's train_cam (docs/METHOD.md §1), the recipe behind the field's CAM baseline
     # (48.3 % mIoU on VOC 2012 train): lr 0.1 backbone / 1.0 head, poly decay, weight decay 1e-4, batch 16,
     # 5 epochs, long side 320-640 then a 512 crop.
@@ -163,7 +170,7 @@ class ComputeInfluenceConfig:
     fisher: Literal["ggn", "sampled", "empirical"] = "ggn"  # ggn: exact, C seeds
     scope: str = "last_block"  # last_block | layer4 | comma-separated module names (e.g. head)
     maps: Literal["labelled", "all", "none"] = "labelled"  # spatial maps for: labelled classes | all classes | none
-    size: NonNegative = 0  # long side the images are resized to (0: as they are)
+    size: NonNegative = 0  # long side the images are resized to (0: their own size x the classifier's input_scale)
     round: Count | None = None  # classifier round; None = the latest
     w_min: float = 0.2  # sample weights (core/influence.py sample_weights)
     w_max: float = 2.0

@@ -316,6 +316,16 @@ def test_fusion_refuses_influence_computed_without_maps(influenced, tmp_path):
         make_cams.run(_cams_cfg(ws, influence_fusion=0.5), ws, OPTS, force=True)
 
 
+def test_images_are_drawn_at_the_classifiers_input_scale(tmp_path):
+    dataset = SyntheticDataset(n_train=2, n_val=0, size=64)
+    ids = dataset.ids("train")
+    own = compute_influence._Images(dataset, ids, 0, 1.0)[0]
+    assert own.image.shape == (3, 64, 64) and torch.equal(own.image, normalize(dataset.load(ids[0]).image))
+    drawn = compute_influence._Images(dataset, ids, 0, 2.0)[0]
+    assert drawn.image.shape == (3, 128, 128) and drawn.size == (64, 64)  # the maps are stored for the image
+    assert compute_influence._Images(dataset, ids, 96, 2.0)[0].image.shape == (3, 96, 96)  # --size wins
+
+
 def test_fusion_math():
     cams = torch.rand(2, 8, 8)
     cams = cams / cams.flatten(1).amax(1)[:, None, None]

@@ -116,6 +116,44 @@ def test_maps_values_shapes_and_manifest(tmp_path, model_path, model, reference)
     assert [r["status"] for r in ws.records()] == ["done", "done"]
 
 
+def test_draws_at_the_classifiers_input_scale(tmp_path, model_path, model):
+    """A classifier trained with input_scale 2 draws CAMs at scale 1 as one trained at 1 does at scale 2, and
+    predicts labels from the image drawn x2."""
+    ws = workspace(tmp_path / "ws", model_path)
+    ckpt = torch.load(ws.cls_dir / "model.pt", weights_only=True)
+    ckpt["config"]["input_scale"] = 2.0
+    torch.save(ckpt, ws.cls_dir / "model.pt")
+    assert make_cams.run(config(ws, scales=[1.0, 0.5], split="val"), ws, OPTS) == 4
+    dataset = ws.dataset()
+    for image_id in dataset.ids("val"):
+        record = ws.maps("cams", "val").read(image_id)
+        want = expected_maps(model, dataset.load(image_id).image, dataset.labels(image_id), [2.0, 1.0])
+        np.testing.assert_allclose(record.maps, want, atol=TOL, rtol=0, err_msg=image_id)
+    assert "scales [1.0, 0.5] x the classifier's input scale 2" in ws.log_path("make-cams").read_text()
+
+    # --max-side caps the size the classifier draws: 64 px images at x2 under a 64 px cap are drawn from 32 px
+    capped = workspace(tmp_path / "capped", model_path)
+    assert make_cams.run(config(capped, scales=[2.0], split="val", max_side=32), capped, OPTS) == 4
+    assert make_cams.run(config(ws, scales=[1.0], split="val", max_side=64), ws, OPTS, force=True) == 4
+    assert_same_maps(read_all(ws.maps("cams", "val")), read_all(capped.maps("cams", "val")))
+
+    threshold = 0.3  # the one-epoch classifier's scores lie between 0.1 and 0.5
+    cfg = config(ws, scales=[1.0], split="val", label_source="predicted", predict_threshold=threshold)
+    assert make_cams.run(cfg, ws, OPTS, force=True) == 4
+    differs = 0
+    for image_id in dataset.ids("val"):
+        image = torch.from_numpy(dataset.load(image_id).image.transpose(2, 0, 1).copy())[None].float()
+        with torch.no_grad():
+            drawn = torch.nn.functional.interpolate(image, scale_factor=2, mode="bicubic", align_corners=False)
+            probs = torch.sigmoid(model(normalize_on_device(drawn.round().clamp(0, 255)))[0][0])
+            own_size = torch.sigmoid(model(normalize_on_device(image))[0][0])
+        sure = (probs - threshold).abs() > 0.02  # PIL-like vs torch bicubic differ by a few grey levels
+        got = {c for c in ws.maps("cams", "val").read(image_id).classes.tolist() if sure[c - 1]}
+        assert got == {c for c in range(1, len(probs) + 1) if probs[c - 1] > threshold and sure[c - 1]}, image_id
+        differs += got != {c for c in range(1, len(probs) + 1) if own_size[c - 1] > threshold and sure[c - 1]}
+    assert differs  # drawn at its own size, some image would get other labels: the check above is not vacuous
+
+
 def test_scales_and_flip_are_used(tmp_path, model_path, model):
     ws = workspace(tmp_path / "ws", model_path)
     cfg = config(ws, scales=[1.0, 0.5], flip=False, split="val")

@@ -34,6 +34,7 @@ from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import STAGE4_LAYOUT, CamClassifier
 from igcam_cli.models.segmenter import Segmenter, build_segmenter
+from igcam_cli.stages import predict as predict_stage
 from igcam_cli.stages import train_seg
 from igcam_cli.workspace import Workspace
 
@@ -520,6 +521,19 @@ def _level_the_labels(ws: Path) -> None:
     ckpt = torch.load(path, weights_only=True)
     ckpt["model"]["classifier.classify.bias"].zero_()
     torch.save(ckpt, path)
+
+
+def test_class_gate_draws_images_at_the_classifiers_input_scale():
+    torch.manual_seed(0)
+    classifier = CamClassifier("resnet18", 3).eval()
+    x = torch.randn(2, 3, 32, 48)
+    doubled = F.interpolate(x, size=(64, 96), mode="bilinear", align_corners=False)
+    want = torch.sigmoid((classifier(doubled)[0] + classifier(doubled.flip(-1))[0]) / 2)
+    classifier.input_scale = 2.0
+    got = predict_stage._class_probabilities(classifier, x, torch.device("cpu"))
+    torch.testing.assert_close(got, want)
+    classifier.input_scale = 1.0
+    assert not torch.allclose(predict_stage._class_probabilities(classifier, x, torch.device("cpu")), want)
 
 
 @pytest.mark.slow

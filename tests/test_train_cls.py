@@ -346,6 +346,22 @@ def test_train_view_larger_image_is_a_window_of_it():
     assert any(torch.equal(y, w) for w in windows)
 
 
+def test_input_scale_draws_the_training_and_validation_images_larger(tmp_path):
+    """input_scale 2 with a 32 px crop: the 64 px images fill a 64 px canvas, in training and in the val view, as
+    crop 64 at input_scale 1 does."""
+    ws = make_workspace(tmp_path / "ws", n_train=2, n_val=0)  # 64 px images
+    dataset = ws.dataset()
+    ids = dataset.ids("train")
+    drawn = tiny_cls_config(ws, crop=32, input_scale=2.0)
+    plain = tiny_cls_config(ws, crop=64, input_scale=1.0)
+    assert train_cls.drawn_canvas(drawn) == (64, 0) and train_cls.drawn_canvas(plain) == (64, 0)
+    for train in (True, False):
+        a = train_cls._ClassifierImages(dataset, ids, drawn, seed=0, train=train)[1][0]
+        b = train_cls._ClassifierImages(dataset, ids, plain, seed=0, train=train)[1][0]
+        assert a.shape == (3, 64, 64) and torch.equal(a, b)
+    assert train_cls.drawn_canvas(tiny_cls_config(ws, crop=48, crop_height=32, input_scale=1.5)) == (72, 48)
+
+
 def test_eval_view_centres_the_image():
     image = _image(32, 64, seed=1)
     x = eval_view(image, 64)

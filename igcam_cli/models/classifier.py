@@ -42,6 +42,8 @@ class CamClassifier(nn.Module):
         self.backbone.fc = nn.Identity()
         self.bn_frozen = False
         self.frozen_stages = 0
+        # how much larger than their own size images are drawn for it (train-cls input_scale; the checkpoint keeps it)
+        self.input_scale = 1.0
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.trunk(x, 0), 0)
@@ -190,6 +192,7 @@ def load_checkpoint(path: Path, command: str) -> CamClassifier:
             )
         model = CamClassifier(ckpt["backbone"], ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, OSError, AttributeError) as exc:
+        model.input_scale = float((ckpt.get("config") or {}).get("input_scale", 1.0))
+    except (KeyError, RuntimeError, OSError, AttributeError, TypeError, ValueError) as exc:
         raise BadData(f"cannot load classifier checkpoint {path}: {exc}") from None
     return model

@@ -60,15 +60,18 @@ class _Item:
 
 
 class _Images(TorchDataset):
-    def __init__(self, dataset: Dataset, ids: list[str], size: int):
-        self.dataset, self.ids, self.size = dataset, ids, size
+    """Images, long side at `size`, or (size 0) at their own size times `scale` (the classifier's input_scale)."""
+
+    def __init__(self, dataset: Dataset, ids: list[str], size: int, scale: float):
+        self.dataset, self.ids, self.size, self.scale = dataset, ids, size, scale
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> _Item:
         sample = self.dataset.load(self.ids[index], with_mask=False)
-        image = resize_long(sample.image, self.size) if self.size else sample.image
+        size = self.size or (round(max(sample.image.shape[:2]) * self.scale) if self.scale != 1 else 0)
+        image = resize_long(sample.image, size) if size else sample.image
         return _Item(
             sample.id,
             normalize(image),
@@ -457,7 +460,9 @@ def _sha256(path: Path) -> str:
 
 
 def _batches(ctx: _Context, ids: list[str], what: str):
-    loader = image_loader(_Images(ctx.dataset, ids, ctx.cfg.size), ctx.cfg.batch_size, ctx.cfg.workers, ctx.device)
+    loader = image_loader(
+        _Images(ctx.dataset, ids, ctx.cfg.size, ctx.model.input_scale), ctx.cfg.batch_size, ctx.cfg.workers, ctx.device
+    )
     batches = same_size_batches(loader, ctx.cfg.batch_size, lambda item: tuple(item.image.shape))
     return ctx.log.track(batches, total=-(-len(ids) // ctx.cfg.batch_size), description=what, unit="batch")
 

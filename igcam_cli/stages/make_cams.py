@@ -12,7 +12,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io, map_stage
 from igcam_cli.config import MakeCamsConfig, RunOptions
-from igcam_cli.core.cam import capped_size, normalize_cams, pyramid_cams, resize_bicubic_like_pil
+from igcam_cli.core.cam import capped_size, normalize_cams, pyramid_cams, pyramid_size, resize_bicubic_like_pil
 from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.transforms import normalize_on_device
@@ -108,7 +108,9 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
             "image labels"
         )
     log(
-        f"make-cams '{cfg.split}' shard {shard}: {job.progress}; scales {cfg.scales}, flip {cfg.flip}, "
+        f"make-cams '{cfg.split}' shard {shard}: {job.progress}; scales {cfg.scales}"
+        + (f" x the classifier's input scale {model.input_scale:g}" if model.input_scale != 1 else "")
+        + f", flip {cfg.flip}, "
         f"influence fusion {cfg.influence_fusion}, longer side at most {cfg.max_side or 'as is'} px, device {device}"
     )
     with record:
@@ -130,12 +132,21 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
 def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.device, writer) -> None:
     x = torch.stack([item.image for item in batch]).to(device, memory_format=memory_format(device))
     size = (x.shape[-2], x.shape[-1])
-    drawn = capped_size(size, cfg.max_side)  # a large photo is drawn smaller, its maps upsampled
+    # a large photo is drawn smaller, its maps upsampled; the cap holds for the classifier's drawn size
+    drawn = capped_size(size, max(1, round(cfg.max_side / model.input_scale)) if cfg.max_side else 0)
     if drawn is not None:
         x = resize_bicubic_like_pil(x.float(), drawn)
+    scales = [s * model.input_scale for s in cfg.scales]  # at the size the classifier saw its images
     with autocast(device):
-        cams = pyramid_cams(model.cams, x, cfg.scales, cfg.flip, prepare=normalize_on_device)
-        logits = model(normalize_on_device(x.float()))[0].float() if cfg.label_source == "predicted" else None
+        cams = pyramid_cams(model.cams, x, scales, cfg.flip, prepare=normalize_on_device)
+        logits = None
+        if cfg.label_source == "predicted":
+            drawn_x = (
+                x.float()
+                if model.input_scale == 1
+                else resize_bicubic_like_pil(x.float(), pyramid_size(size, model.input_scale))
+            )
+            logits = model(normalize_on_device(drawn_x))[0].float()
     for b, item in enumerate(batch):
         if logits is None:
             classes = np.asarray(item.labels, dtype=np.int64)

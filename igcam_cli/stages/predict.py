@@ -222,7 +222,10 @@ def _gate_classifier(cfg: PredictConfig, ws: Workspace, num_classes: int) -> tup
 
 
 def _class_probabilities(classifier: CamClassifier, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """B x C: the classifier's sigmoid scores of images x at their own size, averaged with their mirror images."""
+    """B x C: the classifier's sigmoid scores of images x drawn at its input scale, averaged with their mirrors."""
+    if classifier.input_scale != 1:
+        size = (round(x.shape[-2] * classifier.input_scale), round(x.shape[-1] * classifier.input_scale))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     with autocast(device):
         logits = (classifier(x)[0] + classifier(x.flip(-1))[0]) / 2
     return torch.sigmoid(logits.float())

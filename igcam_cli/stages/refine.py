@@ -248,7 +248,8 @@ def _strided_cams(ws: Workspace, cams_record: dict, device: torch.device) -> Str
     classifier = load_checkpoint(ws.root / cams_record["classifier"]["path"], ws.command("train-cls"))
     place_model(classifier, device).eval()
     settings = cams_record["config"]
-    return StridedCams(classifier, list(settings.get("scales", [1.0])), bool(settings.get("flip", True)))
+    scales = [s * classifier.input_scale for s in settings.get("scales", [1.0])]  # as make-cams drew them
+    return StridedCams(classifier, scales, bool(settings.get("flip", True)))
 
 
 def boundary_batch(

@@ -76,13 +76,12 @@ class _ClassifierImages(training.EpochDataset):
     def __getitem__(self, index: int):
         sample = self.dataset.load(self.ids[index], with_mask=False)
         target = multi_hot(self.relabelled.get(sample.id, sample.labels), self.dataset.num_classes)
+        crop, crop_height = drawn_canvas(self.cfg)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            view = train_view(
-                sample.image, self.cfg.crop, self.cfg.scale_min, self.cfg.scale_max, rng, self.cfg.crop_height
-            )
+            view = train_view(sample.image, crop, self.cfg.scale_min, self.cfg.scale_max, rng, crop_height)
         else:
-            view = eval_view(sample.image, self.cfg.crop, self.cfg.crop_height)
+            view = eval_view(sample.image, crop, crop_height)
         return view, target, torch.tensor(1.0 if self.weights is None else self.weights[index])
 
 
@@ -283,8 +282,15 @@ def _check_learned(loss: float, prior: float, epoch: int, last: bool, log) -> bo
     return False
 
 
+def drawn_canvas(cfg: TrainClsConfig) -> tuple[int, int]:
+    """(crop, crop_height) in the drawn pixels: the configured canvas times input_scale."""
+    return round(cfg.crop * cfg.input_scale), round(cfg.crop_height * cfg.input_scale)
+
+
 def _crop_said(cfg: TrainClsConfig) -> str:
-    return f"{cfg.crop_height}x{cfg.crop}" if cfg.crop_height else str(cfg.crop)
+    crop, crop_height = drawn_canvas(cfg)
+    said = f"{crop_height}x{crop}" if crop_height else str(crop)
+    return said + (f" (images drawn x{cfg.input_scale:g})" if cfg.input_scale != 1 else "")
 
 
 def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
