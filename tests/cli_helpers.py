@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -196,3 +199,24 @@ def build_voc(
 def write_class_file(path: Path, classes: list[str] = VOC_CLASSES) -> Path:
     path.write_text("background\n" + "".join(f"{c}\n" for c in classes))
     return path
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+@contextmanager
+def interrupted_after_first_save(monkeypatch, stage_module) -> Iterator[None]:
+    """A training stage run inside stops (KeyboardInterrupt) right after it saves its first epoch's last.pt."""
+    original_save = stage_module._save
+
+    def save_then_interrupt(*args):
+        original_save(*args)
+        raise Interrupted("stopped after the first epoch")
+
+    monkeypatch.setattr(stage_module, "_save", save_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(stage_module, "_save", original_save)

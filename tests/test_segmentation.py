@@ -22,6 +22,7 @@ from cli_helpers import (
     copy_workspace,
     igcam,
     init_synthetic,
+    interrupted_after_first_save,
     make_workspace,
     ok,
     tiny_seg_config,
@@ -251,10 +252,6 @@ def test_min_steps_raises_the_epochs_of_a_small_dataset(tmp_path):
         train_seg.run(tiny_seg_config(ws, min_steps=-1), ws, OPTS, train_seg.TrainOptions())
 
 
-class _Interrupt(KeyboardInterrupt):
-    pass
-
-
 @pytest.mark.slow
 def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monkeypatch):
     full_ws = make_workspace(tmp_path / "full", n_train=8, n_val=0)
@@ -263,19 +260,11 @@ def test_resume_after_an_interrupted_run_gives_identical_weights(tmp_path, monke
 
     ws = make_workspace(tmp_path / "resumed", n_train=8, n_val=0)
     write_pseudo(ws)
-    original_save = train_seg._save
-
-    def save_then_interrupt(*args):
-        original_save(*args)
-        raise _Interrupt("stopped after the first epoch")
-
-    monkeypatch.setattr(train_seg, "_save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_save(monkeypatch, train_seg):
         train_seg.run(tiny_seg_config(ws), ws, OPTS, train_seg.TrainOptions())
     assert not (ws.seg_dir / "model.pt").exists()
     last = torch.load(ws.seg_dir / "last.pt", weights_only=True)
     assert (last["epoch"], last["step"]) == (1, 2)
-    monkeypatch.setattr(train_seg, "_save", original_save)
     resumed = train_seg.run(tiny_seg_config(ws), ws, OPTS, train_seg.TrainOptions(resume=True))
 
     a, b = full.state_dict(), resumed.state_dict()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import OPTS, make_workspace, tiny_cls_config
+from cli_helpers import OPTS, interrupted_after_first_save, make_workspace, tiny_cls_config
 from igcam_cli.core.metrics import average_precision, class_prior_loss, mean_average_precision
 from igcam_cli.data.transforms import eval_view, normalize, resize_long, train_view
 from igcam_cli.errors import BadData, UsageError
@@ -170,16 +170,8 @@ def test_records_the_early_verdict_predict_gates_by(tmp_path, monkeypatch):
 
     # A run stopped after the early check and resumed records the verdict of the epoch it did not rerun.
     resumed = make_workspace(tmp_path / "resumed", n_train=4, n_val=0)
-    original_save = train_cls._save
-
-    def save_then_interrupt(*args):
-        original_save(*args)
-        raise _Interrupt("stopped after the first epoch")
-
-    monkeypatch.setattr(train_cls, "_save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_save(monkeypatch, train_cls):
         train_cls.run(tiny_cls_config(resumed, epochs=2, lr=1e-9), resumed, OPTS, train_cls.TrainOptions())
-    monkeypatch.setattr(train_cls, "_save", original_save)
     train_cls.run(tiny_cls_config(resumed, epochs=2, lr=1e-9), resumed, OPTS, train_cls.TrainOptions(resume=True))
     assert resumed.latest("train-cls")["metrics"]["learned_early"] is False
 
