@@ -49,6 +49,7 @@ class Data:
     cams: list[np.ndarray]
     classes: list[np.ndarray]
     num_labels: int
+    cell: float  # image pixels per CAM cell (refine's fill gain follows the grid when fill_gain is None)
 
 
 def load(path: Path) -> Data:
@@ -66,6 +67,7 @@ def load(path: Path) -> Data:
         [r.maps.astype(np.float32) for r in records],
         [np.asarray(r.classes) for r in records],
         dataset.num_classes + 1,
+        refine_stage.cam_cell(ws.latest("make-cams", "train")),
     )
 
 
@@ -96,8 +98,10 @@ def crf_score(
 def refine(data: Data, cfg: RefineConfig, proposals: list | None) -> list[np.ndarray]:
     maps = data.cams
     if cfg.guidance == "proposals":
-        params = guidance_params(cfg)
-        maps = [instance_guidance(m, p, params) for m, p in zip(maps, proposals)]
+        maps = [
+            instance_guidance(m, p, guidance_params(cfg, min(image.shape[:2]) / data.cell))
+            for m, p, image in zip(maps, proposals, data.images)
+        ]
     params = boundary_params(cfg)
     out = []
     for start in range(0, len(maps), 16):  # all synthetic images of a workspace share one size

@@ -288,7 +288,11 @@ class RefineConfig:
     max_area: Fraction = 0.25
     select_threshold: NonNegativeFloat = 0.12  # (*) 0.12 / 0.25 / 0.4 moved the CRF mean by at most 1.5
     min_share: Fraction = 0.5
-    fill_gain: Positive = 1.0  # (*) 1 / 1.5 / 2: CRF mean 48.0 / 46.2 / 43.7 (boundary off, max_area 0.25)
+    # None: from each image's CAM grid (core/guidance.py grid_fill_gain): 1 at 8 cells across its shorter side
+    # or fewer, 2 at 16 or more. (*) On the coarse CAMs of 128 px images (8 x 8 cells), 1 / 1.5 / 2: CRF mean
+    # 48.0 / 46.2 / 43.7 (boundary off, max_area 0.25); on the same images drawn x2 for the classifier (16 x 16),
+    # 2 is the best (README, "Drawing the classifier's images larger")
+    fill_gain: Positive | None = None
     # (*) 0.25 / 0.5 / 1: CRF mean 47.9 / 48.3 / 48.8, fixed-tau maps 34.7 / 29.8 / 24.6
     outside_damping: Fraction = 0.5
     # boundary (core/boundary.py: BoundaryParams documents each)

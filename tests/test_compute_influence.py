@@ -404,6 +404,7 @@ def test_round2_fine_tunes_with_weights_and_later_stages_use_it(influenced, tmp_
         "round": 1,
         "path": "cls/model.pt",
         "run": ws.records()[0]["id"],
+        "input_scale": 1.0,
     }
     compute_influence.run(_influence_cfg(ws), ws, OPTS, force=True)
     assert ws.latest("compute-influence", "train")["classifier"]["round"] == 2

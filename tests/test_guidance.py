@@ -225,3 +225,9 @@ def test_params_are_validated():
         GuidanceParams(outside_damping=-0.1)
     with pytest.raises(ValueError):
         GuidanceParams(anchor_threshold=0.0)
+
+
+def test_grid_fill_gain_rises_from_1_at_8_cells_to_2_at_16():
+    from igcam_cli.core.guidance import grid_fill_gain
+
+    assert [grid_fill_gain(c) for c in (1, 8, 12, 16, 31.25)] == [1.0, 1.0, 1.5, 2.0, 2.0]

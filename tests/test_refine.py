@@ -64,6 +64,34 @@ def test_boundary_changes_maps_and_batching_does_not(chain_ws, tmp_path):
         assert np.allclose(batched[image_id].maps, single[image_id].maps, atol=2e-3)
 
 
+def test_fill_gain_follows_the_cam_grid_unless_set(chain_ws):
+    """Default fill gain: 1 for CAMs of 8 cells or fewer across the image, 2 from 16; the 64 px images' CAMs at
+    output stride 16 have 4. The same CAMs read as those of a classifier that drew them x4 (16 cells) fill as
+    --fill-gain 2 does."""
+    from igcam_cli.config import RefineConfig
+    from igcam_cli.stages import refine as refine_stage
+
+    ws = Workspace.open(chain_ws)
+    ids = ws.dataset().ids("train")
+    cams = ws.maps("cams", "train")
+    cell = refine_stage.cam_cell(ws.latest("make-cams", "train"))
+    assert cell == 16  # the classifier drew the images at their own size
+
+    def guided(cell: float, **settings) -> list[np.ndarray]:
+        data = refine_stage._Guided(ws.dataset(), cams, ids, RefineConfig(**settings), cell)
+        return [data[i].maps.numpy() for i in range(len(ids))]
+
+    auto_coarse, auto_fine = guided(cell), guided(cell / 4)
+    gain_1, gain_2 = guided(cell, fill_gain=1.0), guided(cell, fill_gain=2.0)
+    assert all(np.array_equal(a, b) for a, b in zip(auto_coarse, gain_1))
+    assert all(np.array_equal(a, b) for a, b in zip(auto_fine, gain_2))
+    assert any(not np.allclose(a, b) for a, b in zip(gain_1, gain_2))  # the two gains do differ on these CAMs
+    assert refine_stage.cam_cell({"classifier": {"input_scale": 2.0}}) == 8 and refine_stage.cam_cell(None) == 16
+
+    ok("refine", "-w", chain_ws, *REFINE, "--quiet")
+    assert "fill gain from the CAM grid (16 px cells" in ws.log_path("refine").read_text()
+
+
 def test_refine_resumes_and_refuses_other_settings_without_force(chain_ws):
     ok("refine", "-w", chain_ws, *REFINE, "--quiet")
     store = MapStore(chain_ws / "refined" / "train")

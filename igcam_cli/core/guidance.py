@@ -54,7 +54,7 @@ import scipy.sparse as sp
 
 from igcam_cli.core.proposals import Proposals
 
-__all__ = ["GuidanceParams", "instance_guidance", "gt_guidance"]
+__all__ = ["GuidanceParams", "grid_fill_gain", "instance_guidance", "gt_guidance"]
 
 _EPS = 1e-8
 
@@ -99,6 +99,17 @@ class GuidanceParams:
             raise ValueError(f"select_threshold must be >= 0, got {self.select_threshold}")
         if self.fill_gain <= 0.0:
             raise ValueError(f"fill_gain must be positive, got {self.fill_gain}")
+
+
+def grid_fill_gain(cells: float) -> float:
+    """The fill gain for CAMs with `cells` feature cells across the image's shorter side: 1 up to 8 cells, rising
+    linearly to 2 at 16 cells and beyond. A coarse grid (a 128 px image at output stride 16) spreads each
+    cell's activation over a patch larger than most objects, so its core already covers much of them and a
+    gain of 1 fills enough; a finer one (the same image drawn twice as large, or a 500 px photo) peaks on the
+    discriminative part, whose core covers a smaller share f of the object, and a region score s' ~ f needs
+    the larger gain to fill it. Measured on six synthetic styles: README, "Drawing the classifier's images
+    larger"."""
+    return min(2.0, max(1.0, cells / 8.0))
 
 
 # --------------------------------------------------------------------------- entry points

@@ -28,6 +28,9 @@ DOWNLOAD_TIMEOUT_S = 20
 STAGE4_LAYOUT = "stride1-undilated"
 
 
+OUTPUT_STRIDE = 16  # input pixels per CAM cell
+
+
 class CamClassifier(nn.Module):
     def __init__(self, backbone: str, num_classes: int):
         super().__init__()

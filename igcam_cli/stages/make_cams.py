@@ -81,7 +81,12 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
 
     store = ws.maps("cams", cfg.split)
     cls_record = ws.classifier_run(round_)
-    classifier = {"round": round_, "path": str(model_path.relative_to(ws.root)), "run": (cls_record or {}).get("id")}
+    classifier = {
+        "round": round_,
+        "path": str(model_path.relative_to(ws.root)),
+        "run": (cls_record or {}).get("id"),
+        "input_scale": model.input_scale,  # refine reads the CAM grid from it
+    }
     previous = (ws.latest("make-cams", cfg.split) or {}).get("classifier")
     if not force and len(store) > 0 and previous and previous.get("run") != classifier["run"]:
         raise UsageError(

@@ -20,14 +20,14 @@ from igcam_cli import map_stage
 from igcam_cli.config import RefineConfig, RunOptions
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
 from igcam_cli.core.cam import normalize_cams, strided_cams
-from igcam_cli.core.guidance import GuidanceParams, gt_guidance, instance_guidance
+from igcam_cli.core.guidance import GuidanceParams, grid_fill_gain, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
 from igcam_cli.core.random_walk import random_walk, walk_to_maps
 from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.transforms import normalize_on_device
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.boundary_net import BoundaryNet, load_boundary_net
-from igcam_cli.models.classifier import CamClassifier, load_checkpoint
+from igcam_cli.models.classifier import OUTPUT_STRIDE, CamClassifier, load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import autocast, describe, place_model, resolve_device
 from igcam_cli.runtime.distributed import Shard, local_device
@@ -50,9 +50,11 @@ class RefineItem:
 class _Guided(TorchDataset):
     """Loads an image and its CAMs and applies instance guidance (in a worker process)."""
 
-    def __init__(self, dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, skip_bad: bool = False):
+    def __init__(
+        self, dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, cell: float, skip_bad: bool = False
+    ):
         self.dataset, self.cams, self.ids, self.cfg, self.skip_bad = dataset, cams, ids, cfg, skip_bad
-        self.params = guidance_params(cfg)
+        self.cell = cell  # image pixels per CAM cell: the classifier's output stride / its input scale
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,6 +71,7 @@ class _Guided(TorchDataset):
                 f"{sample.image.shape[1]}x{sample.image.shape[0]}: rerun make-cams with --force"
             )
         maps = record.maps
+        params = guidance_params(self.cfg, min(sample.image.shape[:2]) / self.cell)
         if self.cfg.guidance == "proposals":
             proposals = propose(
                 sample.image,
@@ -76,25 +79,26 @@ class _Guided(TorchDataset):
                 sigma=self.cfg.proposal_sigma,
                 min_size=self.cfg.proposal_min_size,
             )
-            maps = instance_guidance(maps, proposals, self.params)
+            maps = instance_guidance(maps, proposals, params)
         elif self.cfg.guidance == "gt":
             if sample.mask is None:
                 raise BadData(f"--guidance gt needs a GT mask, and image '{image_id}' has none")
-            maps = gt_guidance(maps, sample.mask, record.classes, self.params)
+            maps = gt_guidance(maps, sample.mask, record.classes, params)
         image = torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1)))
         return RefineItem(
             image_id, image, torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), record.classes
         )
 
 
-def guidance_params(cfg: RefineConfig) -> GuidanceParams:
+def guidance_params(cfg: RefineConfig, cells: float) -> GuidanceParams:
+    """The guidance of an image with `cells` CAM cells across its shorter side (they set fill_gain when it is None)."""
     return GuidanceParams(
         anchor_threshold=cfg.anchor_threshold,
         min_anchor_cover=cfg.min_anchor_cover,
         max_area=cfg.max_area,
         select_threshold=cfg.select_threshold,
         min_share=cfg.min_share,
-        fill_gain=cfg.fill_gain,
+        fill_gain=cfg.fill_gain if cfg.fill_gain is not None else grid_fill_gain(cells),
         outside_damping=cfg.outside_damping,
     )
 
@@ -114,7 +118,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     """Refines this shard's CAMs not yet in `refined/<split>`; returns how many it wrote."""
     log = StageLog(ws.log_path("refine"), quiet=opts.quiet)
     try:
-        guidance_params(cfg), boundary_params(cfg)
+        guidance_params(cfg, cells=1.0), boundary_params(cfg)
     except ValueError as exc:
         raise UsageError(f"refine: {exc}") from None
     recorded = cfg
@@ -156,7 +160,12 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
-    steps = [f"guidance {cfg.guidance}, boundary {boundary}"] if igcam else []
+    gain = (
+        f"fill gain {cfg.fill_gain:g}"
+        if cfg.fill_gain is not None
+        else f"fill gain from the CAM grid ({cam_cell(cams_record):g} px cells: 1 at 8 across an image, 2 at 16)"
+    )
+    steps = [f"guidance {cfg.guidance} ({gain}), boundary {boundary}"] if igcam else []
     if walker is not None:
         steps.append(f"IRN random walk (radius {cfg.walk_radius}, beta {cfg.walk_beta:g}, {cfg.walk_steps} steps)")
     log(f"refine '{cfg.split}' shard {shard}: {job.progress}; {', then '.join(steps)}, device {device}")
@@ -165,7 +174,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     with record:
         with store.writer(rank=shard.index, source="refine", attrs=attrs) as writer:
             todo = job.todo
-            items = job.readable(_loader(dataset, cams, todo, cfg, device, opts.skip_bad))
+            items = job.readable(_loader(dataset, cams, todo, cfg, cam_cell(cams_record), device, opts.skip_bad))
             batches = same_size_batches(items, cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 refined = boundary_batch(batch, cfg.boundary, params, device)
@@ -269,9 +278,22 @@ def boundary_batch(
 
 
 def _loader(
-    dataset: Dataset, cams: MapStore, ids: list[str], cfg: RefineConfig, device: torch.device, skip_bad: bool
+    dataset: Dataset,
+    cams: MapStore,
+    ids: list[str],
+    cfg: RefineConfig,
+    cell: float,
+    device: torch.device,
+    skip_bad: bool,
 ) -> DataLoader:
-    return image_loader(_Guided(dataset, cams, ids, cfg, skip_bad), cfg.batch_size, worker_count(cfg.workers), device)
+    guided = _Guided(dataset, cams, ids, cfg, cell, skip_bad)
+    return image_loader(guided, cfg.batch_size, worker_count(cfg.workers), device)
+
+
+def cam_cell(cams_record: dict | None) -> float:
+    """Image pixels per cell of the CAMs a make-cams record describes: the classifier's output stride over the
+    input scale it drew the images at (1 for records from before make-cams recorded it)."""
+    return OUTPUT_STRIDE / float(((cams_record or {}).get("classifier") or {}).get("input_scale", 1.0))
 
 
 def _image_size(item: RefineItem) -> tuple[int, ...]:
