@@ -301,7 +301,9 @@ def train_cls(
     crop_height: Annotated[int | None, typer.Option(help="Rows of the training canvas (0: --crop, a square)")] = None,
     input_scale: Annotated[
         float | None,
-        typer.Option(help="Draw the images this much larger, in training and in make-cams (small images)"),
+        typer.Option(
+            help="Draw the images this much larger, here and in every stage that runs the classifier (small images)"
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: x head-lr-mult)")] = None,
     freeze_bn: Annotated[bool | None, typer.Option("--freeze-bn/--no-freeze-bn")] = None,

@@ -89,7 +89,7 @@ def test_fill_gain_follows_the_cam_grid_unless_set(chain_ws):
     assert refine_stage.cam_cell({"classifier": {"input_scale": 2.0}}) == 8 and refine_stage.cam_cell(None) == 16
 
     ok("refine", "-w", chain_ws, *REFINE, "--quiet")
-    assert "fill gain from the CAM grid (16 px cells" in ws.log_path("refine").read_text()
+    assert "fill gain by the CAM grid of 16 px cells" in ws.log_path("refine").read_text()
 
 
 def test_refine_resumes_and_refuses_other_settings_without_force(chain_ws):

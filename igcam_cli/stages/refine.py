@@ -163,7 +163,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     gain = (
         f"fill gain {cfg.fill_gain:g}"
         if cfg.fill_gain is not None
-        else f"fill gain from the CAM grid ({cam_cell(cams_record):g} px cells: 1 at 8 across an image, 2 at 16)"
+        else f"fill gain by the CAM grid of {cam_cell(cams_record):g} px cells, 1 at 8 cells across an image to 2 at 16"
     )
     steps = [f"guidance {cfg.guidance} ({gain}), boundary {boundary}"] if igcam else []
     if walker is not None:

@@ -290,7 +290,7 @@ def drawn_canvas(cfg: TrainClsConfig) -> tuple[int, int]:
 def _crop_said(cfg: TrainClsConfig) -> str:
     crop, crop_height = drawn_canvas(cfg)
     said = f"{crop_height}x{crop}" if crop_height else str(crop)
-    return said + (f" (images drawn x{cfg.input_scale:g})" if cfg.input_scale != 1 else "")
+    return said + (f" (crop {cfg.crop} of the images, drawn x{cfg.input_scale:g})" if cfg.input_scale != 1 else "")
 
 
 def _check(cfg: TrainClsConfig, dataset: Dataset) -> None:
