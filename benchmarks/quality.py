@@ -98,13 +98,16 @@ def run_style(
     style: str, root: Path, n_train: int, n_val: int, opts: RunOptions, workers: int, epochs: dict[str, int]
 ) -> dict:
     start = time.time()
-    ws = init.run(
-        root / style,
-        "synthetic",
-        None,
-        None,
-        {"n_train": n_train, "n_val": n_val, "size": 128, **({"style": style} if style != "heads" else {})},
-    )
+    if (root / style / "igcam.toml").exists():  # --resume: `igcam run` goes on from where the chain stopped
+        ws = Workspace.open(root / style)
+    else:
+        ws = init.run(
+            root / style,
+            "synthetic",
+            None,
+            None,
+            {"n_train": n_train, "n_val": n_val, "size": 128, **({"style": style} if style != "heads" else {})},
+        )
     for stage in ("train-cls", "make-cams", "refine", "crf", "train-seg", "predict", "compute-influence"):
         ws.set_stage_options(stage, {"workers": workers})
     for stage in ("train-cls", "train-seg"):
@@ -117,6 +120,7 @@ def run_style(
     evaluations["train_loss"] = cls_record["metrics"].get("train_loss")
     chain_s = time.time() - start
 
+    shutil.rmtree(root / f"{style}-plain", ignore_errors=True)  # a few minutes: redone rather than resumed
     plain = init.run(root / f"{style}-plain", "synthetic", None, None, ws.dataset_spec)
     plain_baseline(plain, epochs=epochs.get("plain", 15), seed=opts.seed)
     make_cams.run(build(MakeCamsConfig, ws.stage_table("make-cams"), {"workers": workers}), plain, opts)
@@ -159,13 +163,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="train-cls epochs (default: the synthetic preset's)")
     parser.add_argument("--seg-epochs", type=int, help="train-seg epochs (default: the synthetic preset's)")
     parser.add_argument("--plain-epochs", type=int, default=15, help="the plain baseline's epochs")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with a killed run: keep the styles already in --out, resume the others' workspaces under --keep",
+    )
     args = parser.parse_args()
     styles = chosen_styles(parser, args)
+    if args.resume and args.keep is None:
+        parser.error("--resume needs the --keep folder of the run it resumes")
     root = args.keep or Path(tempfile.mkdtemp(prefix="igcam-quality-"))
     opts = RunOptions(device=args.device, seed=args.seed, quiet=True)
     rows = []
+    if args.resume and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        if (earlier["n_train"], earlier["n_val"]) != (args.n_train, args.n_val):
+            parser.error(f"{args.out} holds a run on {earlier['n_train']} / {earlier['n_val']} images, not this one's")
+        rows = [row for row in earlier["rows"] if row["style"] in styles]
     try:
-        for style in styles:
+        for style in [s for s in styles if s not in {row["style"] for row in rows}]:
             epochs = {"train-cls": args.epochs, "train-seg": args.seg_epochs, "plain": args.plain_epochs}
             rows.append(
                 run_style(

@@ -80,9 +80,9 @@ class TrainClsConfig:
     # Images are drawn this much larger for the classifier: the training canvas (crop, crop_height) and its rescale
     # are multiplied by it, and make-cams, compute-influence and predict's class gate draw images at it times their
     # own scales (the checkpoint keeps it). For small images, where output stride 16 leaves the CAMs a coarse grid
-    # (8 x 8 at 128 px). It costs 4x train-cls's compute and 4x make-cams'. Not a default yet: at 2 the CAMs of 128 px
-    # images get much sharper (README, "Drawing the classifier's images larger"), and refine's guidance, chosen on
-    # the coarser CAMs, then fills the objects too little for the CRF.
+    # (8 x 8 at 128 px). It costs 4x train-cls's compute and 4x make-cams'. The synthetic preset sets 2 for images
+    # under 256 px (stages/init.py small_image_scale, measured on all six styles); refine's fill gain follows the
+    # finer CAM grid it gives.
     input_scale: Positive = 1.0
     # The defaults are IRN's train_cam (docs/METHOD.md §1), the recipe behind the field's CAM baseline
     # (48.3 % mIoU on VOC 2012 train): lr 0.1 backbone / 1.0 head, poly decay, weight decay 1e-4, batch 16,
@@ -361,7 +361,7 @@ class TrainSegConfig:
     # in the per-epoch val mIoU, and in predict (its scales too; the checkpoint keeps it). For small images,
     # where output stride 16 leaves a coarse grid (8 x 8 on 128 px); `crop` is in the drawn pixels. It costs
     # 4x train-seg's compute. The synthetic preset sets 2 (crop 256) for images under 256 px: measured on all six
-    # styles, see stages/init.py segmenter_input_scale; 1.5 on textured gave no gain.
+    # styles, see stages/init.py small_image_scale; 1.5 on textured gave no gain.
     input_scale: Positive = 1.0
     lr: Positive = 0.001  # backbone; the head gets lr * head_lr_mult
     head_lr_mult: NonNegativeFloat = 10.0

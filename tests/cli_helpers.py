@@ -24,7 +24,7 @@ from igcam_cli.workspace import Workspace
 RUNNER = CliRunner()
 
 # Small, fast settings for every stage through the CLI (the synthetic defaults in igcam.toml are for the demo).
-TRAIN = "--epochs 1 --batch-size 4 --crop 64 --workers 0 --backbone resnet18 --pretrained none".split()
+TRAIN = "--epochs 1 --batch-size 4 --crop 64 --input-scale 1 --workers 0 --backbone resnet18 --pretrained none".split()
 CAMS = ["--workers", "0", "--scales", "1.0,0.5"]
 CRF = ["--workers", "1", "--source", "cams"]
 SEG = "--epochs 1 --min-steps 0 --batch-size 4 --crop 48 --workers 0 --pretrained none --quiet".split()
@@ -129,11 +129,12 @@ def make_workspace(path: Path, n_train: int = 8, n_val: int = 4, size: int = 64)
 
 
 def tiny_cls_config(ws: Workspace, **overrides) -> TrainClsConfig:
-    """train-cls for tiny images: 32 px crops, batch 4, 2 epochs, no loader processes; the rest from igcam.toml."""
+    """train-cls for tiny images: 32 px crops drawn at their own size, batch 4, 2 epochs, no loader processes; the
+    rest from igcam.toml."""
     return build(
         TrainClsConfig,
         ws.stage_table("train-cls"),
-        {"crop": 32, "batch_size": 4, "workers": 0, "epochs": 2, **overrides},
+        {"crop": 32, "input_scale": 1.0, "batch_size": 4, "workers": 0, "epochs": 2, **overrides},
     )
 
 

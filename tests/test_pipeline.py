@@ -338,7 +338,8 @@ def test_init_presets(tmp_path):
         return {k: v for k, v in Workspace.open(tmp_path / name).toml.items() if k != "dataset"}, result.stdout
 
     synthetic = {stage: dict(values) for stage, values in SYNTHETIC_DEFAULTS.items()}
-    synthetic["train-cls"]["crop"] = 32  # the classifier trains on whole images at their own size
+    synthetic["train-cls"]["crop"] = 32  # the classifier trains on whole images of their own size
+    synthetic["train-cls"]["input_scale"] = 2.0  # drawn twice as large, as small images are for the segmenter
     synthetic["train-irn"]["crop"] = 32  # and so does the boundary network
     synthetic["train-seg"].update(input_scale=2.0, crop=256)  # and the segmenter draws small images twice as large
     auto, said = tables("auto", "--dataset", "folder", "--root", data)
@@ -374,18 +375,20 @@ def test_synthetic_preset_crop_is_the_longest_image_side_rounded_up_to_the_strid
     assert whole_image_crop([(120, 160), (100, 150)]) == (160, 128)
 
 
-def test_synthetic_preset_draws_small_images_twice_as_large_for_the_segmenter(tmp_path):
+def test_synthetic_preset_draws_small_images_twice_as_large_for_both_models(tmp_path):
     from igcam_cli.stages import init as init_stage
-    from igcam_cli.stages.init import segmenter_input_scale
+    from igcam_cli.stages.init import small_image_scale
 
     embedded = init_stage.run(tmp_path / "embedded", "synthetic", None, None, {"n_train": 4, "n_val": 2})
-    seg = embedded.stage_table("train-seg")
+    seg, cls = embedded.stage_table("train-seg"), embedded.stage_table("train-cls")
     assert (seg["input_scale"], seg["crop"]) == (2.0, 256)  # 128 px images: crop 128 of the image, drawn x2
+    assert (cls["input_scale"], cls["crop"]) == (2.0, 128)  # the classifier's canvas stays in the image's pixels
     large = init_stage.run(tmp_path / "large", "synthetic", None, None, {"n_train": 4, "n_val": 2, "size": 256})
     assert "input_scale" not in large.stage_table("train-seg") and large.stage_table("train-seg")["crop"] == 128
+    assert "input_scale" not in large.stage_table("train-cls") and large.stage_table("train-cls")["crop"] == 256
 
-    assert segmenter_input_scale([(128, 160), (300, 400), (120, 500)]) == 2.0  # the median shorter side: 128
-    assert segmenter_input_scale([(128, 160), (300, 400), (256, 500)]) == 1.0  # 256
+    assert small_image_scale([(128, 160), (300, 400), (120, 500)]) == 2.0  # the median shorter side: 128
+    assert small_image_scale([(128, 160), (300, 400), (256, 500)]) == 1.0  # 256
 
 
 def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):
