@@ -181,8 +181,14 @@ def prepare(
 def _delete(
     store: MapStore | LabelStore, ids: list[str], shard: Shard, also_delete: Callable[[str], Path] | None
 ) -> None:
+    """--force: the shard's outputs go wherever an earlier run put them. A run split into another number of
+    shards wrote them under other ranks: the map parts holding any of them go too (with the other images they
+    hold, which their own shards redo), and the skip lists of ranks no shard of this run has."""
+    if shard.count > 1:
+        clear_skipped(store.directory, from_rank=shard.count)
     if isinstance(store, MapStore):
         store.clear(rank=None if shard.count == 1 else shard.index)
+        store.clear_images(ids)
         return
     clear_skipped(store.directory, None if shard.count == 1 else shard.index)
     for image_id in ids:

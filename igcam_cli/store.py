@@ -80,12 +80,15 @@ def _fsync(path: Path, best_effort: bool = False) -> None:
             raise
 
 
-def _skipped_files(directory: Path, rank: int | None = None) -> list[Path]:
+def _skipped_files(directory: Path, rank: int | None = None, from_rank: int | None = None) -> list[Path]:
+    """The skip lists in `directory`: of `rank`, of every rank from `from_rank` on, or all."""
     if not directory.is_dir():
         return []
-    return sorted(
-        p for p in directory.iterdir() if (m := SKIPPED_RE.match(p.name)) and (rank is None or int(m.group(1)) == rank)
-    )
+
+    def wanted(r: int) -> bool:
+        return (rank is None or r == rank) and (from_rank is None or r >= from_rank)
+
+    return sorted(p for p in directory.iterdir() if (m := SKIPPED_RE.match(p.name)) and wanted(int(m.group(1))))
 
 
 def read_skipped(directory: Path, present: set[str], rank: int | None = None) -> dict[str, str]:
@@ -113,8 +116,8 @@ def write_skipped(directory: Path, rank: int, entries: dict[str, str]) -> None:
     write_text_atomically(path, json.dumps(dict(sorted(entries.items())), indent=1))
 
 
-def clear_skipped(directory: Path, rank: int | None = None) -> None:
-    for path in _skipped_files(directory, rank):
+def clear_skipped(directory: Path, rank: int | None = None, from_rank: int | None = None) -> None:
+    for path in _skipped_files(directory, rank, from_rank):
         path.unlink(missing_ok=True)
 
 
@@ -161,8 +164,13 @@ class MapStore:
         for name, stat in parts.items():
             cached = self._part_keys.get(name)
             if cached is None or cached[0] != stat:
-                with self._opened(name) as f:
-                    cached = (stat, list(f.keys()))
+                try:
+                    with self._opened(name) as f:
+                        cached = (stat, list(f.keys()))
+                except BadData:
+                    if not (self.directory / name).exists():  # deleted since it was listed: another shard's --force
+                        continue
+                    raise
             cache[name] = cached
         index = {}
         for name, (_, keys) in cache.items():  # sorted by name: a later part wins
@@ -293,6 +301,15 @@ class MapStore:
         for path in own + self.temporaries(rank):
             path.unlink(missing_ok=True)
         clear_skipped(self.directory, rank)
+        self._part_keys, self._index, self._index_state = {}, {}, None
+
+    def clear_images(self, ids: Iterable[str]) -> None:
+        """Delete every complete part that holds any of `ids` (with the other images it holds)."""
+        wanted = set(ids)
+        self._refresh()
+        for name, (_, keys) in list(self._part_keys.items()):
+            if wanted.intersection(keys):
+                (self.directory / name).unlink(missing_ok=True)
         self._part_keys, self._index, self._index_state = {}, {}, None
 
 

@@ -227,6 +227,33 @@ def test_two_shards_equal_unsharded_run(tmp_path, model_path, reference):
     assert records[-1]["metrics"] == {"images": 8, "split_images": 8}
 
 
+def test_force_in_another_number_of_shards_redoes_every_image_wherever_it_was(tmp_path, model_path, reference):
+    """Maps made in 4 shards, forced in 2, then in 4 again: each forced shard redoes all its images, and the
+    parts of the earlier run that held any of them go, so no image is left from it or held twice."""
+    ws = workspace(tmp_path / "ws", model_path)
+    store = ws.maps("cams", "train")
+    ids = ws.dataset().ids("train")
+
+    def run_in(count: int) -> list[int]:
+        return [make_cams.run(config(ws), ws, OPTS, shard=Shard(i, count), force=True) for i in range(count)]
+
+    assert run_in(4) == [2, 2, 2, 2]
+    assert sorted(p.name for p in store.parts()) == [f"part-r{r}-00000.h5" for r in range(4)]
+    (store.directory / "skipped-r3.json").write_text('{"gone": "unreadable"}')  # as a --skip-bad run leaves it
+    assert run_in(2) == [4, 4]  # shard 0 of 2: ids 0, 2, 4, 6, from the parts of ranks 0 and 2 of 4
+    assert sorted(p.name for p in store.parts()) == ["part-r0-00000.h5", "part-r1-00000.h5"]
+    assert not (store.directory / "skipped-r3.json").exists()
+    assert make_cams.run(config(ws), ws, OPTS, shard=Shard(2, 4), force=True) == 2  # ids 2 and 6: in rank 0 of 2
+    assert store.ids() == set(ids[1::2]) | {ids[2], ids[6]}  # rank 0 of 2 went with them: shard 0 of 4 redoes it
+    assert run_in(4) == [2, 2, 2, 2]
+    held = []
+    for part in store.parts():
+        with h5py.File(part, "r") as f:
+            held += list(f.keys())
+    assert sorted(held) == sorted(ids)
+    assert_same_maps(read_all(store), reference)
+
+
 def test_predicted_labels_keep_classes_above_threshold(tmp_path, model_path, model):
     ws = workspace(tmp_path / "ws", model_path)
     dataset = ws.dataset()

@@ -238,6 +238,21 @@ def test_map_store_clear(tmp_path):
     assert store.ids() == {"c"}
 
 
+def test_clear_images_deletes_the_parts_holding_them_and_a_part_deleted_meanwhile_is_not_damage(tmp_path):
+    store = MapStore(tmp_path)
+    with store.writer(part_size=2) as writer:
+        for image_id in "abcde":
+            writer.write(image_id, np.zeros((1, 2, 2)), [1])
+    store.clear_images(["c"])  # its part goes with "d"
+    assert part_names(tmp_path) == ["part-r0-00000.h5", "part-r0-00002.h5"] and store.ids() == {"a", "b", "e"}
+
+    reader = MapStore(tmp_path)  # another shard's --force deletes a part between its listing and its reading
+    listed = reader._list_parts()
+    (tmp_path / "part-r0-00000.h5").unlink()
+    reader._list_parts = lambda: listed
+    assert reader.ids() == {"e"}
+
+
 def test_voc_palette():
     pal = voc_palette()
     assert len(pal) == 768 and all(0 <= v <= 255 for v in pal)
