@@ -206,6 +206,10 @@ class Workspace:
         cmd = f"igcam {stage} -w {self.root}"
         return f"{cmd} --split {split}" if split else cmd
 
+    def cls_command(self, round_: int = 1) -> str:
+        """The train-cls command line that makes classifier round `round_`."""
+        return self.command("train-cls") + (f" --round {round_}" if round_ > 1 else "")
+
     # ---- requirements ---------------------------------------------------------------------
     def require_done(self, stage: str, split: str | None = None, what: str | None = None) -> dict[str, Any]:
         """The latest finished record of `stage` (for `split`), or MissingArtifact naming the command."""

@@ -54,6 +54,17 @@ def test_checkpoint_from_the_dilated_layout_is_refused(tmp_path):
         load_checkpoint(path, "igcam train-cls -w ws")
 
 
+def test_checkpoint_of_another_class_count_is_refused_when_the_dataset_is_given(tmp_path):
+    path = tmp_path / "model.pt"
+    model = CamClassifier("resnet18", 2)
+    torch.save({"backbone": "resnet18", "num_classes": 2, "stage4": STAGE4_LAYOUT, "model": model.state_dict()}, path)
+    assert load_checkpoint(path, "igcam train-cls -w ws", 2).num_classes == 2
+    with pytest.raises(BadData, match=r"model\.pt has 2 classes but the dataset has 3: retrain it with `igcam tr.*`$"):
+        load_checkpoint(path, "igcam train-cls -w ws", 3)
+    with pytest.raises(BadData, match="`igcam train-cls -w ws`, or predict without --class-gate"):
+        load_checkpoint(path, "igcam train-cls -w ws", 3, ", or predict without --class-gate")
+
+
 def test_logits_are_mean_of_maps_and_cams_are_relu(resnet18):
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():

@@ -180,8 +180,9 @@ def imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
         socket.setdefaulttimeout(previous)
 
 
-def load_checkpoint(path: Path, command: str) -> CamClassifier:
-    """The trained classifier saved by train-cls (MissingArtifact-style hint when absent)."""
+def load_checkpoint(path: Path, command: str, num_classes: int | None = None, otherwise: str = "") -> CamClassifier:
+    """The trained classifier saved by train-cls (MissingArtifact-style hint when absent). With `num_classes`
+    (the dataset's), a classifier of another class count is BadData saying to retrain it, `otherwise` after."""
     from igcam_cli.errors import MissingArtifact
 
     if not path.is_file():
@@ -198,4 +199,9 @@ def load_checkpoint(path: Path, command: str) -> CamClassifier:
         model.input_scale = float((ckpt.get("config") or {}).get("input_scale", 1.0))
     except (KeyError, RuntimeError, OSError, AttributeError, TypeError, ValueError) as exc:
         raise BadData(f"cannot load classifier checkpoint {path}: {exc}") from None
+    if num_classes is not None and model.num_classes != num_classes:
+        raise BadData(
+            f"{path} has {model.num_classes} classes but the dataset has {num_classes}: "
+            f"retrain it with `{command}`{otherwise}"
+        )
     return model

@@ -112,12 +112,7 @@ def run(
     if not ids:
         raise BadData(f"split '{cfg.split}' has no images")
     model_path, round_ = ws.cls_model(cfg.round)
-    model = load_checkpoint(model_path, ws.command("train-cls") + (f" --round {round_}" if round_ > 1 else ""))
-    if model.num_classes != dataset.num_classes:
-        raise BadData(
-            f"{model_path} has {model.num_classes} classes but the dataset has {dataset.num_classes}: "
-            f"retrain with `{ws.command('train-cls')}`"
-        )
+    model = load_checkpoint(model_path, ws.cls_command(round_), dataset.num_classes)
     device = local_device(resolve_device(opts.device))
     place_model(model, device).eval()
     try:

@@ -16,7 +16,7 @@ from igcam_cli.core.cam import capped_size, normalize_cams, pyramid_cams, pyrami
 from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.transforms import normalize_on_device
-from igcam_cli.errors import BadData, MissingArtifact, UsageError
+from igcam_cli.errors import MissingArtifact, UsageError
 from igcam_cli.models.classifier import load_checkpoint
 from igcam_cli.runtime.batching import image_loader, same_size_batches
 from igcam_cli.runtime.devices import autocast, describe, memory_format, place_model, resolve_device
@@ -67,12 +67,7 @@ def run(cfg: MakeCamsConfig, ws: Workspace, opts: RunOptions, shard: Shard = Sha
     dataset = ws.dataset()
     split_ids = dataset.ids(cfg.split)
     model_path, round_ = ws.cls_model(cfg.round)
-    model = load_checkpoint(model_path, ws.command("train-cls") + (f" --round {round_}" if round_ > 1 else ""))
-    if model.num_classes != dataset.num_classes:
-        raise BadData(
-            f"{model_path} has {model.num_classes} classes but the dataset has "
-            f"{dataset.num_classes}: retrain with `{ws.command('train-cls')}`"
-        )
+    model = load_checkpoint(model_path, ws.cls_command(round_), dataset.num_classes)
     influence = _influence_store(ws, cfg, split_ids) if cfg.influence_fusion > 0 else None
     relabelled = _trained_labels(ws, cfg, round_, split_ids, dataset.num_classes)
     chosen = "chosen with --round" if cfg.round is not None else "the latest"

@@ -205,12 +205,7 @@ def _gate_classifier(cfg: PredictConfig, ws: Workspace, num_classes: int) -> tup
     if not cfg.class_gate:  # None or 0: off
         return None, None
     path, round_ = ws.cls_model(None)
-    model = load_checkpoint(path, ws.command("train-cls"))
-    if model.num_classes != num_classes:
-        raise BadData(
-            f"{path} has {model.num_classes} classes but the dataset has {num_classes}: "
-            f"retrain it with `{ws.command('train-cls')}`, or predict without --class-gate"
-        )
+    model = load_checkpoint(path, ws.cls_command(round_), num_classes, ", or predict without --class-gate")
     verdicts = (ws.classifier_run(1) or {}).get("metrics", {})  # later rounds start from round 1's weights
     gate = {"tau": cfg.class_gate, "round": round_, "run": (ws.classifier_run(round_) or {}).get("id")}
     if verdicts.get("learned_early") is False or verdicts.get("learned") is False:

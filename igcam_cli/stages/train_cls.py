@@ -337,7 +337,7 @@ def _sample_weights(
 def _initial_model(cfg: TrainClsConfig, num_classes: int, init_from: str | None, ws: Workspace) -> CamClassifier:
     if init_from is None and cfg.round > 1:  # progressive training: fine-tune the previous round's model
         path, _ = ws.cls_model(cfg.round - 1)
-        command = ws.command("train-cls") + (f" --round {cfg.round - 1}" if cfg.round > 2 else "")
+        command = ws.cls_command(cfg.round - 1)
         if not path.is_file():
             raise MissingArtifact(
                 f"round {cfg.round} fine-tunes round {cfg.round - 1}'s classifier, and {path} "
