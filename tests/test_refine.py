@@ -90,6 +90,7 @@ def test_fill_gain_follows_the_cam_grid_unless_set(chain_ws):
 
     ok("refine", "-w", chain_ws, *REFINE, "--quiet")
     assert "fill gain by the CAM grid of 16 px cells" in ws.log_path("refine").read_text()
+    assert ws.latest("refine", "train")["cam_cell"] == 16
 
 
 def test_refine_resumes_and_refuses_other_settings_without_force(chain_ws):

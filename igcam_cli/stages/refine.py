@@ -156,14 +156,15 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
         skip_bad=opts.skip_bad,
         upstream=cams,
     )
-    record = job.start(describe(device), oracle=oracle, workers=worker_count(cfg.workers))
+    cell = cam_cell(cams_record)  # recorded: with fill_gain None it sets each image's gain
+    record = job.start(describe(device), oracle=oracle, workers=worker_count(cfg.workers), cam_cell=cell)
     if oracle:
         log("ORACLE: GT masks guide these maps; results derived from them are not weakly supervised")
     boundary = f"scales {cfg.scales} (below {cfg.min_scale_side} px skipped)" if cfg.boundary else "off"
     gain = (
         f"fill gain {cfg.fill_gain:g}"
         if cfg.fill_gain is not None
-        else f"fill gain by the CAM grid of {cam_cell(cams_record):g} px cells, 1 at 8 cells across an image to 2 at 16"
+        else f"fill gain by the CAM grid of {cell:g} px cells, 1 at 8 cells across an image to 2 at 16"
     )
     steps = [f"guidance {cfg.guidance} ({gain}), boundary {boundary}"] if igcam else []
     if walker is not None:
@@ -174,7 +175,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     with record:
         with store.writer(rank=shard.index, source="refine", attrs=attrs) as writer:
             todo = job.todo
-            items = job.readable(_loader(dataset, cams, todo, cfg, cam_cell(cams_record), device, opts.skip_bad))
+            items = job.readable(_loader(dataset, cams, todo, cfg, cell, device, opts.skip_bad))
             batches = same_size_batches(items, cfg.batch_size, _image_size)
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 refined = boundary_batch(batch, cfg.boundary, params, device)
