@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                              # every style, the shipped defaults
     python benchmarks/quality.py --styles heads,shapes --keep /tmp/quality
+    python benchmarks/quality.py --styles heads,shapes --keep /tmp/quality --resume   # after it was killed
 
 For each style (data/styles.py) it makes a synthetic workspace with `igcam init --style S` (the
 synthetic preset, as a user gets it), runs `igcam run` (train-cls, make-cams, refine, crf,
