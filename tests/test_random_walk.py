@@ -288,3 +288,38 @@ def test_boundary_averages_the_logits_of_the_image_and_its_mirror():
     with torch.no_grad():
         expected = torch.sigmoid((net(image) + net(image.flip(-1)).flip(-1)) / 2)
     torch.testing.assert_close(net.boundary(image), expected)
+
+
+def test_refine_walks_a_large_image_at_make_cams_drawn_size_and_upsamples():
+    """refine's walk_batch with max_side: the boundary net and the stride-4 CAMs see the image drawn at the
+    capped size make-cams drew it at, and the walked maps come back at the image's own size, equal to the walk
+    of the drawn image upsampled. walk_max_side reads that size from the make-cams record."""
+    import numpy as np
+
+    from igcam_cli.config import RefineConfig
+    from igcam_cli.core.cam import resize_bicubic_like_pil
+    from igcam_cli.stages.refine import RefineItem, StridedCams, walk_batch, walk_max_side
+
+    torch.manual_seed(0)
+    classifier = CamClassifier("resnet18", 3).eval()
+    walker = BoundaryNet(CamClassifier("resnet18", 3).backbone).eval()
+    cfg = RefineConfig(walk_steps=4)
+    image = (torch.rand(3, 48, 80) * 255).to(torch.uint8)
+    classes = np.array([1, 3], dtype=np.uint8)
+    batch = [RefineItem("a", image, torch.zeros(2, 48, 80), classes)]
+    strided = StridedCams(classifier, [1.0, 0.5], flip=True)
+    seen = []
+    walker.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))  # image, mirror
+    cpu = torch.device("cpu")
+
+    capped = walk_batch(batch, [], walker, cfg, cpu, strided, max_side=40)[0]
+    assert capped.shape == (2, 48, 80) and set(seen) == {(24, 40)}
+    drawn = resize_bicubic_like_pil(image[None].float(), (24, 40))[0]
+    small = walk_batch([RefineItem("a", drawn, torch.zeros(2, 24, 40), classes)], [], walker, cfg, cpu, strided)[0]
+    upsampled = F.interpolate(torch.from_numpy(small)[None], size=(48, 80), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(torch.from_numpy(capped), upsampled)
+    assert walk_batch(batch, [], walker, cfg, cpu, strided, max_side=80)[0].shape == (2, 48, 80)
+    assert seen[-1] == (48, 80)  # within the cap: drawn as it is
+
+    record = {"config": {"max_side": 1024}, "classifier": {"input_scale": 2.0}}
+    assert walk_max_side(record) == 512 and walk_max_side({"config": {}}) == 0

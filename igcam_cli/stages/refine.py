@@ -19,7 +19,7 @@ from torch.utils.data import Dataset as TorchDataset
 from igcam_cli import map_stage
 from igcam_cli.config import RefineConfig, RunOptions
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
-from igcam_cli.core.cam import normalize_cams, strided_cams
+from igcam_cli.core.cam import capped_size, normalize_cams, resize_bicubic_like_pil, strided_cams
 from igcam_cli.core.guidance import GuidanceParams, grid_fill_gain, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
 from igcam_cli.core.random_walk import random_walk, walk_to_maps
@@ -141,6 +141,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
         inputs[input_key("train-irn")] = irn_record["id"]
         walker.to(device).eval()
         strided = _strided_cams(ws, cams_record or {}, device) if cfg.method == "irn" else None
+    walk_side = walk_max_side(cams_record)
     igcam = cfg.method != "irn"
     job = map_stage.prepare(
         ws,
@@ -168,7 +169,8 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
     )
     steps = [f"guidance {cfg.guidance} ({gain}), boundary {boundary}"] if igcam else []
     if walker is not None:
-        steps.append(f"IRN random walk (radius {cfg.walk_radius}, beta {cfg.walk_beta:g}, {cfg.walk_steps} steps)")
+        cap = f", longer side at most {walk_side} px" if walk_side else ""
+        steps.append(f"IRN random walk (radius {cfg.walk_radius}, beta {cfg.walk_beta:g}, {cfg.walk_steps} steps{cap})")
     log(f"refine '{cfg.split}' shard {shard}: {job.progress}; {', then '.join(steps)}, device {device}")
     params = boundary_params(cfg)
     attrs = {"oracle": oracle, "guided": cfg.method != "igcam" or cfg.guidance != "none", "method": cfg.method}
@@ -180,7 +182,7 @@ def run(cfg: RefineConfig, ws: Workspace, opts: RunOptions, shard: Shard = Shard
             for batch in log.track(batches, total=-(-len(todo) // cfg.batch_size), description="refine", unit="batch"):
                 refined = boundary_batch(batch, cfg.boundary, params, device)
                 if walker is not None:
-                    refined = walk_batch(batch, refined, walker, cfg, device, strided)
+                    refined = walk_batch(batch, refined, walker, cfg, device, strided, walk_side)
                 for item, maps in zip(batch, refined):
                     writer.write(item.id, maps, item.classes.astype(np.uint8), oracle=oracle)
         return job.finish(split_images=len(split_ids))
@@ -208,9 +210,10 @@ class StridedCams:
     scales: list[float]
     flip: bool
 
-    def __call__(self, batch: list[RefineItem], k_max: int, device: torch.device) -> torch.Tensor:
-        """B x k_max x ceil(H/4) x ceil(W/4): each image's classes (zero maps after them)."""
-        images = torch.stack([item.image for item in batch]).to(device)
+    def __call__(self, batch: list[RefineItem], images: torch.Tensor, k_max: int) -> torch.Tensor:
+        """B x k_max x ceil(H/4) x ceil(W/4) of the batch's B x 3 x H x W `images`: each image's classes (zero
+        maps after them)."""
+        device = images.device
         with autocast(device):
             cams = strided_cams(self.classifier.cams, images, self.scales, self.flip, prepare=normalize_on_device)
         chosen = [
@@ -226,6 +229,7 @@ def walk_batch(
     cfg: RefineConfig,
     device: torch.device,
     strided: StridedCams | None = None,
+    max_side: int = 0,
 ) -> list[np.ndarray]:
     """IRN's random walk of a same-size batch over the boundary map of its images.
 
@@ -233,24 +237,34 @@ def walk_batch(
     make-cams' pyramid, as IRN's make_cam writes them beside the full-size ones) or from `maps` averaged over
     4 x 4 cells (`--method both`: IG-CAM's refined maps have no stride-4 form); each divided by its
     max + 1e-5, walked, upsampled x4, cropped and divided by the image's largest value (docs/RANDOM_WALK.md).
-    An image without classes keeps no maps.
+    Images longer than `max_side` (0: no cap) are walked at that longer side, as make-cams drew them, and the
+    walked maps upsampled. An image without classes keeps no maps.
     """
     k_max = max(len(item.classes) for item in batch)
     if k_max == 0:
         return maps
     images = torch.stack([item.image for item in batch]).to(device).float()
     size = (images.shape[-2], images.shape[-1])
+    drawn = capped_size(size, max_side)
+    if drawn is not None:
+        images = resize_bicubic_like_pil(images, drawn)
     with torch.no_grad():
         with autocast(device):
             boundary = walker.boundary(normalize_on_device(images)).float()
         if strided is not None:
-            cells = strided(batch, k_max, device)
+            cells = strided(batch, images, k_max)
         else:
             stacked = torch.stack([F.pad(torch.from_numpy(m), (0, 0, 0, 0, 0, k_max - len(m))) for m in maps])
-            cells = F.avg_pool2d(stacked.to(device), kernel_size=4, stride=4, ceil_mode=True)
+            stacked = stacked.to(device)
+            if drawn is not None:
+                stacked = F.interpolate(stacked, size=drawn, mode="bilinear", align_corners=False, antialias=True)
+            cells = F.avg_pool2d(stacked, kernel_size=4, stride=4, ceil_mode=True)
         walked = random_walk(normalize_cams(cells), boundary, cfg.walk_radius, cfg.walk_beta, cfg.walk_steps)
-        out = walk_to_maps(walked, size).cpu().numpy()
-    return [out[b, : len(item.classes)] for b, item in enumerate(batch)]
+        out = walk_to_maps(walked, drawn or size)
+        if drawn is not None:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    walked_maps = out.cpu().numpy()
+    return [walked_maps[b, : len(item.classes)] for b, item in enumerate(batch)]
 
 
 def _strided_cams(ws: Workspace, cams_record: dict, device: torch.device) -> StridedCams:
@@ -291,10 +305,23 @@ def _loader(
     return image_loader(guided, cfg.batch_size, worker_count(cfg.workers), device)
 
 
+def walk_max_side(cams_record: dict | None) -> int:
+    """The longer side the random walk draws an image at (0: its own): make-cams' cap on the classifier's drawn
+    size (`max_side`; none in records from before make-cams had it) over the classifier's input scale, the size
+    make-cams drew a large image at before upsampling its maps."""
+    max_side = int(((cams_record or {}).get("config") or {}).get("max_side", 0))
+    return max(1, round(max_side / _input_scale(cams_record))) if max_side else 0
+
+
 def cam_cell(cams_record: dict | None) -> float:
     """Image pixels per cell of the CAMs a make-cams record describes: the classifier's output stride over the
-    input scale it drew the images at (1 for records from before make-cams recorded it)."""
-    return OUTPUT_STRIDE / float(((cams_record or {}).get("classifier") or {}).get("input_scale", 1.0))
+    input scale it drew the images at."""
+    return OUTPUT_STRIDE / _input_scale(cams_record)
+
+
+def _input_scale(cams_record: dict | None) -> float:
+    """The classifier's input scale, as make-cams records it (1 for records from before it did)."""
+    return float(((cams_record or {}).get("classifier") or {}).get("input_scale", 1.0))
 
 
 def _image_size(item: RefineItem) -> tuple[int, ...]:
