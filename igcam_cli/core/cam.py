@@ -56,6 +56,12 @@ def capped_size(size: tuple[int, int], max_side: int) -> tuple[int, int] | None:
     return max(1, round(height * ratio)), max(1, round(width * ratio))
 
 
+def own_side_cap(max_side: int, input_scale: float) -> int:
+    """The cap on an image's own longer side that keeps it within `max_side` once drawn `input_scale` times as
+    large (0: no cap), as make-cams applies it and refine's random walk follows it."""
+    return max(1, round(max_side / input_scale)) if max_side else 0
+
+
 def resize_bicubic_like_pil(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of uint8-valued float images (B x 3 x H x W, 0..255) the way PIL resizes uint8.
 

@@ -12,7 +12,14 @@ from torch.utils.data import Dataset as TorchDataset
 
 from igcam_cli import influence_io, map_stage
 from igcam_cli.config import MakeCamsConfig, RunOptions
-from igcam_cli.core.cam import capped_size, normalize_cams, pyramid_cams, pyramid_size, resize_bicubic_like_pil
+from igcam_cli.core.cam import (
+    capped_size,
+    normalize_cams,
+    own_side_cap,
+    pyramid_cams,
+    pyramid_size,
+    resize_bicubic_like_pil,
+)
 from igcam_cli.core.fusion import fuse
 from igcam_cli.data.base import Dataset, Unreadable, load_or_skip
 from igcam_cli.data.transforms import normalize_on_device
@@ -133,7 +140,7 @@ def _write_batch(batch: list[_Item], model, cfg: MakeCamsConfig, device: torch.d
     x = torch.stack([item.image for item in batch]).to(device, memory_format=memory_format(device))
     size = (x.shape[-2], x.shape[-1])
     # a large photo is drawn smaller, its maps upsampled; the cap holds for the classifier's drawn size
-    drawn = capped_size(size, max(1, round(cfg.max_side / model.input_scale)) if cfg.max_side else 0)
+    drawn = capped_size(size, own_side_cap(cfg.max_side, model.input_scale))
     if drawn is not None:
         x = resize_bicubic_like_pil(x.float(), drawn)
     scales = [s * model.input_scale for s in cfg.scales]  # at the size the classifier saw its images

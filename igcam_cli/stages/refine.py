@@ -19,7 +19,7 @@ from torch.utils.data import Dataset as TorchDataset
 from igcam_cli import map_stage
 from igcam_cli.config import RefineConfig, RunOptions
 from igcam_cli.core.boundary import BoundaryParams, multiscale_boundary
-from igcam_cli.core.cam import capped_size, normalize_cams, resize_bicubic_like_pil, strided_cams
+from igcam_cli.core.cam import capped_size, normalize_cams, own_side_cap, resize_bicubic_like_pil, strided_cams
 from igcam_cli.core.guidance import GuidanceParams, grid_fill_gain, gt_guidance, instance_guidance
 from igcam_cli.core.proposals import propose
 from igcam_cli.core.random_walk import random_walk, walk_to_maps
@@ -309,8 +309,7 @@ def walk_max_side(cams_record: dict | None) -> int:
     """The longer side the random walk draws an image at (0: its own): make-cams' cap on the classifier's drawn
     size (`max_side`; none in records from before make-cams had it) over the classifier's input scale, the size
     make-cams drew a large image at before upsampling its maps."""
-    max_side = int(((cams_record or {}).get("config") or {}).get("max_side", 0))
-    return max(1, round(max_side / _input_scale(cams_record))) if max_side else 0
+    return own_side_cap(int(((cams_record or {}).get("config") or {}).get("max_side", 0)), _input_scale(cams_record))
 
 
 def cam_cell(cams_record: dict | None) -> float:
