@@ -367,6 +367,10 @@ class TrainSegConfig:
     head_lr_mult: NonNegativeFloat = 10.0
     momentum: Fraction = 0.9
     weight_decay: NonNegativeFloat = 1e-4
+    # ce: mean cross-entropy over labelled pixels | balanced: the mean over background pixels and the mean over
+    # object pixels weigh half each. With predict's CRF, balanced lifted the segmenter on small data (160 images,
+    # val mIoU with CRF: textured 48.8 -> 57.2, lookalike 40.9 -> 46.1; README, "Quality across synthetic styles")
+    loss: Literal["ce", "balanced"] = "ce"
     workers: NonNegative = 2
 
 

@@ -157,6 +157,29 @@ def test_ignored_pixels_contribute_no_gradient():
     assert train_seg.seg_loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)).item() == 0.0
 
 
+def test_balanced_loss_weighs_background_and_objects_half_each():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6)
+    labels = torch.zeros(2, 6, 6, dtype=torch.long)
+    labels[0, :2, :3], labels[1, 4:, 4:], labels[1, 0, :] = 2, 3, 255  # 10 object pixels, 6 ignored
+    per_pixel = [
+        F.cross_entropy(logits[i].unsqueeze(0), labels[i].unsqueeze(0), reduction="none", ignore_index=255)[0]
+        for i in range(2)
+    ]
+    per_pixel_all = torch.stack(per_pixel)
+    background, objects = per_pixel_all[labels == 0], per_pixel_all[(labels > 0) & (labels < 255)]
+    expected = (background.mean() + objects.mean()) / 2
+    torch.testing.assert_close(train_seg.seg_loss(logits, labels, balanced=True), expected)
+    plain = torch.cat([background, objects]).mean()  # 10 object pixels of 66: the plain mean is near background's
+    torch.testing.assert_close(train_seg.seg_loss(logits, labels), plain)
+    # One group only: its own mean; none: 0.
+    only_background = torch.where(labels == 255, 255, 0)
+    torch.testing.assert_close(
+        train_seg.seg_loss(logits, only_background, balanced=True), train_seg.seg_loss(logits, only_background)
+    )
+    assert train_seg.seg_loss(logits, torch.full_like(labels, 255), balanced=True).item() == 0.0
+
+
 def test_augmentation_moves_image_and_label_together():
     image = np.zeros((40, 60, 3), np.uint8)
     image[10:30, 5:25] = 255

@@ -1,6 +1,7 @@
 """train-seg: DeepLabV3 on the CRF pseudo-labels, or on GT masks as the upper bound (docs/METHOD.md §7).
 
-Cross-entropy over background + C classes with 255 ignored, SGD with momentum (head lr x
+Cross-entropy over background + C classes with 255 ignored (plain, or background and objects weighed half
+each: `loss = "balanced"`), SGD with momentum (head lr x
 head_lr_mult), poly decay, random rescale/flip/crop applied identically to image and label.
 As in train-cls, every random choice (init, epoch order, augmentation, dropout) derives from the
 seed, the epoch and the image index, and `seg/last.pt` holds model, optimizer and step after each
@@ -49,10 +50,16 @@ class TrainOptions:
     force: bool = False  # train over a finished model.pt
 
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the pixels not labelled 255 (0 when every pixel is 255, not NaN)."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-    return total / (labels != IGNORE).sum().clamp_min(1)
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over the pixels not labelled 255 (0 when every pixel is 255, not NaN). `balanced`: the
+    mean over background pixels and the mean over object pixels count half each (where the batch has both)."""
+    if not balanced:
+        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        return total / (labels != IGNORE).sum().clamp_min(1)
+    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+    groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
+    means = [per_pixel[g].mean() for g in groups if g.any()]
+    return torch.stack(means).mean() if means else per_pixel.sum()  # all ignored: per_pixel is all 0
 
 
 class _SegImages(training.EpochDataset):
@@ -170,7 +177,7 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast(device):
             logits = net(x.contiguous(memory_format=memory_format(device)))
-        return seg_loss(logits, y)
+        return seg_loss(logits, y, balanced=cfg.loss == "balanced")
 
     lock = training.lock_model(model_path)  # before the record: a refused run leaves none
     record = (
