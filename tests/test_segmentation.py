@@ -162,12 +162,8 @@ def test_balanced_loss_weighs_background_and_objects_half_each():
     logits = torch.randn(2, 4, 6, 6)
     labels = torch.zeros(2, 6, 6, dtype=torch.long)
     labels[0, :2, :3], labels[1, 4:, 4:], labels[1, 0, :] = 2, 3, 255  # 10 object pixels, 6 ignored
-    per_pixel = [
-        F.cross_entropy(logits[i].unsqueeze(0), labels[i].unsqueeze(0), reduction="none", ignore_index=255)[0]
-        for i in range(2)
-    ]
-    per_pixel_all = torch.stack(per_pixel)
-    background, objects = per_pixel_all[labels == 0], per_pixel_all[(labels > 0) & (labels < 255)]
+    per_pixel = F.cross_entropy(logits, labels, reduction="none", ignore_index=255)
+    background, objects = per_pixel[labels == 0], per_pixel[(labels > 0) & (labels < 255)]
     expected = (background.mean() + objects.mean()) / 2
     torch.testing.assert_close(train_seg.seg_loss(logits, labels, balanced=True), expected)
     plain = torch.cat([background, objects]).mean()  # 10 object pixels of 66: the plain mean is near background's
@@ -178,6 +174,23 @@ def test_balanced_loss_weighs_background_and_objects_half_each():
         train_seg.seg_loss(logits, only_background, balanced=True), train_seg.seg_loss(logits, only_background)
     )
     assert train_seg.seg_loss(logits, torch.full_like(labels, 255), balanced=True).item() == 0.0
+
+
+def test_train_seg_trains_with_the_configured_loss(tmp_path, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", n_train=4, n_val=2)
+    write_pseudo(ws)
+    calls = []
+    real_loss = train_seg.seg_loss
+
+    def loss(logits, labels, balanced=False):
+        calls.append(balanced)
+        return real_loss(logits, labels, balanced)
+
+    monkeypatch.setattr(train_seg, "seg_loss", loss)
+    train_seg.run(tiny_seg_config(ws, epochs=1, loss="balanced"), ws, OPTS, train_seg.TrainOptions())
+    assert calls and all(calls)
+    assert ws.latest("train-seg")["config"]["loss"] == "balanced"  # a change of loss makes train-seg stale
+    assert "balanced loss" in ws.log_path("train-seg").read_text()
 
 
 def test_augmentation_moves_image_and_label_together():

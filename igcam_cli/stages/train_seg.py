@@ -169,8 +169,8 @@ def run(cfg: TrainSegConfig, ws: Workspace, opts: RunOptions, train: TrainOption
         f"train-seg: {cfg.arch} ({weights}), {len(ids)} images of '{cfg.split}' labelled by {source}, "
         f"{_epochs_said(cfg, epochs, steps_per_epoch)}, "
         f"batch {cfg.batch_size} ({batch} x {ddp.world_size()} process(es)), "
-        f"crop {cfg.crop}{drawn}, device {device}"
-        + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images)" if val_ids else "")
+        f"crop {cfg.crop}{drawn}, {cfg.loss} loss, device {device}"
+        + (f"; val mIoU on '{cfg.val_split}' ({len(val_ids)} images, arg-max without predict's CRF)" if val_ids else "")
     )
 
     def loss_of(batch) -> torch.Tensor:
