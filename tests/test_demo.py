@@ -26,6 +26,7 @@ def test_demo_runs_the_chain_draws_the_pictures_and_reruns_for_free(tmp_path):
     assert toml["train-cls"]["epochs"] == toml["train-seg"]["epochs"] == 1 and toml["train-seg"]["min_steps"] == 0
     assert (toml["train-seg"]["input_scale"], toml["train-seg"]["crop"]) == (1.0, 128)  # not the preset's x2: speed
     assert toml["train-cls"]["input_scale"] == 1.0
+    assert toml["train-seg"]["loss"] == "ce"  # the preset's balanced loss lost on the demo's style
     runs = len(json.loads((ws / "manifest.json").read_text())["runs"])
     again = ok(*args).stdout
     assert "fresh, skipped" in again and "running" not in again
