@@ -362,9 +362,9 @@ def _fit(cfg: ComputeInfluenceConfig, losses: np.ndarray, labels: np.ndarray, wo
     against its labels with 10 % of them swapped: 1 - mean loss / prior 0.87 -> 0.31, the median
     0.96 -> 0.95). Weights act with
     trust = fit_trust(g, learned_low, learned_high), w -> 1 + trust (w - 1); labels are suggested
-    only from g >= learned_high. Defaults 0.3 and 0.7, measured on the demo's data (clean labels):
-    its 12-epoch classifier has g = 0.96 (1 suggestion), a 3-epoch one g = 0.57 and 10 suggestions,
-    all wrong; a classifier whose loss is barely below the prior's sits near 0."""
+    only from g >= learned_high. Defaults 0.3 and 0.65 (config.py says what they were measured on): on the
+    demo's data (clean labels) its 12-epoch classifier has g = 0.96 (1 suggestion), a 3-epoch one g = 0.57
+    and 10 suggestions, all wrong; a classifier whose loss is barely below the prior's sits near 0."""
     image_prior = image_prior_losses(labels)
     g = float(np.median(learned_fractions(losses, labels)))
     suppressed = g < cfg.learned_high
