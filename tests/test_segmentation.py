@@ -31,6 +31,7 @@ from cli_helpers import (
 from igcam_cli.config import TrainSegConfig, build
 from igcam_cli.core.class_gate import gate_classes
 from igcam_cli.core.metrics import confusion_matrix, scores
+from igcam_cli.core.seg_loss import seg_loss
 from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, UsageError
 from igcam_cli.models.classifier import STAGE4_LAYOUT, CamClassifier
@@ -130,7 +131,7 @@ def test_ignored_pixels_contribute_no_gradient():
     ignored = torch.zeros(2, 32, 32, dtype=torch.bool)
     ignored[:, 5:20, 8:30] = True
 
-    def grads(y, loss_fn=train_seg.seg_loss):
+    def grads(y, loss_fn=seg_loss):
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout mask in the ASPP head every time
         logits = model(x)
@@ -154,7 +155,7 @@ def test_ignored_pixels_contribute_no_gradient():
     _, counted = grads(torch.where(ignored, 1, labels))  # the same pixels labelled: gradients change
     assert any(not torch.allclose(g, c) for g, c in zip(with_ignore, counted))
     # A crop that is all padding: loss 0, not NaN.
-    assert train_seg.seg_loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)).item() == 0.0
+    assert seg_loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)).item() == 0.0
 
 
 def test_balanced_loss_weighs_background_and_objects_half_each():
@@ -165,15 +166,13 @@ def test_balanced_loss_weighs_background_and_objects_half_each():
     per_pixel = F.cross_entropy(logits, labels, reduction="none", ignore_index=255)
     background, objects = per_pixel[labels == 0], per_pixel[(labels > 0) & (labels < 255)]
     expected = (background.mean() + objects.mean()) / 2
-    torch.testing.assert_close(train_seg.seg_loss(logits, labels, balanced=True), expected)
+    torch.testing.assert_close(seg_loss(logits, labels, balanced=True), expected)
     plain = torch.cat([background, objects]).mean()  # 10 object pixels of 66: the plain mean is near background's
-    torch.testing.assert_close(train_seg.seg_loss(logits, labels), plain)
+    torch.testing.assert_close(seg_loss(logits, labels), plain)
     # One group only: its own mean; none: 0.
     only_background = torch.where(labels == 255, 255, 0)
-    torch.testing.assert_close(
-        train_seg.seg_loss(logits, only_background, balanced=True), train_seg.seg_loss(logits, only_background)
-    )
-    assert train_seg.seg_loss(logits, torch.full_like(labels, 255), balanced=True).item() == 0.0
+    torch.testing.assert_close(seg_loss(logits, only_background, balanced=True), seg_loss(logits, only_background))
+    assert seg_loss(logits, torch.full_like(labels, 255), balanced=True).item() == 0.0
 
 
 def test_train_seg_trains_with_the_configured_loss(tmp_path, monkeypatch):

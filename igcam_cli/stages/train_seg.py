@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from igcam_cli.config import RunOptions, TrainSegConfig, changed_settings, result_settings, to_dict
 from igcam_cli.core.cam import multiscale_cams
 from igcam_cli.core.metrics import confusion_matrix, scores
+from igcam_cli.core.seg_loss import seg_loss
 from igcam_cli.data.base import Dataset
 from igcam_cli.data.transforms import normalize, seg_train_view
 from igcam_cli.errors import BadData, MissingArtifact, UsageError
@@ -39,7 +39,6 @@ from igcam_cli.runtime.progress import StageLog
 from igcam_cli.store import LabelStore
 from igcam_cli.workspace import Workspace, input_key
 
-IGNORE = 255
 LABEL_SOURCES = ("pseudo", "gt")
 
 
@@ -48,18 +47,6 @@ class TrainOptions:
     resume: bool = False
     init_from: str | None = None
     force: bool = False  # train over a finished model.pt
-
-
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over the pixels not labelled 255 (0 when every pixel is 255, not NaN). `balanced`: the
-    mean over background pixels and the mean over object pixels count half each (where the batch has both)."""
-    if not balanced:
-        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        return total / (labels != IGNORE).sum().clamp_min(1)
-    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
-    groups = [labels == 0, (labels != 0) & (labels != IGNORE)]
-    means = [per_pixel[g].mean() for g in groups if g.any()]
-    return torch.stack(means).mean() if means else per_pixel.sum()  # all ignored: per_pixel is all 0
 
 
 class _SegImages(training.EpochDataset):
