@@ -277,7 +277,9 @@ class RefineConfig:
     # (*) skip boundary scales whose shorter image side would be below this (pixels): at 128 px the 0.25 scale
     # is 32 px and the largest dilation (24) spans it (CRF mean 46.6 with it, 47.7 without; 500 px VOC keeps all)
     min_scale_side: NonNegative = 64
-    iterations: NonNegative = 3  # (*) propagation steps per scale (10: CRF mean 46.8, 3: 47.7)
+    # (*) propagation steps per scale (10: CRF mean 46.8, 3: 47.7; on the preset's x2 CAMs, 1 / 3 / 6:
+    # 56.4 / 56.4 / 56.0)
+    iterations: NonNegative = 3
     batch_size: Count = 8
     workers: NonNegative | None = None  # None: every CPU this process may use (runtime/pool.py available_cpus)
     # proposals (core/proposals.py): Felzenszwalb scale, smoothing, smallest segment (fraction of the image)
@@ -285,11 +287,12 @@ class RefineConfig:
     proposal_sigma: NonNegativeFloat = 0.8
     proposal_min_size: Fraction = 1e-3
     # guidance (core/guidance.py: GuidanceParams documents each)
-    # (*) 0.4 / 0.5 / 0.6 / 0.7: CRF mean 46.4 / 47.7 / 48.3 / 47.4
+    # (*) 0.4 / 0.5 / 0.6 / 0.7: CRF mean 46.4 / 47.7 / 48.3 / 47.4 (on the preset's x2 CAMs, 2026-12-08,
+    # 0.5 / 0.6 / 0.7: 56.6 / 56.4 / 55.6)
     anchor_threshold: Annotated[float, Range(0, 1, low_open=True)] = 0.6
     min_anchor_cover: Fraction = 0.5
-    # (*) 0.25 / 0.5: CRF mean 48.3 / 47.9 (heads alone prefers 0.5: 79.3 vs 76.4); objects up to a quarter
-    # of the image. Raise it for data with larger objects (VOC has some).
+    # (*) 0.25 / 0.5: CRF mean 48.3 / 47.9, on x2 CAMs 56.4 / 54.7 (heads alone prefers 0.5: 79.3 vs 76.4,
+    # x2 86.7 vs 85.3); objects up to a quarter of the image. Raise it for data with larger objects (VOC has some).
     max_area: Fraction = 0.25
     select_threshold: NonNegativeFloat = 0.12  # (*) 0.12 / 0.25 / 0.4 moved the CRF mean by at most 1.5
     min_share: Fraction = 0.5
