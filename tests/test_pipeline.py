@@ -400,3 +400,5 @@ def test_init_on_voc_with_train_aug_trains_there_whatever_the_preset(tmp_path):
         toml = Workspace.open(ws).toml
         assert toml["train-cls"]["split"] == toml["train-seg"]["split"] == "train_aug"
         assert (toml["train-cls"].get("backbone") == "resnet18") == (preset == "synthetic")
+        # predict's CRF: IRN's in the synthetic preset (measured on small images), DeepLab's default otherwise
+        assert toml.get("predict", {}).get("preset", "deeplab") == ("irn" if preset == "synthetic" else "deeplab")
